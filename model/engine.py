@@ -1,0 +1,261 @@
+"""The inference engine: one object owns the device, precision, the five networks, compiled graphs, static
+buffers and every session's source cache. The web and stream layers hand it uint8 crops and get uint8 images.
+
+A frame's path through the engine (`animate` -> `_step`):
+    driving crop (B,256,256,3) uint8 -> M -> head pose, expression, scale, translation (kinematics)
+    -> relative (or absolute) motion against the session's reference frame, applied to its cached source
+    -> eye/lip retargeting deltas -> S stitching -> driving multiplier -> W (dense motion, 3-D warp) -> G
+    -> (B,S,S,3) uint8 (S = 512 at full size).
+The source side (F volume, source keypoints) is computed once per portrait in `set_source`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import kinematics as kin
+from .networks import LivePortraitNetworks
+
+log = logging.getLogger("liveportrait.engine")
+
+# Columns of the per-item control tensor: the per-frame step is branch-free, so one compiled graph / CUDA graph
+# serves every combination of controls and items with different controls can share a batch.
+KP_KEYS = ("pitch", "yaw", "roll", "t", "exp", "scale", "kp")
+CONTROLS = ("relative", "stitching", "multiplier", "eye_on", "eye_target", "lip_on", "lip_target")
+
+
+@dataclass
+class Controls:
+    """Live controls of one session. Retargeting targets are eye/lip open ratios (None: off)."""
+    relative: bool = True
+    stitching: bool = True
+    multiplier: float = 1.0
+    eye_target: float | None = None
+    lip_target: float | None = None
+
+    def row(self) -> list[float]:
+        return [float(self.relative), float(self.stitching), self.multiplier, float(self.eye_target is not None),
+                self.eye_target or 0.0, float(self.lip_target is not None), self.lip_target or 0.0]
+
+
+@dataclass
+class Session:
+    """Everything that depends only on the source portrait (computed once), plus the reference frame."""
+    feature: torch.Tensor          # (1,C,D,H,W) F volume, engine dtype
+    source: kin.KpInfo             # (1,...) fp32 motion of the source
+    x_s: torch.Tensor              # (1,21,3) fp32 implicit source keypoints
+    ratios: torch.Tensor           # (1,3) fp32 source [eye_left, eye_right, lip] open ratios
+    reference: kin.KpInfo | None = None
+    controls: Controls = field(default_factory=Controls)
+
+
+def load_networks(weights: str | Path | None = None, config: str = "full", seed: int = 1,
+                  download: bool = True) -> LivePortraitNetworks:
+    """Official checkpoints (weights = a directory, or None for the default locations), or `weights="recipe"`:
+    the conformance kit's deterministic untrained weights, FLOP-identical to the real ones."""
+    nets = LivePortraitNetworks(config)
+    if str(weights) == "recipe":
+        return nets.fill_recipe(seed)
+    if config != "full":
+        raise ValueError("the official weights exist only for the full config; use --weights recipe with --config tiny")
+    from .weights import load_official
+    return load_official(nets, weights, download=download)
+
+
+class Engine:
+    def __init__(self, nets: LivePortraitNetworks, device: str | None = None, precision: str | None = None,
+                 compile: bool | None = None, cuda_graphs: bool | None = None, channels_last: bool | None = None,
+                 threads: int | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        cuda = self.device.type == "cuda"
+        self.precision = precision or ("fp16" if cuda else "fp32")
+        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.precision]
+        self.channels_last = cuda if channels_last is None else channels_last
+        self.cuda_graphs = cuda and (cuda_graphs is None or cuda_graphs)
+        if cuda_graphs and not cuda:
+            log.warning("CUDA graphs need a CUDA device; running without them on %s", self.device)
+        self.notes: list[str] = []  # what the engine decided, said once (bench and the page show these)
+        if not cuda:
+            threads = threads or os.cpu_count() or 1
+            torch.set_num_threads(threads)
+            self.notes.append(f"cpu: {threads} threads, oneDNN {'on' if torch.backends.mkldnn.is_available() else 'off'}")
+        if cuda:  # TF32 would exceed the fp32 conformance budgets
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cudnn.benchmark = True
+        self.nets = nets.eval().to(self.device)
+        self.F, self.M = nets.appearance_feature_extractor, nets.motion_extractor
+        self.W, self.G = nets.warping_module, nets.spade_generator
+        self.S = nets.stitching_retargeting_module.float()  # the MLPs and all keypoint math stay fp32
+        for m in (self.F, self.M, self.W, self.G):
+            m.to(self.dtype)
+            if self.channels_last:
+                m.to(memory_format=torch.channels_last)
+        self.sessions: dict[str, Session] = {}
+        self._pinned: dict[int, torch.Tensor] = {}
+        self._graphs: dict[int, tuple] = {}
+        self._step_fn = self._step
+        if compile if compile is not None else cuda:
+            self._step_fn = self._compile(self._step)
+
+    # ---- configuration ----
+
+    def _compile(self, fn):
+        """torch.compile the per-frame step; say why and run eager when it is unavailable."""
+        mode = "max-autotune-no-cudagraphs" if self.device.type == "cuda" else None
+        try:
+            compiled = torch.compile(fn, mode=mode, dynamic=False)
+        except Exception as e:  # no compiler toolchain, unsupported platform or Python
+            return self._eager_fallback(fn, e)
+
+        def run(*args):
+            nonlocal compiled
+            try:
+                return compiled(*args)
+            except Exception as e:  # first call compiles: a failure there also falls back, once
+                compiled = self._eager_fallback(fn, e)
+                return compiled(*args)
+        self.notes.append(f"torch.compile on ({mode or 'default'} mode)")
+        return run
+
+    def _eager_fallback(self, fn, err: Exception):
+        msg = f"torch.compile unavailable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); running eager"
+        log.warning(msg)
+        self.notes.append(msg)
+        return fn
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def _upload(self, crops: np.ndarray) -> torch.Tensor:
+        """uint8 (B,256,256,3) -> the device, through a pinned host buffer per batch size on CUDA."""
+        crops = np.ascontiguousarray(crops if crops.ndim == 4 else crops[None])
+        if crops.shape[1:] != (256, 256, 3) or crops.dtype != np.uint8:
+            raise ValueError(f"crops must be (B,256,256,3) uint8, got {crops.shape} {crops.dtype}")
+        host = torch.from_numpy(crops)
+        if self.device.type == "cuda":
+            buf = self._pinned.get(len(crops))
+            if buf is None:
+                buf = self._pinned[len(crops)] = torch.empty(host.shape, dtype=torch.uint8).pin_memory()
+            host = buf.copy_(host)
+        return host.to(self.device, non_blocking=True)
+
+    def _to_input(self, u8: torch.Tensor) -> torch.Tensor:
+        x = (u8.permute(0, 3, 1, 2).to(self.dtype) / 255).clamp(0, 1)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
+
+    def _motion(self, x: torch.Tensor) -> kin.KpInfo:
+        with self._autocast():
+            raw = self.M(x)
+        return kin.refine_kp_info({k: v.float() for k, v in raw.items()})
+
+    # ---- the source side: once per portrait ----
+
+    @torch.inference_mode()
+    def set_source(self, crop: np.ndarray, session: str = "default",
+                   ratios: Sequence[float] | None = None) -> None:
+        """Compute and cache the portrait's F volume and keypoints. `ratios` = the source's [eye_left, eye_right,
+        lip] open ratios for retargeting. Replaces the session's cache; keeps its controls and reference."""
+        x = self._to_input(self._upload(crop))
+        with self._autocast():
+            feature = self.F(x).to(self.dtype)
+        source = self._motion(x)
+        old = self.sessions.get(session)
+        self.sessions[session] = Session(
+            feature=feature, source=source, x_s=kin.transform_keypoint(source),
+            ratios=torch.tensor([list(ratios) if ratios is not None else [0.3, 0.3, 0.0]], device=self.device),
+            reference=old.reference if old else None, controls=old.controls if old else Controls())
+
+    @torch.inference_mode()
+    def set_reference(self, crop: np.ndarray | None, session: str = "default") -> None:
+        """The neutral driving frame relative motion is measured against; None: the next frame becomes it."""
+        self.sessions[session].reference = None if crop is None else self._motion(self._to_input(self._upload(crop)))
+
+    def set_controls(self, session: str = "default", **controls) -> None:
+        for k, v in controls.items():
+            if not hasattr(Controls, k):
+                raise TypeError(f"unknown control {k!r}")
+            setattr(self.sessions[session].controls, k, v)
+
+    def close(self, session: str) -> None:
+        """Free a session's cache (its GPU memory returns to the allocator)."""
+        self.sessions.pop(session, None)
+
+    # ---- the per-frame step ----
+
+    @torch.inference_mode()
+    def animate(self, crops: np.ndarray, sessions: Sequence[str] | None = None,
+                driving_eye: Sequence[float] | None = None, as_tensor: bool = False) -> np.ndarray | torch.Tensor:
+        """Animate B driving crops (B,256,256,3) uint8, item i driving sessions[i] (default: the "default"
+        session for every item). `driving_eye`/lip targets come from the controls. Returns (B,S,S,3) uint8, or
+        the device tensor of it with as_tensor=True (for paste-back on the GPU)."""
+        crops = crops if crops.ndim == 4 else crops[None]
+        names = list(sessions) if sessions is not None else ["default"] * len(crops)
+        assert len(names) == len(crops), "one session per crop"
+        for crop, name in zip(crops, names):  # the first frame a session sees becomes its reference
+            if self.sessions[name].reference is None:
+                self.set_reference(crop, name)
+        items = [self.sessions[n] for n in names]
+        cat = lambda get: torch.cat([get(s) for s in items])
+        inputs = (
+            cat(lambda s: s.feature), cat(lambda s: s.x_s),
+            *[cat(lambda s, k=k: s.source[k]) for k in KP_KEYS],
+            *[cat(lambda s, k=k: s.reference[k]) for k in KP_KEYS],
+            torch.tensor([s.controls.row() for s in items], device=self.device),
+            cat(lambda s: s.ratios),
+        )
+        frames = self._upload(crops)
+        out = self._replay(frames, inputs) if self.cuda_graphs else self._step_fn(self._to_input(frames), *inputs)
+        return out if as_tensor else out.cpu().numpy()
+
+    def _replay(self, frames: torch.Tensor, inputs: tuple) -> torch.Tensor:
+        """CUDA graph per batch size over static buffers: copy in, replay, read the static output."""
+        b = frames.shape[0]
+        if b not in self._graphs:
+            static_in = [frames.clone(), *[t.clone() for t in inputs]]
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):  # warm-up: cudnn autotune and compile outside the capture
+                    self._step_fn(self._to_input(static_in[0]), *static_in[1:])
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self._step_fn(self._to_input(static_in[0]), *static_in[1:])
+            self._graphs[b] = (graph, static_in, static_out)
+            self.notes.append(f"CUDA graph captured for batch {b}")
+        graph, static_in, static_out = self._graphs[b]
+        for dst, src in zip(static_in, (frames, *inputs)):
+            dst.copy_(src, non_blocking=True)
+        graph.replay()
+        return static_out.clone()
+
+    def _step(self, x: torch.Tensor, feature: torch.Tensor, x_s: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        """M -> keypoint math -> S -> W -> G for a batch; branch-free over the per-item controls."""
+        n = len(KP_KEYS)
+        source, reference = dict(zip(KP_KEYS, rest[:n])), dict(zip(KP_KEYS, rest[n:2 * n]))
+        ctrl, ratios = rest[2 * n], rest[2 * n + 1]
+        c = {k: ctrl[:, i:i + 1] for i, k in enumerate(CONTROLS)}
+        driving = self._motion(x)
+        rel = kin.relative_motion(source, driving, reference)
+        absolute = kin.absolute_motion(source, driving)
+        x_d = torch.where(c["relative"][:, :, None] > 0, rel, absolute)
+        eye = self.S["retarget_eye"](kin.retarget_input(x_s, torch.cat([ratios[:, :2], c["eye_target"]], 1)))
+        lip = self.S["retarget_mouth"](kin.retarget_input(x_s, torch.cat([ratios[:, 2:], c["lip_target"]], 1)))
+        x_d = x_d + (c["eye_on"] * eye + c["lip_on"] * lip).view(x_d.shape)
+        stitched = kin.apply_stitching(x_d, self.S["retarget_shoulder"](kin.stitching_input(x_s, x_d)))
+        x_d = torch.where(c["stitching"][:, :, None] > 0, stitched, x_d)
+        x_d = kin.apply_multiplier(x_s, x_d, c["multiplier"][:, :, None])
+        with self._autocast():
+            # keypoints stay fp32: the sampling grids are then fp32 and grid_sample runs in fp32, as officially
+            warped = self.W(feature, x_d, x_s)["out"]
+            if self.channels_last:
+                warped = warped.contiguous(memory_format=torch.channels_last)
+            image = self.G(warped)
+        # official parse_output: clip, *255, truncate
+        return (image.float().clamp(0, 1) * 255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
