@@ -31,3 +31,12 @@ def full_nets(golden):
 def tiny_nets():
     from model.networks import LivePortraitNetworks
     return LivePortraitNetworks("tiny").fill_recipe(1)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Per-array max |ours - golden| of the conformance run, for the record."""
+    measured = getattr(sys.modules.get("test_conformance"), "MEASURED", None)
+    if measured:
+        terminalreporter.write_sep("-", f"conformance max|d| vs {os.environ.get('LP_GOLDEN', 'golden_1.npz')}")
+        for name, err in sorted(measured.items()):
+            terminalreporter.write_line(f"{name:40s} {err:.3g}")

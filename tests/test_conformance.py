@@ -13,6 +13,7 @@ CHAINED = {**{k: (3e-5, 3e-5) for k in ("R", "K", "S", "REL")}, "F": (3e-5, 2e-5
            "W": (5e-4, 2e-4), "G": (3e-3, 5e-4), "E2E": (5e-3, 1e-3)}
 TAGS = {"src": "input.source_rgb_u8", "drv0": "input.driving0_rgb_u8", "drv": "input.driving_rgb_u8"}
 ANGLE_ABS = 5e-4  # degrees, on top of the relative budget
+MEASURED: dict[str, float] = {}  # "stagewise|chained name" -> max|d|, printed at the end of the run (conftest)
 
 
 def check(golden: dict, name: str, ours: torch.Tensor, budgets: dict, extra_abs: float = 0.0) -> float:
@@ -20,6 +21,7 @@ def check(golden: dict, name: str, ours: torch.Tensor, budgets: dict, extra_abs:
     d = ours.detach().double().numpy().reshape(g.shape) - g
     max_rel, rms_rel = budgets[name.split(".")[0]]
     max_err, rms = np.abs(d).max(), np.sqrt((d ** 2).mean())
+    MEASURED[f"{'chained' if budgets is CHAINED else 'stagewise'} {name}"] = max_err
     assert max_err <= max_rel * np.abs(g).max() + 1e-6 + extra_abs, f"{name}: max|d| {max_err:.3g}"
     assert rms <= rms_rel * np.sqrt((g ** 2).mean()) + 1e-6 + extra_abs, f"{name}: rms(d) {rms:.3g}"
     return max_err
