@@ -94,10 +94,13 @@ class Engine:
         self.S = nets.stitching_retargeting_module.float()  # the MLPs and all keypoint math stay fp32
         for m in (self.F, self.M, self.W, self.G):
             m.to(self.dtype)
-            if self.channels_last:
-                m.to(memory_format=torch.channels_last)
+            if self.channels_last:  # Module.to(memory_format=channels_last) raises on W's and F's 5-D conv weights
+                for p in m.parameters():
+                    if p.dim() in (4, 5):
+                        p.data = p.data.contiguous(
+                            memory_format=torch.channels_last if p.dim() == 4 else torch.channels_last_3d)
         self.sessions: dict[str, Session] = {}
-        self._pinned: dict[int, torch.Tensor] = {}
+        self._pinned: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
         self._graphs: dict[int, tuple] = {}
         self._step_fn = self._step
         if compile if compile is not None else cuda:
@@ -138,12 +141,15 @@ class Engine:
         if crops.shape[1:] != (256, 256, 3) or crops.dtype != np.uint8:
             raise ValueError(f"crops must be (B,256,256,3) uint8, got {crops.shape} {crops.dtype}")
         host = torch.from_numpy(crops)
-        if self.device.type == "cuda":
-            buf = self._pinned.get(len(crops))
-            if buf is None:
-                buf = self._pinned[len(crops)] = torch.empty(host.shape, dtype=torch.uint8).pin_memory()
-            host = buf.copy_(host)
-        return host.to(self.device, non_blocking=True)
+        if self.device.type != "cuda":
+            return host
+        if len(crops) not in self._pinned:
+            self._pinned[len(crops)] = torch.empty(host.shape, dtype=torch.uint8).pin_memory(), torch.cuda.Event()
+        buf, copied = self._pinned[len(crops)]
+        copied.synchronize()  # the last copy out of this buffer may still be in flight (as_tensor=True never syncs)
+        out = buf.copy_(host).to(self.device, non_blocking=True)
+        copied.record()
+        return out
 
     def _to_input(self, u8: torch.Tensor) -> torch.Tensor:
         x = (u8.permute(0, 3, 1, 2).to(self.dtype) / 255).clamp(0, 1)

@@ -62,14 +62,15 @@ def absolute_motion(source: KpInfo, driving: KpInfo) -> torch.Tensor:
     """Driving keypoints in absolute mode: the driving pose and translation, the source scale, and the driving
     expression only on the official subset of keypoint components (SPEC §4.4)."""
     exp = source["exp"].clone()
-    for k, comps in _ABSOLUTE_EXP.items():
-        exp[:, k, comps] = driving["exp"][:, k, comps]
+    # slices, not lists: a list index is a host->device copy, which CUDA graph capture forbids
+    for k, (lo, hi) in _ABSOLUTE_EXP.items():
+        exp[:, k, lo:hi] = driving["exp"][:, k, lo:hi]
     rot = rotation_matrix(driving["pitch"], driving["yaw"], driving["roll"])
     return compose(source["kp"], rot, exp, source["scale"], driving["t"])
 
 
-_ABSOLUTE_EXP = {**{k: [0, 1, 2] for k in (1, 2, 6, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20)},
-                 3: [1], 4: [1], 5: [2], 8: [2], 9: [1, 2]}
+_ABSOLUTE_EXP = {**{k: (0, 3) for k in (1, 2, 6, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20)},
+                 3: (1, 2), 4: (1, 2), 5: (2, 3), 8: (2, 3), 9: (1, 3)}  # keypoint: component range [lo, hi)
 
 
 def stitching_input(x_s: torch.Tensor, x_d: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,134 @@
+"""Render a portrait driven by a video file to MP4, at the video's frame rate and with its audio.
+
+    python launch.py render --source portrait.jpg --driving clip.mp4 -o out.mp4
+
+Every driving frame goes through the same per-frame path as the live view (face crop with smoothing, engine,
+paste-back), so a file render previews exactly what the webcam would do. Audio is re-encoded to AAC.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+from tqdm import tqdm
+
+from model.engine import Engine, load_networks
+from stream.face import NoFaceError, SourceFace, prepare_source
+from stream.pipeline import Animator, Settings
+from stream.recorder import CODEC
+
+MAX_BYTES = 20 * 1024 * 1024
+MAX_SIDE = 8000
+IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"RIFF", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")  # PNG JPEG WebP GIF BMP TIFF
+
+
+class InputError(ValueError):
+    """A user's file that cannot be used; the message says why, in words meant for the user."""
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode a portrait to RGB uint8 (EXIF orientation applied), refusing files over 20 MB or 8000 px before
+    decoding them, and non-images or damaged images with a clear message."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_BYTES:
+        raise InputError(f"The file is {size / 2**20:.0f} MB; portraits are limited to {MAX_BYTES // 2**20} MB.")
+    try:
+        with PIL.Image.open(path) as im:
+            w, h = im.size  # read from the header: nothing decoded yet
+            if max(w, h) > MAX_SIDE:
+                raise InputError(f"The image is {w}×{h} pixels; portraits are limited to {MAX_SIDE} pixels a side.")
+            return np.asarray(PIL.ImageOps.exif_transpose(im).convert("RGB"))
+    except InputError:
+        raise
+    except PIL.Image.DecompressionBombError:
+        raise InputError(f"The image is too large to decode safely (limit {MAX_SIDE} pixels a side).") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+        if isinstance(e, PIL.UnidentifiedImageError) and not path.read_bytes()[:8].startswith(IMAGE_MAGIC):
+            raise InputError("The file is not an image. Please upload a PNG, JPEG or WebP photo.") from None
+        raise InputError(f"The image file is corrupt or truncated and cannot be decoded ({e}).") from None
+
+
+def render(engine: Engine, source: SourceFace, driving: str | Path, output: str | Path,
+           settings: Settings | None = None) -> dict:
+    """Animate `source` with every frame of `driving` into `output` (H.264 + AAC MP4). Returns frames, fps and
+    whether audio was written. Raises InputError for an unreadable driving video."""
+    try:
+        src = av.open(str(driving))
+    except (av.FFmpegError, OSError) as e:
+        raise InputError(f"Cannot read the driving video {Path(driving).name!r}: {e}") from None
+    animator = Animator(engine, source, settings)
+    try:
+        with src, av.open(str(output), "w") as dst:
+            if not src.streams.video:
+                raise InputError(f"{Path(driving).name!r} has no video stream.")
+            vin = src.streams.video[0]
+            ain = src.streams.audio[0] if src.streams.audio else None
+            fps = vin.average_rate or vin.guessed_rate or Fraction(25)
+            vout = dst.add_stream(CODEC, rate=fps)
+            vout.pix_fmt, vout.codec_context.time_base = "yuv420p", 1 / fps
+            aout = dst.add_stream("aac", rate=ain.rate, layout=ain.layout.name) if ain else None
+            frames, pts, audio = 0, -1, []  # audio waits for the first video frame: its size opens the output
+            with tqdm(total=vin.frames or None, unit="frame", desc="render") as bar:
+                for packet in src.demux(*[s for s in (vin, ain) if s]):
+                    for frame in packet.decode():
+                        if packet.stream is ain:
+                            audio.append(frame)
+                        else:
+                            out = animator(frame.to_ndarray(format="rgb24"), frame.time)
+                            if not frames:
+                                vout.width, vout.height = out.shape[1], out.shape[0]
+                            video = av.VideoFrame.from_ndarray(np.ascontiguousarray(out), format="rgb24")
+                            # the input's timing, on the constant frame grid: the audio stays in sync
+                            pts = max(pts + 1, round((frame.time if frame.time is not None else 0) * fps))
+                            video.pts, video.time_base = pts, 1 / fps
+                            dst.mux(vout.encode(video))
+                            frames += 1
+                            bar.update()
+                        if frames:
+                            for a in audio:
+                                dst.mux(aout.encode(a))
+                            audio.clear()
+            if not frames:
+                raise InputError(f"{Path(driving).name!r} contains no decodable video frames.")
+            dst.mux(vout.encode(None))
+            if aout:
+                dst.mux(aout.encode(None))
+    except (InputError, av.FFmpegError) as e:
+        Path(output).unlink(missing_ok=True)  # never leave a half-written file behind
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"The driving video {Path(driving).name!r} could not be decoded: {e}") from None
+    finally:
+        animator.close()
+    return dict(frames=frames, fps=float(fps), audio=aout is not None)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", required=True, help="portrait image (PNG/JPEG/WebP)")
+    p.add_argument("--driving", required=True, help="driving video; its frame rate and audio are kept")
+    p.add_argument("-o", "--output", required=True, help="output MP4")
+
+
+def run(args: argparse.Namespace) -> int:
+    """CLI: load the engine, render, print where the file went; bad inputs print a message and return 1."""
+    try:
+        source = prepare_source(read_image(args.source))
+    except (InputError, NoFaceError, OSError) as e:
+        print(f"error: source {args.source}: {e}", file=sys.stderr)
+        return 1
+    engine = Engine(load_networks(args.weights, args.config, download=not args.no_download), device=args.device)
+    try:
+        info = render(engine, source, args.driving, args.output)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output}: {info['frames']} frames at {info['fps']:g} fps"
+          f"{', with audio' if info['audio'] else ', no audio track in the driving video'}")
+    return 0

@@ -1,0 +1,190 @@
+"""The Engine against the networks + keypoint math run directly (the official wrapper's order), and its promises:
+the source cache, batching across sessions, reference reset, controls, flat memory, the compile fallback."""
+import contextlib
+import copy
+import os
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from model import kinematics as kin
+from model.engine import Controls, Engine
+from model.images import to_image, to_tensor
+
+
+@pytest.fixture(scope="module")
+def images(golden) -> dict[str, np.ndarray]:
+    return {"src": golden["input.source_rgb_u8"], "ref": golden["input.driving0_rgb_u8"],
+            "drv": golden["input.driving_rgb_u8"]}
+
+
+def make(nets, images: dict, **kwargs) -> Engine:
+    """A CPU engine with the golden source and reference; keeps the test's thread count."""
+    engine = Engine(nets, device="cpu", threads=torch.get_num_threads(), **kwargs)
+    engine.set_source(images["src"])
+    engine.set_reference(images["ref"])
+    return engine
+
+
+@contextlib.contextmanager
+def capture(module: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """The module's outputs in call order (G's float image: the engine itself returns uint8). The hook goes
+    when the block ends: the networks are shared by the whole session."""
+    outs: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda m, a, out: outs.append(out.float().clone()))
+    try:
+        yield outs
+    finally:
+        handle.remove()
+
+
+@torch.inference_mode()
+def reference_path(nets, source: np.ndarray, reference: np.ndarray, driving: np.ndarray) -> torch.Tensor:
+    """F, M, relative motion against the reference, stitching, multiplier 1, W, G: the official wrapper's steps."""
+    motion = lambda rgb: kin.refine_kp_info(nets.motion_extractor(to_tensor(rgb)))
+    s = motion(source)
+    x_s = kin.transform_keypoint(s)
+    x_d = kin.relative_motion(s, motion(driving), motion(reference))
+    x_d = kin.apply_multiplier(x_s, kin.apply_stitching(x_d, nets.stitching(kin.stitching_input(x_s, x_d))))
+    feature = nets.appearance_feature_extractor(to_tensor(source))
+    return nets.spade_generator(nets.warping_module(feature, x_d, x_s)["out"])
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = ((a.astype(np.float64) - b) ** 2).mean()
+    return float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+
+
+def test_fp32_equals_reference_path(tiny_nets, images):
+    engine = make(tiny_nets, images)
+    with capture(engine.G) as g:
+        out = engine.animate(images["drv"][None])
+    ref = reference_path(tiny_nets, images["src"], images["ref"], images["drv"])
+    assert float((g[0] - ref).abs().max()) <= 1e-5
+    assert np.abs(out.astype(int) - to_image(ref)).max() <= 1
+
+
+def test_full_config_matches_golden(full_nets, golden, images):
+    out = make(full_nets, images).animate(images["drv"][None])[0]
+    diff = out.astype(int) - golden["E2E.image_u8"]
+    assert np.abs(diff).max() <= 1 and (diff != 0).mean() <= 0.02
+
+
+def test_source_cache_reused_and_replaced(tiny_nets, images):
+    engine = make(tiny_nets, images)
+    with capture(engine.F) as calls:
+        first = [engine.animate(images[k][None]) for k in ("drv", "ref", "drv", "ref", "drv")]
+        assert calls == [] and np.array_equal(first[0], first[2])
+        engine.set_source(images["drv"])  # a new portrait: F runs again, the reference stays
+        assert len(calls) == 1
+        assert not np.array_equal(engine.animate(images["drv"][None]), first[0])
+        assert len(calls) == 1
+
+
+def test_batch_equals_single_calls(tiny_nets, images):
+    engine = make(tiny_nets, images)
+    flip = lambda im: np.ascontiguousarray(im[:, ::-1])
+    setup = [("a", images["src"], images["ref"], {}),
+             ("b", images["ref"], images["drv"], {"multiplier": 0.5, "lip_target": 0.4}),
+             ("c", flip(images["src"]), flip(images["ref"]), {"stitching": False, "eye_target": 0.2})]
+    for name, source, reference, controls in setup:
+        engine.set_source(source, name)
+        engine.set_reference(reference, name)
+        engine.set_controls(name, **controls)
+    crops = np.stack([images["drv"], flip(images["drv"]), images["ref"]])
+    with capture(engine.G) as g:
+        batch = engine.animate(crops, ["a", "b", "c"])
+        singles = np.concatenate([engine.animate(crops[i:i + 1], [n]) for i, n in enumerate("abc")])
+    assert float((g[0] - torch.cat(g[1:])).abs().max()) <= 1e-4  # batched convolutions sum in another order
+    assert np.abs(batch.astype(int) - singles).max() <= 1
+    assert len({im.tobytes() for im in batch}) == 3
+
+
+def test_reference_reset(tiny_nets, images):
+    engine = make(tiny_nets, images)
+    against_ref = engine.animate(images["drv"][None])
+    engine.set_reference(None)
+    first = engine.animate(images["drv"][None])  # becomes the reference: no motion, the source's own pose
+    assert not np.array_equal(first, against_ref)  # changing the reference changes the output
+    after = engine.animate(images["ref"][None])
+    engine.set_reference(images["drv"])
+    assert np.array_equal(first, engine.animate(images["drv"][None]))  # driving == reference
+    assert np.array_equal(after, engine.animate(images["ref"][None]))
+    # with stitching off, "no motion" is the source re-rendered at its own keypoints
+    engine.set_controls(stitching=False)
+    still = engine.animate(images["drv"][None])
+    engine.set_controls(multiplier=0.0)  # x_d = x_s exactly
+    assert np.abs(still.astype(int) - engine.animate(images["drv"][None])).max() <= 1
+
+
+def test_controls(tiny_nets, images):
+    engine = make(tiny_nets, images)
+    drv = images["drv"][None]
+    default = engine.animate(drv)
+    changed = {}
+    for name, value in (("stitching", False), ("relative", False), ("eye_target", 0.05), ("lip_target", 0.6)):
+        engine.set_controls(**{name: value})
+        changed[name] = not np.array_equal(engine.animate(drv), default)
+        engine.set_controls(**{name: getattr(Controls(), name)})
+    assert all(changed.values()), changed
+    assert np.array_equal(engine.animate(drv), default)
+    engine.set_controls(multiplier=0.0)  # the source's own keypoints, whatever drives
+    still = engine.animate(drv)
+    assert np.array_equal(still, engine.animate(images["src"][None]))
+    engine.set_controls(multiplier=1.0, stitching=False)
+    engine.set_reference(images["drv"])
+    assert np.abs(still.astype(int) - engine.animate(drv)).max() <= 1  # driving == reference: no motion
+
+
+def test_no_per_frame_memory_growth(tiny_nets, images):
+    engine = make(tiny_nets, images)
+    frames = [images["drv"][None], images["ref"][None]]
+    for i in range(5):
+        engine.animate(frames[i % 2])
+    before = rss_mb()
+    for i in range(30):
+        engine.animate(frames[i % 2])
+    assert rss_mb() - before < 20
+
+
+@pytest.mark.parametrize("when", ["at compile()", "at the first call"])
+def test_compile_fallback_runs_eager_and_says_why(tiny_nets, images, monkeypatch, caplog, when):
+    def broken_compile(fn, **kwargs):
+        if when == "at compile()":
+            raise RuntimeError("no C++ compiler")
+
+        def compiled(*args):
+            raise RuntimeError("no C++ compiler")
+        return compiled
+    eager = make(tiny_nets, images).animate(images["drv"][None])
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    engine = make(tiny_nets, images, compile=True)
+    outs = [engine.animate(images["drv"][None]) for _ in range(2)]
+    notes = [n for n in engine.notes if "torch.compile unavailable" in n]
+    assert notes == ["torch.compile unavailable (RuntimeError: no C++ compiler); running eager"]
+    assert [r.message for r in caplog.records if "torch.compile" in r.message] == notes
+    assert all(np.array_equal(o, eager) for o in outs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 needs CUDA: this CPU has no fast fp16 kernels")
+def test_fp16_psnr_against_fp32_golden(full_nets, golden, images):
+    # compile off: max-autotune of the full networks takes minutes; fp16 numerics are the point here
+    engine = Engine(copy.deepcopy(full_nets), device="cuda", precision="fp16", compile=False)
+    engine.set_source(images["src"])
+    engine.set_reference(images["ref"])
+    assert psnr(engine.animate(images["drv"][None])[0], golden["E2E.image_u8"]) >= 40
+
+
+def test_channels_last_matches_default_layout(tiny_nets, images):
+    # F's and W's 5-D conv weights get channels_last_3d, the 4-D ones channels_last; the numbers stay the same
+    default = make(tiny_nets, images).animate(images["drv"][None])
+    engine = make(copy.deepcopy(tiny_nets), images, channels_last=True)
+    assert engine.G.fc.weight.is_contiguous(memory_format=torch.channels_last)
+    assert np.abs(engine.animate(images["drv"][None]).astype(int) - default).max() <= 1

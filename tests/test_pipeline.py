@@ -1,0 +1,178 @@
+"""The live pipeline on the real tiny engine: latest frame wins, sessions clean up, metrics, recording."""
+import subprocess
+import sys
+import threading
+import time
+
+import av
+import numpy as np
+import pytest
+import skimage.data
+
+from conftest import ROOT
+from model.engine import Engine, load_networks
+from stream.face import prepare_source
+from stream.pipeline import SessionPipeline, Settings
+
+ASTRONAUT = skimage.data.astronaut()
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(load_networks("recipe", "tiny"))
+
+
+@pytest.fixture(scope="module")
+def source():
+    return prepare_source(ASTRONAUT)
+
+
+class SlowEngine:
+    """The real engine, with every animate call delayed: frames arrive much faster than they are processed."""
+
+    def __init__(self, engine: Engine, delay: float):
+        self.engine, self.delay = engine, delay
+
+    def animate(self, *args, **kwargs):
+        time.sleep(self.delay)
+        return self.engine.animate(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+def frames(n: int):
+    """Webcam-like frames: the astronaut with a small sideways shake."""
+    for i in range(n):
+        yield np.roll(ASTRONAUT, 3 * (i % 4), axis=1)
+
+
+def drain(pipe: SessionPipeline, outputs: int, timeout: float = 60) -> None:
+    """Wait until the pipeline produced `outputs` frames in total."""
+    end = time.monotonic() + timeout
+    while pipe.metrics.frames_out < outputs and time.monotonic() < end:
+        pipe.wait(pipe.seq, 0.5)
+    assert pipe.metrics.frames_out >= outputs
+
+
+def test_latest_frame_wins_and_never_queues(engine, source):
+    pipe = SessionPipeline(SlowEngine(engine, 0.4), source)
+    try:
+        pending_max = 0
+        for rgb in frames(40):
+            pipe.submit(rgb)
+            pending_max = max(pending_max, 0 if pipe._pending is None else 1)
+            assert isinstance(pipe._pending, (tuple, type(None)))  # one slot, never a list of frames
+            time.sleep(0.01)
+        assert pending_max == 1
+        # the frame still pending is processed; the rest were replaced while the worker was busy
+        m = pipe.metrics
+        end = time.monotonic() + 30
+        while m.frames_out + m.dropped < m.frames_in and time.monotonic() < end:
+            pipe.wait(pipe.seq, 0.5)
+        assert m.frames_in == 40
+        assert m.dropped >= 30
+        assert m.frames_in == m.frames_out + m.dropped  # every frame was either animated or replaced
+        assert pipe._pending is None
+        assert pipe.latest()[1].shape == (512, 512, 3)
+    finally:
+        pipe.close()
+
+
+def test_sessions_share_the_engine_and_clean_up(engine, source):
+    before = set(threading.enumerate())
+    pipes = [SessionPipeline(engine, source, transport=f"test{i}") for i in range(3)]
+    for rgb in frames(6):
+        for p in pipes:
+            p.submit(rgb)
+        time.sleep(0.05)
+    for p in pipes:
+        drain(p, 1)
+    assert {p.name for p in pipes} <= set(engine.sessions)
+    for p in pipes:
+        p.close()
+        p.close()  # idempotent
+    assert not {p.name for p in pipes} & set(engine.sessions)
+    assert set(threading.enumerate()) == before  # the workers are gone
+    assert all(p.closed for p in pipes)
+
+
+def test_metrics_are_consistent(engine, source):
+    pipe = SessionPipeline(engine, source, transport="test")
+    try:
+        for rgb in frames(30):
+            pipe.submit(rgb)
+            time.sleep(1 / 30)
+        drain(pipe, 3)
+        m = pipe.stats()
+        assert m["transport"] == "test" and m["size"] == [512, 512] and not m["recording"]
+        assert m["frames_in"] == 30 and 3 <= m["frames_out"] <= 30
+        assert m["fps_in"] > 0 and m["fps_out"] > 0
+        assert 0 < m["latency_p50_ms"] <= m["latency_p95_ms"]
+    finally:
+        pipe.close()
+
+
+def test_controls_apply_live(engine, source):
+    settings = Settings()
+    pipe = SessionPipeline(engine, source, settings)
+    try:
+        pipe.submit(np.full_like(ASTRONAUT, 128))  # no face yet: the portrait at rest
+        drain(pipe, 1)
+        assert np.array_equal(pipe.latest()[1], source.image)
+        pipe.submit(ASTRONAUT)
+        drain(pipe, 2)
+        pasted = pipe.latest()[1]
+        assert pasted.shape == source.image.shape and not np.array_equal(pasted, source.image)
+        settings.paste = False  # the raw generator output of the tiny config
+        pipe.submit(ASTRONAUT)
+        drain(pipe, 3)
+        assert pipe.latest()[1].shape == (256, 256, 3)
+        settings.overlay = True
+        pipe.reset_reference()
+        pipe.submit(ASTRONAUT)
+        drain(pipe, 4)
+        assert pipe.latest()[1].shape == (256, 256, 3)
+        assert pipe.animator._reset is False
+    finally:
+        pipe.close()
+
+
+def count_frames(path) -> tuple[int, str, tuple[int, int]]:
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        n = sum(1 for _ in c.decode(s))
+        return n, s.codec_context.name, (s.width, s.height)
+
+
+@pytest.mark.parametrize("end", ["stop", "disconnect"])
+def test_recording_is_playable(engine, source, tmp_path, end):
+    pipe = SessionPipeline(engine, source)
+    path = tmp_path / "rec.mp4"
+    try:
+        pipe.submit(ASTRONAUT)
+        drain(pipe, 1)
+        pipe.start_recording(path)
+        for rgb in frames(25):
+            pipe.submit(rgb)
+            time.sleep(0.04)
+        drain(pipe, 6)
+        recorder = pipe.recorder
+        if end == "stop":
+            assert pipe.stop_recording() == path
+            assert pipe.stats()["recording"] is False
+    finally:
+        closed = pipe.close()  # "disconnect": the connection ends while recording
+    assert closed == (path if end == "disconnect" else None)
+    n, codec, size = count_frames(path)
+    assert n == recorder.frames >= 5
+    assert codec in ("h264", "mpeg4") and size == (512, 512)
+
+
+def test_recordings_are_finalised_at_exit(tmp_path):
+    """A server that exits without stopping a recording (Ctrl-C) still leaves a playable file."""
+    script = (f"import numpy as np; from stream.recorder import Recorder; r = Recorder({str(tmp_path / 'exit.mp4')!r})\n"
+              "for i in range(7): r.write(np.full((64, 96, 3), 30 * i, np.uint8))\n")
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=60)
+    n, codec, size = count_frames(tmp_path / "exit.mp4")
+    assert n == 7 and size == (96, 64)

@@ -1,0 +1,150 @@
+"""The page's handlers and the live server: bad uploads get a clear message in the page and the server keeps
+serving; the HTTP streaming fallback animates; the signalling route refuses strangers and cleans up bad offers."""
+import socket
+
+import av
+import gradio as gr
+import httpx
+import numpy as np
+import PIL.Image
+import pytest
+import skimage.data
+from gradio_client import Client, handle_file
+
+from model.engine import Engine, load_networks
+from web.app import LiveApp
+from web.webrtc import parse_ice_servers
+
+ASTRONAUT = skimage.data.astronaut()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    return LiveApp(Engine(load_networks("recipe", "tiny")), untrained=True,
+                   workdir=tmp_path_factory.mktemp("recordings"))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("uploads")
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)  # a PNG signature, then junk
+    png = d / "truncated.png"
+    PIL.Image.fromarray(ASTRONAUT).save(png)
+    (d / "truncated.png").write_bytes(png.read_bytes()[:5000])
+    (d / "notes.png").write_text("these are meeting notes, not a photo\n" * 20)
+    PIL.Image.new("L", (9000, 40)).save(d / "huge.png")  # small file, too many pixels
+    with open(d / "heavy.jpg", "wb") as f:
+        f.truncate(21 * 2**20)  # over 20 MB
+    PIL.Image.new("RGB", (400, 300), (70, 130, 180)).save(d / "wall.png")  # no face
+    PIL.Image.fromarray(ASTRONAUT).save(d / "astronaut.jpg")
+    return d
+
+
+def request(session: str) -> gr.Request:
+    return gr.Request(session_hash=session)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("corrupt.png", "corrupt or truncated"),
+    ("truncated.png", "corrupt or truncated"),
+    ("notes.png", "not an image"),
+    ("huge.png", "9000×40 pixels; portraits are limited to 8000"),
+    ("heavy.jpg", "21 MB; portraits are limited to 20 MB"),
+    ("wall.png", "No face found in the portrait"),
+])
+def test_bad_portraits_explain_and_keep_the_old_one(app, files, name, message):
+    preview, status = app.set_portrait(str(files / name), request("bad"))
+    assert message in status and "Portrait not used" in status
+    assert app.page(request("bad")).source is app.sample
+
+
+def test_good_portrait_and_sample(app, files):
+    preview, status = app.set_portrait(str(files / "astronaut.jpg"), request("good"))
+    assert "Portrait ready (512×512)" in status and preview.shape == (512, 512, 3)
+    assert app.page(request("good")).source is not app.sample
+    preview, status = app.use_sample(request("good"))
+    assert app.page(request("good")).source is app.sample and "Sample portrait" in status
+
+
+def test_http_streaming_fallback_animates_and_cleans_up(app):
+    r = request("http")
+    app.set_controls(True, True, False, 1.0, True, 0.3, False, 0.1, 0.5, False, r)  # paste-back off: 256² face
+    assert "not connected" in app.stats(r)
+    outputs = [app.http_frame(np.roll(ASTRONAUT, i, axis=1), r) for i in range(4)]
+    assert outputs[-1].shape == (256, 256, 3)
+    page = app.page(r)
+    assert page.settings.eye_target == 0.3 and page.settings.lip_target is None
+    assert "Live via HTTP streaming" in app.stats(r)
+    assert page.pipeline.metrics.frames_out >= 3
+    name = page.pipeline.name
+    assert name in app.engine.sessions
+    assert "Recording" in app.start_recording(r)
+    for _ in range(3):
+        app.http_frame(ASTRONAUT, r)
+    path, status = app.stop_recording(r)
+    assert "Saved" in status
+    with av.open(path) as c:
+        assert sum(1 for _ in c.decode(video=0)) >= 3
+    assert "Recording" in app.start_recording(r)
+    app.http_frame(ASTRONAUT, r)
+    app.close_page(r)  # tab closed while recording: the file is finalised, the engine session freed
+    assert name not in app.engine.sessions and "http" not in app.pages
+    assert page.recording is not None and page.recording.stat().st_size > 0
+
+
+def test_video_file_tab(app, files, tmp_path):
+    from test_render import driving_video
+    driving_video(tmp_path / "driving.mp4", frames=6)
+    r = request("render")
+    path, status = app.render_video(str(tmp_path / "driving.mp4"), r)
+    assert "6 frames at 15 fps, with audio" in status
+    with av.open(path) as c:
+        assert len(c.streams.audio) == 1 and sum(1 for _ in c.decode(video=0)) == 6
+    path, status = app.render_video(str(files / "notes.png"), r)
+    assert path is None and "driving video 'notes.png'" in status
+
+
+def test_ice_servers_parsing():
+    assert parse_ice_servers(None) == [] and parse_ice_servers("") == []
+    assert parse_ice_servers("stun:a:3478, turn:b:3478") == [{"urls": "stun:a:3478"}, {"urls": "turn:b:3478"}]
+    assert parse_ice_servers('[{"urls": "turn:b", "username": "u", "credential": "p"}]')[0]["username"] == "u"
+    with pytest.raises(ValueError):
+        parse_ice_servers('[{"url": "stun:a"}]')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(app):
+    port = free_port()
+    demo = app.launch(port=port, block=False)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def test_live_server_survives_bad_uploads(app, server, files):
+    alice, bob = Client(server, verbose=False), Client(server, verbose=False)
+    for name, message in [("corrupt.png", "corrupt"), ("notes.png", "not an image"), ("wall.png", "No face")]:
+        _, status = alice.predict(handle_file(str(files / name)), api_name="/set_portrait")
+        assert message in status
+    with pytest.raises(Exception, match="maximum file size"):  # refused by the upload route itself
+        alice.predict(handle_file(str(files / "heavy.jpg")), api_name="/set_portrait")
+    _, status = bob.predict(handle_file(str(files / "astronaut.jpg")), api_name="/set_portrait")
+    assert "Portrait ready" in status
+    assert "not connected" in bob.predict(api_name="/stats")
+    page = httpx.get(server)
+    assert page.status_code == 200 and "LivePortrait Live" in page.text
+
+
+def test_offer_route(app, server):
+    offer = httpx.post(server + "offer", json={"session": "nobody", "sdp": "v=0", "type": "offer"})
+    assert offer.status_code == 403
+    assert httpx.post(server + "offer", content=b"{not json").status_code == 400
+    app.page(request("tab"))
+    bad = httpx.post(server + "offer", json={"session": "tab", "sdp": "not sdp", "type": "offer"})
+    assert bad.status_code == 400 and "bad offer" in bad.json()["error"]
+    assert app.page(request("tab")).pipeline is None and not app.rtc.peers

@@ -1,0 +1,331 @@
+"""The web app: one Gradio page with the live view, its controls, recording and video-file rendering.
+
+Two live transports: WebRTC (our POST /offer on the same server, aiortc on this side, a small JS client in the
+page) for the lowest latency, and Gradio's own webcam streaming over HTTP as the fallback that works through share
+links without a TURN server. One engine serves every browser tab; a tab is a `Page`, keyed by Gradio's session
+hash, which the page also hands to its WebRTC client so the signalling route finds the same tab.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import fastapi
+import gradio as gr
+import numpy as np
+import skimage.data
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+
+from model.engine import Engine, load_networks
+from stream.face import NoFaceError, SourceFace, prepare_source
+from stream.pipeline import SessionPipeline, Settings
+from stream.render import MAX_BYTES, MAX_SIDE, InputError, read_image, render
+from web.webrtc import WebRTC, parse_ice_servers
+
+STATIC = Path(__file__).parent / "static"
+LIVE_HTML = """<div class="lp-live"><video autoplay playsinline muted></video>
+<div class="lp-bar"><button class="lp-start">▶ Start camera</button><button class="lp-stop">■ Stop</button>
+<span class="lp-state">Transport: WebRTC (idle)</span><span class="lp-frames"></span></div></div>"""
+LIVE_CSS = """video { width: 100%; height: min(62vh, 560px); object-fit: contain; background: #111; border-radius: 8px; }
+.lp-bar { display: flex; gap: .6em; align-items: center; margin-top: .4em; flex-wrap: wrap; }
+button { padding: .35em 1em; border-radius: 6px; border: 1px solid #888; cursor: pointer; }
+.lp-frames { opacity: .7; font-size: .9em; }"""
+PAGE_CSS = ".lp-banner { background: #b71c1c; color: #fff; padding: .6em 1em; border-radius: 8px; font-weight: 600; }"
+
+
+class Page:
+    """What one browser tab owns: its portrait, its live controls, its live connection and its last recording."""
+
+    def __init__(self, source: SourceFace):
+        self.source, self.settings = source, Settings()
+        self.pipeline: SessionPipeline | None = None
+        self.recording: Path | None = None
+        self._lock = threading.Lock()
+
+    def connect(self, engine: Engine, transport: str) -> SessionPipeline:
+        """A new live connection (replacing the previous one, whatever its transport)."""
+        pipeline = SessionPipeline(engine, self.source, self.settings, transport)
+        with self._lock:
+            old, self.pipeline = self.pipeline, pipeline
+        if old:
+            self.disconnect(old)
+        return pipeline
+
+    def disconnect(self, pipeline: SessionPipeline | None = None) -> None:
+        """End a live connection (default: the current one); a recording it had running is kept for download."""
+        with self._lock:
+            pipeline = pipeline or self.pipeline
+            if self.pipeline is pipeline:
+                self.pipeline = None
+        if pipeline and (path := pipeline.close()):
+            self.recording = path
+
+
+class LiveApp:
+    """The server side of the page: the shared engine, the pages, WebRTC, and every event handler."""
+
+    def __init__(self, engine: Engine, ice_servers: list[dict] | None = None, untrained: bool = False,
+                 workdir: str | Path | None = None):
+        self.engine, self.untrained = engine, untrained
+        self.rtc = WebRTC(ice_servers or [])
+        self.sample = prepare_source(skimage.data.astronaut())  # NASA, public domain
+        self.pages: dict[str, Page] = {}
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="liveportrait-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def page(self, request: gr.Request) -> Page:
+        return self.pages.setdefault(request.session_hash, Page(self.sample))
+
+    # ---- page lifecycle ----
+
+    def open_page(self, request: gr.Request) -> str:
+        """Page load: register the tab; its id goes to the WebRTC client."""
+        self.page(request)
+        return request.session_hash
+
+    def close_page(self, request: gr.Request) -> None:
+        """Tab closed: end its live connection and forget it."""
+        if page := self.pages.pop(request.session_hash, None):
+            page.disconnect()
+
+    def close(self) -> None:
+        """Server shutdown: end every live connection (recordings are finalised)."""
+        for page in list(self.pages.values()):
+            page.disconnect()
+
+    # ---- portrait and controls ----
+
+    def set_portrait(self, path: str | None, request: gr.Request) -> tuple:
+        """Upload handler: validate and detect the face; the error is shown in the page, the old portrait stays."""
+        if not path:
+            return gr.skip(), ""
+        try:
+            source = prepare_source(read_image(path))
+        except (InputError, NoFaceError) as e:
+            return gr.skip(), f"⚠️ **Portrait not used.** {e}"
+        self._use(self.page(request), source)
+        return source.image, f"✓ Portrait ready ({source.image.shape[1]}×{source.image.shape[0]})."
+
+    def use_sample(self, request: gr.Request) -> tuple:
+        self._use(self.page(request), self.sample)
+        return self.sample.image, "✓ Sample portrait (astronaut Eileen Collins, NASA, public domain)."
+
+    @staticmethod
+    def _use(page: Page, source: SourceFace) -> None:
+        page.source = source
+        if pipeline := page.pipeline:
+            pipeline.set_source(source)
+
+    def set_controls(self, relative: bool, stitching: bool, paste: bool, multiplier: float, eye_on: bool,
+                     eye: float, lip_on: bool, lip: float, smoothing: float, overlay: bool,
+                     request: gr.Request) -> None:
+        """Any control changed: the live connection picks the new values up at its next frame."""
+        s = self.page(request).settings
+        s.relative, s.stitching, s.paste, s.multiplier = relative, stitching, paste, float(multiplier)
+        s.eye_target = float(eye) if eye_on else None
+        s.lip_target = float(lip) if lip_on else None
+        s.smoothing, s.overlay = float(smoothing), overlay
+
+    def reset_reference(self, request: gr.Request) -> str:
+        if pipeline := self.page(request).pipeline:
+            pipeline.reset_reference()
+            return "Reference reset: the next frame is the neutral pose."
+        return "Start the camera first."
+
+    # ---- live: HTTP streaming fallback, WebRTC signalling, metrics ----
+
+    def http_frame(self, frame: np.ndarray | None, request: gr.Request) -> np.ndarray | None:
+        """One webcam frame from Gradio's streaming: hand it over, answer with the newest output."""
+        if frame is None:
+            return None
+        page = self.page(request)
+        pipeline = page.pipeline
+        if pipeline is None or pipeline.transport != "HTTP streaming":
+            pipeline = page.connect(self.engine, "HTTP streaming")
+        seq = pipeline.seq
+        pipeline.submit(frame)
+        return pipeline.wait(seq, timeout=2.0)[1]
+
+    async def offer(self, request: fastapi.Request) -> JSONResponse:
+        """POST /offer {sdp, type, session}: answer a page's WebRTC offer."""
+        try:
+            body = await request.json()
+            page = self.pages.get(str(body["session"]))
+        except (ValueError, TypeError, KeyError):
+            return JSONResponse({"error": "expected JSON {sdp, type, session}"}, status_code=400)
+        if page is None:
+            return JSONResponse({"error": "unknown session; reload the page"}, status_code=403)
+        pipeline = await asyncio.to_thread(page.connect, self.engine, "WebRTC")
+        try:
+            return JSONResponse(await self.rtc.answer(body, pipeline, page.disconnect))
+        except Exception as e:  # a malformed offer: the peer and the pipeline are already closed
+            return JSONResponse({"error": f"bad offer: {e}"}, status_code=400)
+
+    def stats(self, request: gr.Request) -> str:
+        """The metrics line the page polls (a tick after the tab closed must not bring the page back)."""
+        page = self.pages.get(request.session_hash)
+        if not (pipeline := page and page.pipeline):
+            return "**Live:** not connected — start the camera (WebRTC) or the HTTP streaming webcam."
+        m = pipeline.stats()
+        size = "×".join(map(str, m["size"])) if m["size"] else "–"
+        return (f"**Live via {m['transport']}** · in {m['fps_in']} fps · out {m['fps_out']} fps · "
+                f"dropped {m['dropped']} · latency p50 {m['latency_p50_ms']:.0f} ms / p95 {m['latency_p95_ms']:.0f} ms"
+                f" · {size}{' · ● recording' if m['recording'] else ''}")
+
+    # ---- recording and rendering ----
+
+    def start_recording(self, request: gr.Request) -> str:
+        page = self.page(request)
+        if page.pipeline is None:
+            return "Start the camera first, then record."
+        path = self.dir / f"recording-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}.mp4"
+        page.pipeline.start_recording(path)
+        return "● Recording…"
+
+    def stop_recording(self, request: gr.Request) -> tuple:
+        page = self.page(request)
+        if page.pipeline and (path := page.pipeline.stop_recording()):
+            page.recording = path
+        if page.recording is None:
+            return None, "Nothing recorded yet."
+        path, page.recording = page.recording, None
+        return str(path), f"Saved {path.name}."
+
+    def render_video(self, driving: str | None, request: gr.Request,
+                     progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple:
+        """Video-file tab: the page's portrait driven by an uploaded video, at its frame rate, with its audio."""
+        if not driving:
+            return None, "Upload a driving video first."
+        page = self.page(request)
+        out = self.dir / f"render-{uuid.uuid4().hex[:8]}.mp4"
+        try:
+            info = render(self.engine, page.source, driving, out, page.settings)
+        except InputError as e:
+            return None, f"⚠️ {e}"
+        return str(out), f"{info['frames']} frames at {info['fps']:g} fps{', with audio' if info['audio'] else ''}."
+
+    # ---- the page and the server ----
+
+    def blocks(self) -> gr.Blocks:
+        with gr.Blocks(title="LivePortrait Live") as demo:
+            gr.Markdown("# LivePortrait Live\nYour webcam drives the portrait: head pose and expressions, live.")
+            if self.untrained:
+                gr.HTML('<div class="lp-banner">⚠️ Untrained weights (<code>--weights recipe</code>): the networks '
+                        'are deterministic random numbers, so the output is not a real animation.</div>')
+            gr.Markdown(f"<small>Engine: {self.engine.device}, {self.engine.precision}. "
+                        f"{' · '.join(self.engine.notes)}</small>")
+            with gr.Row():
+                with gr.Column(scale=2):
+                    portrait = gr.Image(self.sample.image, label="Portrait", interactive=False, height=280)
+                    upload = gr.File(label=f"Upload a portrait (PNG/JPEG/WebP, ≤ {MAX_BYTES // 2**20} MB, "
+                                           f"≤ {MAX_SIDE} px)", file_types=["image"], height=110)
+                    sample = gr.Button("Use the sample portrait", size="sm")
+                    status = gr.Markdown()
+                    with gr.Accordion("Controls (apply live)"):
+                        relative = gr.Checkbox(True, label="Relative motion (against the reference frame)")
+                        stitching = gr.Checkbox(True, label="Stitching (keeps shoulders still)")
+                        paste = gr.Checkbox(True, label="Paste back into the full portrait")
+                        multiplier = gr.Slider(0, 2, 1, step=0.05, label="Motion multiplier")
+                        with gr.Row():
+                            eye_on = gr.Checkbox(False, label="Retarget eyes")
+                            eye = gr.Slider(0, 0.8, 0.35, step=0.01, label="Eye open ratio")
+                        with gr.Row():
+                            lip_on = gr.Checkbox(False, label="Retarget lips")
+                            lip = gr.Slider(0, 0.8, 0.1, step=0.01, label="Lip open ratio")
+                        smoothing = gr.Slider(0, 1, 0.5, step=0.05, label="Smoothing of the face box")
+                        overlay = gr.Checkbox(False, label="Draw FPS / latency on the video")
+                        reset = gr.Button("Reset reference (next frame = neutral pose)", size="sm")
+                with gr.Column(scale=3):
+                    with gr.Tabs():
+                        with gr.Tab("Live (WebRTC)"):
+                            live = gr.HTML("", html_template=LIVE_HTML, css_template=LIVE_CSS, elem_id="lp-live",
+                                           js_on_load=(STATIC / "live.js").read_text(),
+                                           ice_servers=self.rtc.ice_servers)
+                        with gr.Tab("Live (HTTP streaming)"):
+                            gr.Markdown("Fallback transport: frames go through Gradio's HTTP streaming, so it works "
+                                        "through share links without a TURN server (higher latency).")
+                            with gr.Row():
+                                cam = gr.Image(sources=["webcam"], streaming=True, label="Webcam")
+                                view = gr.Image(label="Animated", format="jpeg", interactive=False, elem_id="lp-http-view")
+                        with gr.Tab("Video file"):
+                            driving = gr.Video(label="Driving video (its frame rate and audio are kept)",
+                                               sources=["upload"])
+                            go = gr.Button("Render", variant="primary")
+                            rendered = gr.Video(label="Result", interactive=False)
+                            render_status = gr.Markdown()
+                    metrics = gr.Markdown(elem_id="lp-metrics")
+                    with gr.Row():
+                        record = gr.Button("● Record", size="sm")
+                        stop = gr.Button("■ Stop recording", size="sm")
+                    record_status = gr.Markdown()
+                    recording = gr.File(label="Recording (MP4)", interactive=False)
+
+            demo.load(self.open_page, None, live)
+            demo.unload(self.close_page)
+            upload.upload(self.set_portrait, upload, [portrait, status])
+            sample.click(self.use_sample, None, [portrait, status])
+            controls = [relative, stitching, paste, multiplier, eye_on, eye, lip_on, lip, smoothing, overlay]
+            gr.on([c.change for c in controls], self.set_controls, controls, None, show_progress="hidden")
+            reset.click(self.reset_reference, None, status)
+            cam.stream(self.http_frame, cam, view, stream_every=0.1, concurrency_limit=None,
+                       show_progress="hidden")
+            go.click(self.render_video, driving, [rendered, render_status])
+            record.click(self.start_recording, None, record_status)
+            stop.click(self.stop_recording, None, [recording, record_status])
+            gr.Timer(1.0).tick(self.stats, None, metrics, show_progress="hidden")
+        return demo
+
+    def launch(self, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+               auth: tuple[str, str] | None = None, block: bool = True) -> gr.Blocks:
+        """Serve the page plus POST /offer on one server (a share link tunnels both)."""
+        @contextlib.asynccontextmanager
+        async def lifespan(_app):
+            yield
+            await self.rtc.close_all()
+            await asyncio.to_thread(self.close)
+
+        demo = self.blocks()
+        demo.queue(default_concurrency_limit=None)
+        demo.launch(server_name=host, server_port=port, share=share, auth=auth, max_file_size=MAX_BYTES,
+                    prevent_thread_lock=not block, css=PAGE_CSS, footer_links=[],
+                    app_kwargs={"routes": [APIRoute("/offer", self.offer, methods=["POST"])], "lifespan": lifespan})
+        return demo
+
+
+def _auth(text: str) -> tuple[str, str]:
+    user, sep, password = text.partition(":")
+    if not (user and sep and password):
+        raise argparse.ArgumentTypeError("expected user:pass")
+    return user, password
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="interface to serve on (0.0.0.0: the whole network)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="a public Gradio share link (use HTTP streaming "
+                                                             "there unless --ice-servers has a TURN server)")
+    parser.add_argument("--auth", type=_auth, default=None, metavar="USER:PASS", help="password-protect the page")
+    parser.add_argument("--ice-servers", type=parse_ice_servers, default=os.environ.get("LP_ICE_SERVERS"),
+                        help="STUN/TURN for WebRTC: a JSON list (URLs or {urls, username, credential}) or "
+                             "comma-separated URLs (default: $LP_ICE_SERVERS, else none)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the engine (official weights, or the error saying how to get them), then serve until Ctrl-C."""
+    engine = Engine(load_networks(args.weights, args.config, download=not args.no_download), device=args.device)
+    app = LiveApp(engine, args.ice_servers, untrained=str(args.weights) == "recipe")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop` / systemd: shut down like Ctrl-C
+    try:
+        app.launch(args.host, args.port, args.share, args.auth)
+    finally:
+        app.close()
+    return 0

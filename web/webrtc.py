@@ -1,0 +1,141 @@
+"""WebRTC transport: the browser's webcam track in, the animated track out, one aiortc peer connection per live
+view. Signalling is a single POST /offer (the browser gathers its ICE candidates first, so there is no trickle).
+
+The incoming track is read as fast as the browser sends and every frame goes to the session pipeline, which keeps
+only the newest; the outgoing track emits each new output once, stamped with wall-clock time, so the browser
+shows frames at the rate the engine makes them.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from fractions import Fraction
+from typing import Callable
+
+import av
+from aiortc import (MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription,
+                    VideoStreamTrack)
+from aiortc.mediastreams import MediaStreamError
+
+from stream.pipeline import SessionPipeline
+
+log = logging.getLogger("liveportrait.webrtc")
+CLOCK = Fraction(1, 90000)  # the RTP video clock
+
+
+def parse_ice_servers(text: str | None) -> list[dict]:
+    """`--ice-servers` / LP_ICE_SERVERS: a JSON list (of URLs or {"urls", "username", "credential"}) or
+    comma-separated URLs. Empty: no STUN/TURN at all (LAN and loopback only)."""
+    text = (text or "").strip()
+    if not text:
+        return []
+    items = json.loads(text) if text.startswith("[") else [u.strip() for u in text.split(",") if u.strip()]
+    servers = [{"urls": i} if isinstance(i, str) else dict(i) for i in items]
+    for s in servers:
+        if not s.get("urls") or set(s) - {"urls", "username", "credential"}:
+            raise ValueError(f"bad ICE server {s!r}: expected a URL or {{'urls', 'username', 'credential'}}")
+    return servers
+
+
+class AnimatedTrack(VideoStreamTrack):
+    """The session's output as a video track: each new output frame once, timestamped by wall clock."""
+
+    def __init__(self, pipeline: SessionPipeline, on_end: Callable[[], None]):
+        super().__init__()
+        loop = asyncio.get_running_loop()
+        self.pipeline, self._on_end = pipeline, on_end
+        self._fresh = asyncio.Event()
+        self._seq = 0
+        self._t0 = time.monotonic()
+        pipeline.on_output = lambda: loop.is_closed() or loop.call_soon_threadsafe(self._fresh.set)
+
+    async def recv(self) -> av.VideoFrame:
+        while True:
+            if self.readyState != "live" or self.pipeline.closed:
+                self._on_end()
+                raise MediaStreamError
+            seq, image = self.pipeline.latest()
+            if seq > self._seq:
+                break
+            self._fresh.clear()
+            await self._fresh.wait()
+        self._seq = seq
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        frame.pts, frame.time_base = int((time.monotonic() - self._t0) / CLOCK), CLOCK
+        return frame
+
+    def stop(self) -> None:
+        super().stop()
+        self._fresh.set()
+
+
+class WebRTC:
+    """Every peer connection of the server, so each is cleaned up on disconnect and all at shutdown."""
+
+    def __init__(self, ice_servers: list[dict]):
+        self.ice_servers = ice_servers
+        self.peers: dict[RTCPeerConnection, Callable] = {}
+
+    async def answer(self, offer: dict, pipeline: SessionPipeline,
+                     on_close: Callable[[SessionPipeline], None]) -> dict:
+        """Answer a browser's offer: its video feeds `pipeline`, whose output is sent back. When the connection
+        ends (closed, failed, track ended) the peer is closed and `on_close(pipeline)` runs (in a worker thread:
+        it joins the pipeline's worker)."""
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(**s) for s in self.ice_servers]))
+        tasks: set[asyncio.Task] = set()  # held here: the event loop keeps only weak references to tasks
+
+        def spawn(coro) -> None:
+            task = asyncio.ensure_future(coro)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        async def close() -> None:
+            if self.peers.pop(pc, None) is None:
+                return
+            output.stop()
+            for task in tasks - {asyncio.current_task()}:
+                task.cancel()
+            await pc.close()
+            await asyncio.to_thread(on_close, pipeline)
+            log.info("peer %s closed", pipeline.name)
+
+        output = AnimatedTrack(pipeline, lambda: spawn(close()))
+        self.peers[pc] = close
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "video":
+                spawn(self._pump(track, pipeline, close))
+                pc.addTrack(output)
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            log.info("peer %s: %s", pipeline.name, pc.connectionState)
+            if pc.connectionState in ("failed", "closed"):
+                await close()
+
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type=offer["type"]))
+            if not tasks:
+                raise ValueError("the offer has no video track")
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception:
+            await close()
+            raise
+        return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
+
+    @staticmethod
+    async def _pump(track: MediaStreamTrack, pipeline: SessionPipeline, close: Callable) -> None:
+        """Browser frames -> the pipeline's pending slot, until the browser's track ends."""
+        try:
+            while True:
+                frame = await track.recv()
+                pipeline.submit(frame.to_ndarray(format="rgb24"))
+        except MediaStreamError:
+            await close()
+
+    async def close_all(self) -> None:
+        """Close every peer (server shutdown)."""
+        await asyncio.gather(*[close() for close in list(self.peers.values())])
