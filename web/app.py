@@ -49,12 +49,16 @@ class Page:
         self.source, self.settings = source, Settings()
         self.pipeline: SessionPipeline | None = None
         self.recording: Path | None = None
+        self.closed = False  # the tab is gone: a late request must not open a new connection
         self._lock = threading.Lock()
 
-    def connect(self, engine: Engine, transport: str) -> SessionPipeline:
-        """A new live connection (replacing the previous one, whatever its transport)."""
+    def connect(self, engine: Engine, transport: str) -> SessionPipeline | None:
+        """A new live connection (replacing the previous one, whatever its transport); None once closed."""
         pipeline = SessionPipeline(engine, self.source, self.settings, transport)
         with self._lock:
+            if self.closed:
+                pipeline.close()
+                return None
             old, self.pipeline = self.pipeline, pipeline
         if old:
             self.disconnect(old)
@@ -79,10 +83,15 @@ class LiveApp:
         self.rtc = WebRTC(ice_servers or [])
         self.sample = prepare_source(skimage.data.astronaut())  # NASA, public domain
         self.pages: dict[str, Page] = {}
+        self.gone: set[str] = set()  # session hashes of closed tabs
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="liveportrait-"))
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def page(self, request: gr.Request) -> Page:
+        if request.session_hash in self.gone:  # a request that raced the tab's unload: a detached, closed page
+            page = Page(self.sample)
+            page.closed = True
+            return page
         return self.pages.setdefault(request.session_hash, Page(self.sample))
 
     # ---- page lifecycle ----
@@ -94,7 +103,10 @@ class LiveApp:
 
     def close_page(self, request: gr.Request) -> None:
         """Tab closed: end its live connection and forget it."""
+        self.gone.add(request.session_hash)
         if page := self.pages.pop(request.session_hash, None):
+            with page._lock:
+                page.closed = True
             page.disconnect()
 
     def close(self) -> None:
@@ -151,6 +163,8 @@ class LiveApp:
         pipeline = page.pipeline
         if pipeline is None or pipeline.transport != "HTTP streaming":
             pipeline = page.connect(self.engine, "HTTP streaming")
+            if pipeline is None:
+                return None
         seq = pipeline.seq
         pipeline.submit(frame)
         return pipeline.wait(seq, timeout=2.0)[1]
@@ -165,6 +179,8 @@ class LiveApp:
         if page is None:
             return JSONResponse({"error": "unknown session; reload the page"}, status_code=403)
         pipeline = await asyncio.to_thread(page.connect, self.engine, "WebRTC")
+        if pipeline is None:
+            return JSONResponse({"error": "this tab was closed; reload the page"}, status_code=403)
         try:
             return JSONResponse(await self.rtc.answer(body, pipeline, page.disconnect))
         except Exception as e:  # a malformed offer: the peer and the pipeline are already closed
