@@ -118,7 +118,10 @@ def pipeline_threads() -> list[threading.Thread]:
 
 def wait_closed(app) -> None:
     """Closing a tab fires the page's unload event, which ends its connection and frees everything."""
-    wait_until(lambda: not app.pages and not app.rtc.peers and not app.engine.sessions and not pipeline_threads())
+    left = lambda: {k: v for k, v in dict(pages=list(app.pages), peers=len(app.rtc.peers),
+                                          sessions=list(app.engine.sessions), threads=pipeline_threads()).items() if v}
+    wait_until(lambda: not left())
+    assert not left(), left()
 
 
 def test_webrtc_in_chromium(server, browser, cam):
