@@ -1,4 +1,6 @@
+import ctypes
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +13,34 @@ DATA = ROOT / "tests" / "data"
 sys.path.insert(0, str(ROOT))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _loopback_only() -> str | None:
+    """Move this test process (and every thread and child it starts later: servers, Chromium, coturn) into a new
+    network namespace whose only interface is loopback, so no test traffic can leave the machine. Returns why it
+    could not, or None. Runs at import, before any thread exists: unshare() applies to the calling thread."""
+    if os.environ.get("LP_NETNS") == "0":
+        return "LP_NETNS=0"
+    try:
+        if ctypes.CDLL(None, use_errno=True).unshare(0x40000000):  # CLONE_NEWNET
+            return f"unshare(CLONE_NEWNET): {os.strerror(ctypes.get_errno())}"
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        return f"no loopback-only network namespace: {e}"
+    return None
+
+
+NETNS_UNAVAILABLE = _loopback_only()
+
+
+@pytest.fixture(scope="session")
+def loopback_only():
+    """For tests that open sockets (browser, WebRTC, load, faults): they run only inside the loopback-only
+    namespace; without one they skip with the reason (CI, with LP_REQUIRE_NETNS=1, fails instead)."""
+    if NETNS_UNAVAILABLE:
+        if os.environ.get("LP_REQUIRE_NETNS") == "1":
+            pytest.fail(f"LP_REQUIRE_NETNS=1 but {NETNS_UNAVAILABLE}", pytrace=False)
+        pytest.skip(f"needs a loopback-only network namespace ({NETNS_UNAVAILABLE})")
 
 
 @pytest.fixture(scope="session")

@@ -63,7 +63,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, loopback_only):
     import aioice.ice
     from model.engine import Engine, load_networks
     from web.app import LiveApp

@@ -119,7 +119,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(app):
+def server(app, loopback_only):
     port = free_port()
     demo = app.launch(port=port, block=False)
     yield f"http://127.0.0.1:{port}/"
