@@ -3,7 +3,8 @@ buffers and every session's source cache. The web and stream layers hand it uint
 
 A frame's path through the engine (`animate` -> `_step`):
     driving crop (B,256,256,3) uint8 -> M -> head pose, expression, scale, translation (kinematics)
-    -> relative (or absolute) motion against the session's reference frame, applied to its cached source
+    -> relative (or absolute) motion against the session's reference frame, applied to its cached source (only the
+       session's animation region; its expression/pose edits on top: model/editing.py)
     -> eye/lip retargeting deltas -> S stitching -> driving multiplier -> W (dense motion, 3-D warp) -> G
     -> (B,S,S,3) uint8 (S = 512 at full size).
 The source side (F volume, source keypoints) is computed once per portrait in `set_source`.
@@ -19,6 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from . import editing
 from . import kinematics as kin
 from .networks import LivePortraitNetworks
 
@@ -31,8 +33,10 @@ CONTROLS = ("relative", "stitching", "multiplier", "eye_on", "eye_target", "lip_
 
 
 @dataclass
-class Controls:
-    """Live controls of one session. Retargeting targets are eye/lip open ratios (None: off)."""
+class Controls(editing.Edits):
+    """Live controls of one session. Retargeting targets are eye/lip open ratios (None: off); `region` and the
+    editing sliders (Edits) are turned into per-item masks and offsets by model/editing.py."""
+    region: str = "all"
     relative: bool = True
     stitching: bool = True
     multiplier: float = 1.0
@@ -186,6 +190,8 @@ class Engine:
         for k, v in controls.items():
             if not hasattr(Controls, k):
                 raise TypeError(f"unknown control {k!r}")
+            if k == "region":
+                editing.check_region(v)
             setattr(self.sessions[session].controls, k, v)
 
     def close(self, session: str) -> None:
@@ -214,6 +220,7 @@ class Engine:
             *[cat(lambda s, k=k: s.reference[k]) for k in KP_KEYS],
             torch.tensor([s.controls.row() for s in items], device=self.device),
             cat(lambda s: s.ratios),
+            editing.expand([s.controls.region for s in items], [s.controls for s in items]).to(self.device),
         )
         frames = self._upload(crops)
         out = self._replay(frames, inputs) if self.cuda_graphs else self._step_fn(self._to_input(frames), *inputs)
@@ -245,11 +252,12 @@ class Engine:
         """M -> keypoint math -> S -> W -> G for a batch; branch-free over the per-item controls."""
         n = len(KP_KEYS)
         source, reference = dict(zip(KP_KEYS, rest[:n])), dict(zip(KP_KEYS, rest[n:2 * n]))
-        ctrl, ratios = rest[2 * n], rest[2 * n + 1]
+        ctrl, ratios, edit = rest[2 * n], rest[2 * n + 1], rest[2 * n + 2]
         c = {k: ctrl[:, i:i + 1] for i, k in enumerate(CONTROLS)}
-        driving = self._motion(x)
-        rel = kin.relative_motion(source, driving, reference)
-        absolute = kin.absolute_motion(source, driving)
+        # the animation region and the editing sliders choose, per item, what enters the official formulas
+        edited, rel_d, rel_r, abs_d = editing.select(source, self._motion(x), reference, edit)
+        rel = kin.relative_motion(edited, rel_d, rel_r)
+        absolute = kin.absolute_motion(edited, abs_d)
         x_d = torch.where(c["relative"][:, :, None] > 0, rel, absolute)
         eye = self.S["retarget_eye"](kin.retarget_input(x_s, torch.cat([ratios[:, :2], c["eye_target"]], 1)))
         lip = self.S["retarget_mouth"](kin.retarget_input(x_s, torch.cat([ratios[:, 2:], c["lip_target"]], 1)))

@@ -12,13 +12,14 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import cv2
 import numpy as np
 
+from model.editing import Edits
 from model.engine import Engine
 from stream.face import LiveFaceDriver, SourceFace
 from stream.paste import PasteBack
@@ -39,6 +40,13 @@ class Settings:
     lip_target: float | None = None
     smoothing: float = 0.5  # 0 = light, 1 = heavy One-Euro smoothing of the driving crop box
     overlay: bool = False  # draw the metrics on the video
+    region: str = "all"  # animation region: all, expression, pose, lips or eyes (model/editing.py)
+    edits: Edits = field(default_factory=Edits)  # expression and pose sliders, applied on top of the motion
+
+    def engine_controls(self, weight: float) -> dict:
+        """Everything Engine.set_controls takes, for a frame whose driving motion counts `weight` (0..1)."""
+        return dict(relative=self.relative, stitching=self.stitching, multiplier=self.multiplier * weight,
+                    eye_target=self.eye_target, lip_target=self.lip_target, region=self.region, **self.edits.values())
 
 
 def smoothing_cutoff(strength: float) -> float:
@@ -86,9 +94,7 @@ class Animator:
             if self._reset:
                 self._reset = False
                 self.engine.set_reference(None, self.name)
-            self.engine.set_controls(self.name, relative=s.relative, stitching=s.stitching,
-                                     multiplier=s.multiplier * f.weight, eye_target=s.eye_target,
-                                     lip_target=s.lip_target)
+            self.engine.set_controls(self.name, **s.engine_controls(f.weight))
             face = self.engine.animate(self._crop[None], [self.name])[0]
         if not s.paste:
             return face

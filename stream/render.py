@@ -1,6 +1,7 @@
 """Render a portrait driven by a video file to MP4, at the video's frame rate and with its audio.
 
     python launch.py render --source portrait.jpg --driving clip.mp4 -o out.mp4
+    python launch.py render ... --region lips --smile 0.8 --gaze-x -10   # animation region, editing sliders
 
 Every driving frame goes through the same per-frame path as the live view (face crop with smoothing, engine,
 paste-back), so a file render previews exactly what the webcam would do. Audio is re-encoded to AAC.
@@ -18,6 +19,7 @@ import PIL.Image
 import PIL.ImageOps
 from tqdm import tqdm
 
+from model.editing import REGIONS, SLIDERS, Edits
 from model.engine import Engine, load_networks
 from stream.face import NoFaceError, SourceFace, prepare_source
 from stream.pipeline import Animator, Settings
@@ -114,6 +116,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", required=True, help="portrait image (PNG/JPEG/WebP)")
     p.add_argument("--driving", required=True, help="driving video; its frame rate and audio are kept")
     p.add_argument("-o", "--output", required=True, help="output MP4")
+    g = p.add_argument_group("animation region and editing (the official app's sliders, applied to every frame)")
+    g.add_argument("--region", choices=REGIONS, default="all", help="what the driving video animates (default: all)")
+    for name, (lo, hi, default, _, label) in SLIDERS.items():
+        g.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_in_range(lo, hi), default=default,
+                       metavar="X", help=f"{label}: {lo:g} .. {hi:g} (default {default:g})")
+
+
+def _in_range(lo: float, hi: float):
+    def parse(text: str) -> float:
+        value = float(text)
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value:g} is outside {lo:g} .. {hi:g}")
+        return value
+    return parse
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     engine = Engine(load_networks(args.weights, args.config, download=not args.no_download), device=args.device)
     try:
-        info = render(engine, source, args.driving, args.output)
+        settings = Settings(region=args.region, edits=Edits(**{k: getattr(args, k) for k in SLIDERS}))
+        info = render(engine, source, args.driving, args.output, settings)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -25,10 +25,13 @@ import skimage.data
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
+from model.editing import SLIDERS, Edits
 from model.engine import Engine, load_networks
+from stream.editor import PortraitEditor
 from stream.face import NoFaceError, SourceFace, prepare_source
 from stream.pipeline import SessionPipeline, Settings
 from stream.render import MAX_BYTES, MAX_SIDE, InputError, read_image, render
+from web import controls as panel
 from web.webrtc import WebRTC, parse_ice_servers
 
 STATIC = Path(__file__).parent / "static"
@@ -49,6 +52,8 @@ class Page:
         self.source, self.settings = source, Settings()
         self.pipeline: SessionPipeline | None = None
         self.recording: Path | None = None
+        self.editor: PortraitEditor | None = None  # the Portrait editing tab's engine session, once opened
+        self.editing = False  # that tab is the one shown: control changes re-render the edited portrait
         self.closed = False  # the tab is gone: a late request must not open a new connection
         self._lock = threading.Lock()
 
@@ -108,6 +113,8 @@ class LiveApp:
             with page._lock:
                 page.closed = True
             page.disconnect()
+            if page.editor:  # none is created once the page is closed
+                page.editor.close()
 
     def close(self) -> None:
         """Server shutdown: end every live connection (recordings are finalised)."""
@@ -139,13 +146,40 @@ class LiveApp:
 
     def set_controls(self, relative: bool, stitching: bool, paste: bool, multiplier: float, eye_on: bool,
                      eye: float, lip_on: bool, lip: float, smoothing: float, overlay: bool,
-                     request: gr.Request) -> None:
+                     request: gr.Request) -> np.ndarray | None:
         """Any control changed: the live connection picks the new values up at its next frame."""
         s = self.page(request).settings
         s.relative, s.stitching, s.paste, s.multiplier = relative, stitching, paste, float(multiplier)
         s.eye_target = float(eye) if eye_on else None
         s.lip_target = float(lip) if lip_on else None
         s.smoothing, s.overlay = float(smoothing), overlay
+        return self.edited(request)
+
+    def set_edits(self, request: gr.Request, region: str, *sliders: float) -> np.ndarray | None:
+        """Animation region or an expression/pose slider changed (values in model.editing.SLIDERS order)."""
+        s = self.page(request).settings
+        s.region, s.edits = region, Edits(**{k: float(v) for k, v in zip(SLIDERS, sliders, strict=True)})
+        return self.edited(request)
+
+    def reset_edits(self, request: gr.Request) -> list:
+        """Every expression/pose slider back to its default: the sliders' values, then the edited portrait."""
+        self.page(request).settings.edits = Edits()
+        return [*Edits().values().values(), self.edited(request)]
+
+    def select_tab(self, event: gr.SelectData, request: gr.Request) -> np.ndarray | None:
+        """The Portrait editing tab renders while it is the one shown."""
+        self.page(request).editing = event.value == "Portrait editing"
+        return self.edited(request)
+
+    def edited(self, request: gr.Request) -> np.ndarray | None:
+        """The page's portrait with its sliders applied, pasted back (one engine call); skipped while the
+        Portrait editing tab is not shown."""
+        page = self.page(request)
+        with page._lock:
+            if not page.editing or page.closed:
+                return gr.skip()
+            editor = page.editor = page.editor or PortraitEditor(self.engine)
+        return editor(page.source, page.settings)
 
     def reset_reference(self, request: gr.Request) -> str:
         if pipeline := self.page(request).pipeline:
@@ -246,22 +280,10 @@ class LiveApp:
                                            f"≤ {MAX_SIDE} px)", file_types=["image"], height=110)
                     sample = gr.Button("Use the sample portrait", size="sm")
                     status = gr.Markdown()
-                    with gr.Accordion("Controls (apply live)"):
-                        relative = gr.Checkbox(True, label="Relative motion (against the reference frame)")
-                        stitching = gr.Checkbox(True, label="Stitching (keeps shoulders still)")
-                        paste = gr.Checkbox(True, label="Paste back into the full portrait")
-                        multiplier = gr.Slider(0, 2, 1, step=0.05, label="Motion multiplier")
-                        with gr.Row():
-                            eye_on = gr.Checkbox(False, label="Retarget eyes")
-                            eye = gr.Slider(0, 0.8, 0.35, step=0.01, label="Eye open ratio")
-                        with gr.Row():
-                            lip_on = gr.Checkbox(False, label="Retarget lips")
-                            lip = gr.Slider(0, 0.8, 0.1, step=0.01, label="Lip open ratio")
-                        smoothing = gr.Slider(0, 1, 0.5, step=0.05, label="Smoothing of the face box")
-                        overlay = gr.Checkbox(False, label="Draw FPS / latency on the video")
-                        reset = gr.Button("Reset reference (next frame = neutral pose)", size="sm")
+                    gr.Markdown("**Controls** apply live, from the next frame, and to the Portrait editing tab.")
+                    c = panel.panel()
                 with gr.Column(scale=3):
-                    with gr.Tabs():
+                    with gr.Tabs() as tabs:
                         with gr.Tab("Live (WebRTC)"):
                             live = gr.HTML("", html_template=LIVE_HTML, css_template=LIVE_CSS, elem_id="lp-live",
                                            js_on_load=(STATIC / "live.js").read_text(),
@@ -278,6 +300,11 @@ class LiveApp:
                             go = gr.Button("Render", variant="primary")
                             rendered = gr.Video(label="Result", interactive=False)
                             render_status = gr.Markdown()
+                        with gr.Tab("Portrait editing"):
+                            gr.Markdown("No webcam needed: the expression, pose and retargeting controls applied to "
+                                        "the portrait itself (the official app's retargeting image).")
+                            edited = gr.Image(label="Edited portrait (PNG)", format="png", interactive=False,
+                                              buttons=["download", "fullscreen"], elem_id="lp-edited")
                     metrics = gr.Markdown(elem_id="lp-metrics")
                     with gr.Row():
                         record = gr.Button("● Record", size="sm")
@@ -287,11 +314,15 @@ class LiveApp:
 
             demo.load(self.open_page, None, live)
             demo.unload(self.close_page)
-            upload.upload(self.set_portrait, upload, [portrait, status])
-            sample.click(self.use_sample, None, [portrait, status])
-            controls = [relative, stitching, paste, multiplier, eye_on, eye, lip_on, lip, smoothing, overlay]
-            gr.on([c.change for c in controls], self.set_controls, controls, None, show_progress="hidden")
-            reset.click(self.reset_reference, None, status)
+            upload.upload(self.set_portrait, upload, [portrait, status]).then(self.edited, None, edited)
+            sample.click(self.use_sample, None, [portrait, status]).then(self.edited, None, edited)
+            gr.on([x.change for x in c.controls], self.set_controls, c.controls, edited, show_progress="hidden")
+            edits = [c.region, *c.sliders]  # .input: a reset (which sets their values) is not an edit of each
+            gr.on([x.input for x in edits], self.set_edits, edits, edited, trigger_mode="always_last",
+                  show_progress="hidden")
+            c.reset_edits.click(self.reset_edits, None, [*c.sliders, edited], show_progress="hidden")
+            tabs.select(self.select_tab, None, edited, show_progress="hidden")
+            c.reset_reference.click(self.reset_reference, None, status)
             cam.stream(self.http_frame, cam, view, stream_every=0.1, concurrency_limit=None,
                        show_progress="hidden")
             go.click(self.render_video, driving, [rendered, render_status])

@@ -1,0 +1,57 @@
+"""Portrait editing without a webcam: the official "retargeting image" feature.
+
+The still portrait with the expression and pose sliders (and eye/lip retargeting) applied, pasted back into the
+full image. It owns one engine session whose driving frame and reference are the portrait's own crop: relative
+motion against itself is no motion, so the edits are all that changes. One engine call per change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import uuid
+
+import numpy as np
+
+from model.engine import Engine
+from stream.face import SourceFace
+from stream.paste import PasteBack
+from stream.pipeline import ENGINE_LOCK, Settings
+
+
+class PortraitEditor:
+    """Edits one portrait at a time for one page; call it with the page's settings after every change."""
+
+    def __init__(self, engine: Engine, name: str | None = None):
+        self.engine = engine
+        self.name = name or f"edit-{uuid.uuid4().hex[:12]}"
+        self._source: SourceFace | None = None
+        self._paste: PasteBack | None = None
+        self._closed = False
+        self._lock = threading.Lock()  # a page's events may overlap
+
+    def __call__(self, source: SourceFace, settings: Settings) -> np.ndarray | None:
+        """The edited portrait (uint8 RGB, the size of `source.image`); None once closed. Only the sliders,
+        stitching and the retargeting targets apply: there is no motion to restrict or scale."""
+        still = dataclasses.replace(settings, relative=True, multiplier=1.0, region="all")
+        crop = source.crop.image_256
+        with self._lock:
+            if self._closed:
+                return None
+            with ENGINE_LOCK:
+                if source is not self._source:
+                    self.engine.set_source(crop, self.name, ratios=[*source.eye, *source.lip])
+                    self.engine.set_reference(crop, self.name)
+                    self._source, self._paste = source, None
+                self.engine.set_controls(self.name, **still.engine_controls(1.0))
+                face = self.engine.animate(crop[None], [self.name])[0]
+            if self._paste is None:
+                self._paste = PasteBack(source.image, source.crop.m_c2o, len(face))
+            return self._paste(face)
+
+    def close(self) -> None:
+        """Free the engine session; later calls return None."""
+        with self._lock:
+            self._closed = True
+            with ENGINE_LOCK:
+                self.engine.close(self.name)
+            self._source = self._paste = None
