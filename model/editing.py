@@ -120,6 +120,11 @@ def check_region(region: str) -> str:
     return region
 
 
+def check(name: str, value):
+    """A control's value as the step reads it: a known region, a slider as a float; anything else as given."""
+    return check_region(value) if name == "region" else float(value) if name in SLIDERS else value
+
+
 def expand(regions: Sequence[str], edits: Sequence[Edits]) -> torch.Tensor:
     """Per-item rows (B, WIDTH) for the step: [pose from driving, scale from driving, pitch/yaw/roll offsets (deg),
     scale factor, expression mask (63), expression offset (63)]. Vectorised over the batch; the sign-dependent

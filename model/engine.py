@@ -190,9 +190,7 @@ class Engine:
         for k, v in controls.items():
             if not hasattr(Controls, k):
                 raise TypeError(f"unknown control {k!r}")
-            if k == "region":
-                editing.check_region(v)
-            setattr(self.sessions[session].controls, k, v)
+            setattr(self.sessions[session].controls, k, editing.check(k, v))
 
     def close(self, session: str) -> None:
         """Free a session's cache (its GPU memory returns to the allocator)."""

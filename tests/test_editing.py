@@ -224,6 +224,8 @@ def test_engine_applies_the_sliders_after_the_driving_motion(tiny_nets, golden):
     assert torch.equal(w_input(engine, drv, ["default"]), base)
     with pytest.raises(ValueError, match="animation region"):
         engine.set_controls(region="mouth")
+    with pytest.raises(ValueError):
+        engine.set_controls(smile="lots")
 
 
 def test_mixed_regions_and_edits_in_one_batch_equal_singles(tiny_nets, golden):

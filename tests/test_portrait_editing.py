@@ -7,7 +7,6 @@ import PIL.Image
 import pytest
 import skimage.data
 
-import launch
 from model.editing import SLIDERS, Edits
 from model.engine import Engine, load_networks
 from stream.editor import PortraitEditor
@@ -67,12 +66,8 @@ def test_editing_tab_handlers(app):
     assert name not in app.engine.sessions
 
 
-def run_render(*argv) -> int:
-    return launch.main(["render", "--weights", "recipe", "--config", "tiny", *map(str, argv)])
-
-
 def test_render_takes_region_and_sliders(tmp_path, capsys):
-    from test_render import driving_video
+    from test_render import driving_video, run_render
     PIL.Image.fromarray(skimage.data.astronaut()).save(tmp_path / "portrait.png")
     driving_video(tmp_path / "driving.mp4", frames=3)
     common = ["--source", tmp_path / "portrait.png", "--driving", tmp_path / "driving.mp4", "-o"]
