@@ -88,7 +88,6 @@ _POS, _NEG = _coefficients()
 _EXP_MASK = _region_masks()
 _POSE = torch.tensor([[float(r in ("all", "pose"))] for r in REGIONS])  # rotation and translation from the driving
 _SCALE = torch.tensor([[float(r == "all")] for r in REGIONS])  # scale from the driving (relative mode)
-WIDTH = 6 + 2 * 63  # columns of `expand`'s rows
 
 
 @dataclass
@@ -126,7 +125,7 @@ def check(name: str, value):
 
 
 def expand(regions: Sequence[str], edits: Sequence[Edits]) -> torch.Tensor:
-    """Per-item rows (B, WIDTH) for the step: [pose from driving, scale from driving, pitch/yaw/roll offsets (deg),
+    """Per-item rows (B, 132) for the step: [pose from driving, scale from driving, pitch/yaw/roll offsets (deg),
     scale factor, expression mask (63), expression offset (63)]. Vectorised over the batch; the sign-dependent
     coefficients are a torch.where, so every row is computed the same way."""
     region = torch.tensor([REGIONS.index(check_region(r)) for r in regions])
