@@ -6,7 +6,7 @@ import torch
 
 from model import editing
 from model import kinematics as kin
-from model.editing import EYES, LIPS, REGIONS, SLIDERS, Edits
+from model.editing import EYES, LIPS, SLIDERS, Edits
 from model.engine import Engine
 
 KEYS = ("pitch", "yaw", "roll", "t", "exp", "scale", "kp")
