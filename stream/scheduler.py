@@ -8,9 +8,11 @@ else needs a lock around engine calls, and a small thread pool for the CPU work 
 
 - A session's prepare and finish calls run one at a time and in frame order (its face tracker and its recording
   need that); different sessions run in parallel on the pool.
-- A session prepares its next frame as soon as the engine took its last one, so the pool prepares batch k+1 while
-  the engine runs batch k. The engine never waits to fill a batch: it takes whatever is ready, up to max_batch,
-  sessions that have waited longest first.
+- While the engine runs batch k, the pool prepares batch k+1, just in time: a session's next frame is prepared
+  when the engine's current step is expected to end (median of the last steps) less the session's own
+  preparation time, so the crop is as fresh as the newest frame at that moment (preparing right away would add a
+  whole engine step to the latency of every frame). If the step ends earlier, preparation starts then. The
+  engine never waits to fill a batch: it takes whatever is ready, up to max_batch, longest-waiting sessions first.
 - Every slot holds one item. A newer frame replaces one still waiting (counted in `Lane.dropped`); nothing queues.
 - A failure in one session's prepare, engine setup or finish is logged and counted (`Lane.failed`); the other
   sessions of the batch keep their outputs.
@@ -84,6 +86,8 @@ class Lane:
         self.waiting: tuple[Work, Any] | None = None  # an output waiting for the previous one's finish
         self.preparing = self.in_engine = self.finishing = self.closed = False
         self.served = 0.0  # when the engine last took this lane's work (the longest-waiting goes first)
+        self.prepare_at = 0.0  # don't start preparing before this (monotonic): just in time for the next batch
+        self.prepare_ms = 0.0  # recent preparation time (moving average)
         self.dropped = self.failed = 0
 
     def submit(self, item: Any, arrived: float | None = None) -> bool:
@@ -114,6 +118,7 @@ class Scheduler:
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="scheduler-engine", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._clock, name="scheduler-clock", daemon=True).start()
 
     @classmethod
     def of(cls, engine) -> Scheduler:
@@ -188,18 +193,22 @@ class Scheduler:
 
     def _kick(self, lane: Lane) -> None:
         """Start preparing the lane's newest frame if nothing of it is being prepared or waits for the engine."""
-        if lane.inbox is not None and not (lane.preparing or lane.ready or lane.closed):
+        if lane.inbox is not None and not (lane.preparing or lane.ready or lane.closed) and \
+                time.monotonic() >= lane.prepare_at:
             (item, arrived), lane.inbox = lane.inbox, None
             lane.preparing = True
             self._pool.submit(self._prepare, lane, item, arrived)
 
     def _prepare(self, lane: Lane, item: Any, arrived: float) -> None:
+        t = time.perf_counter()
         try:
             work = lane.client.prepare(item, arrived)
         except Exception:  # one bad frame must not end the session
             log.exception("prepare failed")
             work = None
         with self._cond:
+            ms = (time.perf_counter() - t) * 1000
+            lane.prepare_ms = ms if not lane.prepare_ms else 0.8 * lane.prepare_ms + 0.2 * ms
             lane.preparing = False
             if work is None:
                 lane.failed += 1
@@ -236,7 +245,18 @@ class Scheduler:
                 lane.finishing = False
                 self._cond.notify_all()
 
-    # ---- the engine thread ----
+    # ---- the engine thread, and the clock that starts preparations just in time ----
+
+    def _clock(self) -> None:
+        with self._cond:
+            while not self._closed:
+                now, due = time.monotonic(), []
+                for lane in self.lanes:
+                    if lane.inbox is not None and lane.prepare_at > now:
+                        due.append(lane.prepare_at)
+                    else:
+                        self._kick(lane)
+                self._cond.wait(min(due) - now if due else None)
 
     def _loop(self) -> None:
         while True:
@@ -249,10 +269,13 @@ class Scheduler:
                 calls, batch = list(self._calls), []
                 self._calls.clear()
                 now = time.monotonic()
+                step = float(np.median(list(self.steps)[-5:])) if self.steps else 0.0
                 for lane in sorted((l for l in self.lanes if l.ready), key=lambda l: l.served)[:self.max_batch]:
                     batch.append((lane, lane.ready))
                     lane.ready, lane.in_engine, lane.served = None, True, now
-                    self._kick(lane)  # its next frame is prepared while this batch runs
+                    # its next frame is prepared while this batch runs, to be ready when the batch ends
+                    lane.prepare_at = now + max(0.0, step - 1.5 * lane.prepare_ms - 2.0) / 1000
+                self._cond.notify_all()  # the clock
             for fn, future in calls:
                 try:
                     future.set_result(fn())
@@ -292,7 +315,8 @@ class Scheduler:
             for i, (lane, work) in enumerate(ok if faces is not None else []):
                 self._to_finish(lane, work, faces[i])
             for lane, _ in batch:
-                lane.in_engine = False
+                lane.in_engine, lane.prepare_at = False, 0.0  # the engine is free: prepare now if not started
+                self._kick(lane)
             self._cond.notify_all()
 
     def animate(self, works: list[Work]):
