@@ -103,13 +103,16 @@ def test_sessions_share_the_engine_and_clean_up(engine, source):
 def test_metrics_are_consistent(engine, source):
     pipe = SessionPipeline(engine, source, transport="test")
     try:
-        for rgb in frames(30):
+        sent = 0
+        for rgb in frames(1800):  # 30 fps until 3 outputs (at most a minute: this CPU may be busy)
             pipe.submit(rgb)
+            sent += 1
             time.sleep(1 / 30)
-        drain(pipe, 3)
+            if pipe.metrics.frames_out >= 3 and sent >= 30:
+                break
         m = pipe.stats()
         assert m["transport"] == "test" and m["size"] == [512, 512] and not m["recording"]
-        assert m["frames_in"] == 30 and 3 <= m["frames_out"] <= 30
+        assert m["frames_in"] == sent and 3 <= m["frames_out"] <= sent
         assert m["fps_in"] > 0 and m["fps_out"] > 0
         assert 0 < m["latency_p50_ms"] <= m["latency_p95_ms"]
     finally:
