@@ -159,9 +159,11 @@ def test_recording_is_playable(engine, source, tmp_path, end):
         pipe.submit(ASTRONAUT)
         drain(pipe, 1)
         pipe.start_recording(path)
-        for rgb in frames(25):
+        for i, rgb in enumerate(frames(1500)):  # 25 fps until 6 outputs (at most a minute: this CPU may be busy)
             pipe.submit(rgb)
             time.sleep(0.04)
+            if i >= 25 and pipe.metrics.frames_out >= 6:
+                break
         drain(pipe, 6)
         recorder = pipe.recorder
         if end == "stop":
