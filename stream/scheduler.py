@@ -13,10 +13,10 @@ else needs a lock around engine calls, and a small thread pool for the CPU work 
   preparation time, so the crop is as fresh as the newest frame at that moment (preparing right away would add a
   whole engine step to the latency of every frame). If the step ends earlier, preparation starts then. On a CPU
   engine (`overlap` False) preparation waits for the step to end: the engine uses every core, and measured on 2
-  cores, tracking faces during the step made the step itself 20-50% slower, far more than the ~25 ms of tracking
-  it hid. The engine never waits to fill a batch: it takes whatever is ready, up to max_batch, longest-waiting
+  cores, tracking faces during the step made the step itself up to ~50% slower (2 of 3 runs), far more than the
+  ~25 ms of tracking it hid (docs/benchmarks.md). The engine never waits to fill a batch: it takes whatever is ready, up to max_batch, longest-waiting
   sessions first. The one wait: preparations already running when the engine is free join its batch if they end
-  within 1.5x their sessions' recent preparation time (a few ms on a GPU box, ~25-40 ms with tiny on 2 cores);
+  within 1.5x their sessions' recent preparation time (~20-70 ms per frame measured on 2 busy cores);
   without it, sessions prepared a few ms apart fall into alternating batches of 1 (measured: 2 sessions on CPU
   ran 15 batches of 1 and no batch of 2 in 6 s).
 - Every slot holds one item. A newer frame replaces one still waiting (counted in `Lane.dropped`); nothing queues.
