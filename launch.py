@@ -3,6 +3,7 @@
     python launch.py                      # the web app on http://127.0.0.1:7860 (official weights)
     python launch.py render --source IMG --driving VIDEO -o OUT.mp4
     python launch.py bench --device cpu   # baseline vs optimised engine, JSON + table
+    python launch.py bench serve          # many live sessions: the batching scheduler vs one lock, JSON + table
 """
 import argparse
 import logging
@@ -34,9 +35,15 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0])
         common(p)
         module.add_arguments(p)
+    from stream import serve_bench  # the face stack loads only when it runs
+    p = p.add_subparsers(dest="bench_command").add_parser("serve", help=serve_bench.__doc__.strip().splitlines()[0])
+    common(p)
+    serve_bench.add_arguments(p)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     run = {"render": render.run, "bench": bench.run}.get(args.command, app.run)
+    if getattr(args, "bench_command", None) == "serve":
+        run = serve_bench.run
     try:
         return run(args) or 0
     except WeightsError as e:

@@ -15,7 +15,8 @@ import numpy as np
 from model.engine import Engine
 from stream.face import SourceFace
 from stream.paste import PasteBack
-from stream.pipeline import ENGINE_LOCK, Settings
+from stream.pipeline import Settings
+from stream.scheduler import Scheduler
 
 
 class PortraitEditor:
@@ -37,13 +38,14 @@ class PortraitEditor:
         with self._lock:
             if self._closed:
                 return None
-            with ENGINE_LOCK:
+            def step() -> np.ndarray:  # on the engine thread, between live batches
                 if source is not self._source:
                     self.engine.set_source(crop, self.name, ratios=[*source.eye, *source.lip])
                     self.engine.set_reference(crop, self.name)
                     self._source, self._paste = source, None
                 self.engine.set_controls(self.name, **still.engine_controls(1.0))
-                face = self.engine.animate(crop[None], [self.name])[0]
+                return self.engine.animate(crop[None], [self.name])[0]
+            face = Scheduler.of(self.engine).call(step)
             if self._paste is None:
                 self._paste = PasteBack(source.image, source.crop.m_c2o, len(face))
             return self._paste(face)
@@ -52,6 +54,5 @@ class PortraitEditor:
         """Free the engine session; later calls return None."""
         with self._lock:
             self._closed = True
-            with ENGINE_LOCK:
-                self.engine.close(self.name)
+            Scheduler.of(self.engine).call(lambda: self.engine.close(self.name))
             self._source = self._paste = None

@@ -1,9 +1,9 @@
 """The live frame path of one session: webcam frame -> face crop -> engine -> paste-back -> output.
 
 A webcam delivers frames faster than a CPU (or a busy GPU) animates them, and a live view wants the newest frame,
-not a backlog. So each session has a single pending slot: a frame that arrives while the worker is busy replaces
-the pending one (counted as dropped), and one worker thread per session does the work, off the event loop. All
-sessions share one engine, which is not thread-safe, so every engine call holds ENGINE_LOCK.
+not a backlog. Every session runs on its engine's scheduler (stream/scheduler.py): a single-slot mailbox where a
+newer frame replaces a waiting one (counted as dropped), face preparation and paste-back on a shared thread pool,
+and one engine thread that animates the newest crop of every live session in one batched call.
 """
 from __future__ import annotations
 
@@ -18,15 +18,16 @@ from typing import Callable
 
 import cv2
 import numpy as np
+import torch
 
 from model.editing import Edits
 from model.engine import Engine
 from stream.face import LiveFaceDriver, SourceFace
-from stream.paste import PasteBack
+from stream.paste import PasteBack, TorchPasteBack
 from stream.recorder import Recorder
+from stream.scheduler import Scheduler, Work
 
 log = logging.getLogger("liveportrait.pipeline")
-ENGINE_LOCK = threading.Lock()
 
 
 @dataclass
@@ -56,56 +57,87 @@ def smoothing_cutoff(strength: float) -> float:
 
 class Animator:
     """One portrait driven by one face stream (a webcam or a video file). Owns engine session `name` and a face
-    tracker; call it from one thread. A frame without a face reuses the last driving crop, eased towards rest."""
+    tracker. A frame goes `prepare` (track, crop: one frame at a time, in order) -> the engine (on the scheduler's
+    engine thread) -> `finish` (paste-back); calling the animator does all three for one frame. A frame without
+    a face reuses the last driving crop, eased towards rest."""
 
     def __init__(self, engine: Engine, source: SourceFace, settings: Settings | None = None, name: str | None = None):
         self.engine, self.settings = engine, settings or Settings()
         self.name = name or f"session-{uuid.uuid4().hex[:12]}"
         self.driver = LiveFaceDriver()
         self.source, self._new_source = source, source
-        self._paste: tuple[int, PasteBack] | None = None  # (face size, paste-back for the current source)
+        self._paste: tuple[SourceFace, int, Callable] | None = None  # (source, face size, its paste-back)
         self._crop: np.ndarray | None = None  # last driving crop seen
         self._reset = False
+        self._lock = threading.Lock()
 
     def set_source(self, source: SourceFace) -> None:
-        """Swap the portrait; takes effect at the next frame (on the animating thread)."""
-        with ENGINE_LOCK:
+        """Swap the portrait; takes effect at the next frame."""
+        with self._lock:
             self._new_source = source
 
     def reset_reference(self) -> None:
         """Make the next frame the neutral pose relative motion is measured against."""
         self._reset = True
 
-    def __call__(self, rgb: np.ndarray, t: float | None = None) -> np.ndarray:
-        """One driving frame (RGB uint8, time `t` in seconds) -> the animated image (uint8 RGB)."""
+    def prepare(self, rgb: np.ndarray, t: float | None = None) -> Work:
+        """One driving frame (RGB uint8, time `t` in seconds) -> the work for the engine (crop None: no face seen
+        yet, the portrait stays at rest)."""
         s = self.settings
         if self.driver.box_filter:
             self.driver.box_filter.min_cutoff = smoothing_cutoff(s.smoothing)
         f = self.driver.process(rgb, t)
         if f.crop is not None:
             self._crop = f.crop.image_256
-        with ENGINE_LOCK:
-            if self._new_source is not None:
-                self.source, self._new_source, self._paste = self._new_source, None, None
-                src = self.source
-                self.engine.set_source(src.crop.image_256, self.name, ratios=[*src.eye, *src.lip])
-            if self._crop is None:  # no face seen yet: the portrait at rest
-                return self.source.image if s.paste else self.source.crop.image
-            if self._reset:
-                self._reset = False
+        with self._lock:
+            if self._crop is None:
+                return Work(None, self.name, arrived=t or 0.0, data=self._new_source or self.source)
+            new, self._new_source = self._new_source, None
+        reset, self._reset = self._reset, False
+        self.source = new or self.source
+
+        def setup() -> None:  # on the engine thread, right before the batch
+            if new is not None:
+                self.engine.set_source(new.crop.image_256, self.name, ratios=[*new.eye, *new.lip])
+            if reset:
                 self.engine.set_reference(None, self.name)
             self.engine.set_controls(self.name, **s.engine_controls(f.weight))
-            face = self.engine.animate(self._crop[None], [self.name])[0]
-        if not s.paste:
-            return face
-        if self._paste is None or self._paste[0] != len(face):
-            self._paste = len(face), PasteBack(self.source.image, self.source.crop.m_c2o, len(face))
-        return self._paste[1](face)
+        return Work(self._crop, self.name, setup, t or 0.0, self.source)
+
+    def finish(self, work: Work, face: np.ndarray | torch.Tensor | None) -> np.ndarray:
+        """The engine's output for `work` (host array, or a device tensor on CUDA) -> the image to show."""
+        source = work.data
+        if face is None:
+            return source.image if self.settings.paste else source.crop.image
+        if not self.settings.paste:
+            return face.cpu().numpy() if isinstance(face, torch.Tensor) else face
+        if self._paste is None or self._paste[0] is not source or self._paste[1] != len(face):
+            self._paste = source, len(face), self._paster(source, face)
+        return self._paste[2](face)
+
+    @staticmethod
+    def _paster(source: SourceFace, face: np.ndarray | torch.Tensor) -> Callable:
+        """cv2 paste-back on the host; on a device, paste there and bring only the final image to the host."""
+        if not isinstance(face, torch.Tensor):
+            return PasteBack(source.image, source.crop.m_c2o, len(face))
+        paste = TorchPasteBack(source.image, source.crop.m_c2o, face.device)
+        return lambda f: paste(f.permute(2, 0, 1).float() / 255).cpu().numpy()
+
+    def __call__(self, rgb: np.ndarray, t: float | None = None) -> np.ndarray:
+        """One driving frame -> the animated image (uint8 RGB), synchronously (video files: no frame dropped)."""
+        work = self.prepare(rgb, t)
+        if work.crop is None:
+            return self.finish(work, None)
+        scheduler = Scheduler.of(self.engine)
+
+        def step():
+            work.setup()
+            return scheduler.animate([work])[0]
+        return self.finish(work, scheduler.call(step))
 
     def close(self) -> None:
         """Free the engine session and the tracker."""
-        with ENGINE_LOCK:
-            self.engine.close(self.name)
+        Scheduler.of(self.engine).call(lambda: self.engine.close(self.name))
         self.driver.close()
 
 
@@ -113,7 +145,7 @@ class Metrics:
     """Rates and latency over the last ~2 s / 100 frames; bounded, like everything per frame here."""
 
     def __init__(self):
-        self.frames_in = self.frames_out = self.dropped = 0
+        self.frames_in = self.frames_out = self.dropped = self.failed = 0
         self.arrivals: deque[float] = deque(maxlen=100)
         self.outputs: deque[float] = deque(maxlen=100)
         self.latencies: deque[float] = deque(maxlen=100)
@@ -127,28 +159,33 @@ class Metrics:
         now = time.monotonic()
         lat = np.array(self.latencies) * 1000 if self.latencies else np.zeros(1)
         return dict(fps_in=round(self._fps(self.arrivals, now), 1), fps_out=round(self._fps(self.outputs, now), 1),
-                    frames_in=self.frames_in, frames_out=self.frames_out, dropped=self.dropped,
+                    frames_in=self.frames_in, frames_out=self.frames_out, dropped=self.dropped, failed=self.failed,
                     latency_p50_ms=round(float(np.percentile(lat, 50)), 1),
                     latency_p95_ms=round(float(np.percentile(lat, 95)), 1))
 
 
 class SessionPipeline:
     """One live connection: frames in (`submit`, any thread), animated frames out (`latest`/`wait`, or the
-    `on_output` callback, called on the worker thread). Created on connect; `close` frees everything."""
+    `on_output` callback, called on a scheduler thread). Created on connect (ServerFull when `max_sessions` are
+    live already); `close` frees everything."""
 
-    def __init__(self, engine: Engine, source: SourceFace, settings: Settings | None = None, transport: str = ""):
-        self.animator = Animator(engine, source, settings)
+    def __init__(self, engine: Engine, source: SourceFace, settings: Settings | None = None, transport: str = "",
+                 max_sessions: int | None = None):
+        self.scheduler = Scheduler.of(engine)
+        self.lane = self.scheduler.add(self, max_sessions)  # admission first: a refused session builds nothing
+        try:
+            self.animator = Animator(engine, source, settings)
+        except BaseException:
+            self.scheduler.remove(self.lane)
+            raise
         self.settings, self.transport = self.animator.settings, transport
         self.on_output: Callable[[], None] | None = None
         self.metrics = Metrics()
         self.recorder: Recorder | None = None
         self.seq = 0  # number of the latest output
         self._output: np.ndarray | None = None
-        self._pending: tuple[np.ndarray, float] | None = None
         self._closed = False
         self._cond = threading.Condition()
-        self._worker = threading.Thread(target=self._run, name=f"pipeline-{self.name}", daemon=True)
-        self._worker.start()
 
     @property
     def name(self) -> str:
@@ -162,12 +199,9 @@ class SessionPipeline:
         """Hand over a webcam frame (RGB uint8); never blocks: it replaces a frame still waiting."""
         now = time.monotonic()
         with self._cond:
-            m = self.metrics
-            m.frames_in += 1
-            m.arrivals.append(now)
-            m.dropped += self._pending is not None
-            self._pending = (rgb, now)
-            self._cond.notify_all()
+            self.metrics.frames_in += 1
+            self.metrics.arrivals.append(now)
+        self.lane.submit(rgb, now)
 
     def latest(self) -> tuple[int, np.ndarray | None]:
         """(sequence number, image) of the newest output."""
@@ -200,44 +234,42 @@ class SessionPipeline:
     def stats(self) -> dict:
         """Metrics for the page: rates, drops, latency (arrival -> output), transport, recording state."""
         with self._cond:
+            self.metrics.dropped, self.metrics.failed = self.lane.dropped, self.lane.failed
             return dict(self.metrics.snapshot(), transport=self.transport, recording=self.recorder is not None,
                         size=None if self._output is None else list(self._output.shape[1::-1]))
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._pending is not None or self._closed)
-                if self._closed:
-                    return
-                (rgb, arrived), self._pending = self._pending, None
-            try:
-                out = self.animator(rgb, arrived)
-            except Exception:  # one bad frame must not end the session
-                log.exception("frame failed in %s", self.name)
-                continue
-            if rec := self.recorder:  # before the overlay: recordings stay clean
-                rec.write(out)
-            now = time.monotonic()
-            with self._cond:
-                m = self.metrics
-                m.frames_out += 1
-                m.outputs.append(now)
-                m.latencies.append(now - arrived)
-                if self.settings.overlay:
-                    out = draw_metrics(out, m.snapshot())
-                self._output, self.seq = out, self.seq + 1
-                self._cond.notify_all()
-            if self.on_output:
-                self.on_output()
+    # ---- the scheduler's stages (stream/scheduler.py Client) ----
+
+    def prepare(self, rgb: np.ndarray, arrived: float) -> Work:
+        return self.animator.prepare(rgb, arrived)
+
+    def finish(self, work: Work, face: np.ndarray | torch.Tensor | None) -> None:
+        out = self.animator.finish(work, face)
+        if rec := self.recorder:  # before the overlay: recordings stay clean
+            rec.write(out)
+        now = time.monotonic()
+        with self._cond:
+            m = self.metrics
+            m.frames_out += 1
+            m.outputs.append(now)
+            m.latencies.append(now - work.arrived)
+            m.dropped, m.failed = self.lane.dropped, self.lane.failed
+            if self.settings.overlay:
+                out = draw_metrics(out, m.snapshot())
+            self._output, self.seq = out, self.seq + 1
+            self._cond.notify_all()
+        if self.on_output:
+            self.on_output()
 
     def close(self) -> Path | None:
-        """Stop the worker, finalise a recording (returns its path) and free the engine session. Idempotent."""
+        """Leave the scheduler (frames in flight finish first), finalise a recording (returns its path) and free
+        the engine session. Idempotent."""
         with self._cond:
             if self._closed:
                 return None
             self._closed = True
             self._cond.notify_all()
-        self._worker.join()
+        self.scheduler.remove(self.lane)
         path = self.stop_recording()
         self.animator.close()
         if self.on_output:  # wake whoever waits for output, so they see the end
@@ -247,7 +279,12 @@ class SessionPipeline:
 
 def draw_metrics(rgb: np.ndarray, m: dict) -> np.ndarray:
     """The metrics as a text line on a copy of the frame."""
-    text = f"in {m['fps_in']:.0f} fps  out {m['fps_out']:.1f} fps  p50 {m['latency_p50_ms']:.0f} ms  drop {m['dropped']}"
+    return draw_text(rgb, f"in {m['fps_in']:.0f} fps  out {m['fps_out']:.1f} fps  p50 {m['latency_p50_ms']:.0f} ms  "
+                          f"drop {m['dropped']}")
+
+
+def draw_text(rgb: np.ndarray, text: str) -> np.ndarray:
+    """A line of white-on-black text at the top of a copy of the frame."""
     out = rgb.copy()
     scale = max(0.35, out.shape[1] / 1400)
     for color, width in (((0, 0, 0), 3), ((255, 255, 255), 1)):

@@ -29,7 +29,8 @@ from model.editing import SLIDERS, Edits
 from model.engine import Engine, load_networks
 from stream.editor import PortraitEditor
 from stream.face import NoFaceError, SourceFace, prepare_source
-from stream.pipeline import SessionPipeline, Settings
+from stream.pipeline import SessionPipeline, Settings, draw_text
+from stream.scheduler import Scheduler, ServerFull
 from stream.render import MAX_BYTES, MAX_SIDE, InputError, read_image, render
 from web import controls as panel
 from web.webrtc import WebRTC, parse_ice_servers
@@ -42,6 +43,9 @@ LIVE_CSS = """video { width: 100%; height: min(62vh, 560px); object-fit: contain
 .lp-bar { display: flex; gap: .6em; align-items: center; margin-top: .4em; flex-wrap: wrap; }
 button { padding: .35em 1em; border-radius: 6px; border: 1px solid #888; cursor: pointer; }
 .lp-frames { opacity: .7; font-size: .9em; }"""
+# Live sessions admitted per device unless --max-sessions says otherwise (docs/benchmarks.md, "Serving"). CPU:
+# measured with `launch.py bench serve`; CUDA: not measured yet, one full batch of the scheduler (--max-batch 8).
+DEFAULT_MAX_SESSIONS = {"cpu": 4, "cuda": 8}
 PAGE_CSS = ".lp-banner { background: #b71c1c; color: #fff; padding: .6em 1em; border-radius: 8px; font-weight: 600; }"
 
 
@@ -51,15 +55,24 @@ class Page:
     def __init__(self, source: SourceFace):
         self.source, self.settings = source, Settings()
         self.pipeline: SessionPipeline | None = None
+        self.refused: str | None = None  # why the last connection was not admitted (the server was full)
         self.recording: Path | None = None
         self.editor: PortraitEditor | None = None  # the Portrait editing tab's engine session, once opened
         self.editing = False  # that tab is the one shown: control changes re-render the edited portrait
         self.closed = False  # the tab is gone: a late request must not open a new connection
         self._lock = threading.Lock()
 
-    def connect(self, engine: Engine, transport: str) -> SessionPipeline | None:
-        """A new live connection (replacing the previous one, whatever its transport); None once closed."""
-        pipeline = SessionPipeline(engine, self.source, self.settings, transport)
+    def connect(self, engine: Engine, transport: str, max_sessions: int | None = None) -> SessionPipeline | None:
+        """A new live connection (replacing the previous one, whatever its transport, whose slot it reuses); None
+        once closed; ServerFull when `max_sessions` other connections are live."""
+        if self.pipeline:
+            self.disconnect(self.pipeline)
+        try:
+            pipeline = SessionPipeline(engine, self.source, self.settings, transport, max_sessions)
+        except ServerFull as e:
+            self.refused = str(e)
+            raise
+        self.refused = None
         with self._lock:
             if self.closed:
                 pipeline.close()
@@ -83,8 +96,9 @@ class LiveApp:
     """The server side of the page: the shared engine, the pages, WebRTC, and every event handler."""
 
     def __init__(self, engine: Engine, ice_servers: list[dict] | None = None, untrained: bool = False,
-                 workdir: str | Path | None = None):
+                 workdir: str | Path | None = None, max_sessions: int | None = None):
         self.engine, self.untrained = engine, untrained
+        self.max_sessions = max_sessions or DEFAULT_MAX_SESSIONS.get(engine.device.type, 1)
         self.rtc = WebRTC(ice_servers or [])
         self.sample = prepare_source(skimage.data.astronaut())  # NASA, public domain
         self.pages: dict[str, Page] = {}
@@ -196,7 +210,10 @@ class LiveApp:
         page = self.page(request)
         pipeline = page.pipeline
         if pipeline is None or pipeline.transport != "HTTP streaming":
-            pipeline = page.connect(self.engine, "HTTP streaming")
+            try:
+                pipeline = page.connect(self.engine, "HTTP streaming", self.max_sessions)
+            except ServerFull as e:  # each next frame tries again: admitted once a slot frees up
+                return draw_text(frame // 3, str(e))
             if pipeline is None:
                 return None
         seq = pipeline.seq
@@ -212,7 +229,10 @@ class LiveApp:
             return JSONResponse({"error": "expected JSON {sdp, type, session}"}, status_code=400)
         if page is None:
             return JSONResponse({"error": "unknown session; reload the page"}, status_code=403)
-        pipeline = await asyncio.to_thread(page.connect, self.engine, "WebRTC")
+        try:
+            pipeline = await asyncio.to_thread(page.connect, self.engine, "WebRTC", self.max_sessions)
+        except ServerFull as e:
+            return JSONResponse({"error": str(e)}, status_code=503)
         if pipeline is None:
             return JSONResponse({"error": "this tab was closed; reload the page"}, status_code=403)
         try:
@@ -224,12 +244,23 @@ class LiveApp:
         """The metrics line the page polls (a tick after the tab closed must not bring the page back)."""
         page = self.pages.get(request.session_hash)
         if not (pipeline := page and page.pipeline):
+            if page and page.refused:
+                return f"**Live:** {page.refused}."
             return "**Live:** not connected — start the camera (WebRTC) or the HTTP streaming webcam."
         m = pipeline.stats()
         size = "×".join(map(str, m["size"])) if m["size"] else "–"
         return (f"**Live via {m['transport']}** · in {m['fps_in']} fps · out {m['fps_out']} fps · "
                 f"dropped {m['dropped']} · latency p50 {m['latency_p50_ms']:.0f} ms / p95 {m['latency_p95_ms']:.0f} ms"
                 f" · {size}{' · ● recording' if m['recording'] else ''}")
+
+    def healthz(self) -> JSONResponse:
+        """GET /healthz: load and capacity for a load balancer or readiness probe; 503 while full."""
+        sched = Scheduler.of(self.engine).stats()
+        pipes = [p for page in list(self.pages.values()) if (p := page.pipeline)]
+        body = dict(live_sessions=sched["sessions"], capacity=self.max_sessions,
+                    engine_step_p50_ms=sched["engine_step_p50_ms"], batch_sizes=sched["batch_sizes"],
+                    session_fps=[p.stats()["fps_out"] for p in pipes], device=str(self.engine.device))
+        return JSONResponse(body, status_code=503 if sched["sessions"] >= self.max_sessions else 200)
 
     # ---- recording and rendering ----
 
@@ -344,7 +375,9 @@ class LiveApp:
         demo.queue(default_concurrency_limit=None)
         demo.launch(server_name=host, server_port=port, share=share, auth=auth, max_file_size=MAX_BYTES,
                     prevent_thread_lock=not block, css=PAGE_CSS, footer_links=[],
-                    app_kwargs={"routes": [APIRoute("/offer", self.offer, methods=["POST"])], "lifespan": lifespan})
+                    app_kwargs={"routes": [APIRoute("/offer", self.offer, methods=["POST"]),
+                                           APIRoute("/healthz", self.healthz, methods=["GET"])],
+                                "lifespan": lifespan})
         return demo
 
 
@@ -364,12 +397,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ice-servers", type=parse_ice_servers, default=os.environ.get("LP_ICE_SERVERS"),
                         help="STUN/TURN for WebRTC: a JSON list (URLs or {urls, username, credential}) or "
                              "comma-separated URLs (default: $LP_ICE_SERVERS, else none)")
+    parser.add_argument("--max-sessions", type=int, default=None,
+                        help="live sessions admitted at once; more get 'the server is full' (default per device: "
+                             + ", ".join(f"{k} {v}" for k, v in DEFAULT_MAX_SESSIONS.items()) + ")")
+    parser.add_argument("--max-batch", type=int, default=8, help="most sessions animated in one engine call")
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the engine (official weights, or the error saying how to get them), then serve until Ctrl-C."""
     engine = Engine(load_networks(args.weights, args.config, download=not args.no_download), device=args.device)
-    app = LiveApp(engine, args.ice_servers, untrained=str(args.weights) == "recipe")
+    Scheduler.of(engine).max_batch = args.max_batch
+    app = LiveApp(engine, args.ice_servers, untrained=str(args.weights) == "recipe", max_sessions=args.max_sessions)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop` / systemd: shut down like Ctrl-C
     try:
         app.launch(args.host, args.port, args.share, args.auth)

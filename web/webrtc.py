@@ -82,7 +82,7 @@ class WebRTC:
                      on_close: Callable[[SessionPipeline], None]) -> dict:
         """Answer a browser's offer: its video feeds `pipeline`, whose output is sent back. When the connection
         ends (closed, failed, track ended) the peer is closed and `on_close(pipeline)` runs (in a worker thread:
-        it joins the pipeline's worker)."""
+        it waits for the pipeline's frames in flight)."""
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(**s) for s in self.ice_servers]))
         tasks: set[asyncio.Task] = set()  # held here: the event loop keeps only weak references to tasks
 

@@ -58,6 +58,7 @@ async function start() {
     headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type, session: props.value }),
   });
+  if (res.status === 503) throw new Error((await res.json()).error); // the server is full: its words, as they are
   if (!res.ok) throw new Error(`signalling failed: ${res.status} ${await res.text()}`);
   await pc.setRemoteDescription(await res.json());
 }

@@ -1,0 +1,339 @@
+"""The frame scheduler: every live session on one engine, in batched calls, with the CPU stages pipelined around it.
+
+One `Scheduler` per engine (`Scheduler.of(engine)`). It owns the only thread that touches the engine, so nothing
+else needs a lock around engine calls, and a small thread pool for the CPU work around the network:
+
+    submit(frame) -> [inbox: 1 slot, newest wins] -> prepare (pool) -> [ready: 1 slot] -> engine loop (one thread,
+    one Engine.animate call for up to max_batch sessions) -> [finish: 1 slot, newest wins] -> finish (pool)
+
+- A session's prepare and finish calls run one at a time and in frame order (its face tracker and its recording
+  need that); different sessions run in parallel on the pool.
+- While the engine runs batch k, the pool prepares batch k+1, just in time: a session's next frame is prepared
+  when the engine's current step is expected to end (median of the last steps) less the session's own
+  preparation time, so the crop is as fresh as the newest frame at that moment (preparing right away would add a
+  whole engine step to the latency of every frame). If the step ends earlier, preparation starts then. On a CPU
+  engine (`overlap` False) preparation waits for the step to end: the engine uses every core, and measured on 2
+  cores, tracking faces during the step made the step itself up to ~50% slower (2 of 3 runs), far more than the
+  ~25 ms of tracking it hid (docs/benchmarks.md). The engine never waits to fill a batch: it takes whatever is ready, up to max_batch, longest-waiting
+  sessions first. The one wait: preparations already running when the engine is free join its batch if they end
+  within 1.5x their sessions' recent preparation time (~20-70 ms per frame measured on 2 busy cores);
+  without it, sessions prepared a few ms apart fall into alternating batches of 1 (measured: 2 sessions on CPU
+  ran 15 batches of 1 and no batch of 2 in 6 s).
+- Every slot holds one item. A newer frame replaces one still waiting (counted in `Lane.dropped`); nothing queues.
+- A failure in one session's prepare, engine setup or finish is logged and counted (`Lane.failed`); the other
+  sessions of the batch keep their outputs.
+
+The API needs only torch, numpy and OpenCV (no face stack), so a GPU check can feed ready crops:
+
+    class Client:                              # one per session
+        def prepare(self, item, arrived: float) -> Work | None: ...   # pool thread; item = what submit got
+        def finish(self, work: Work, face) -> None: ...               # pool thread; face = this item's output
+    sched = Scheduler.of(engine)               # created on first use; .max_batch may be changed any time
+    lane = sched.add(client, limit=None)       # raises ServerFull when `limit` sessions are live
+    lane.submit(item)                          # any thread, never blocks; True if it replaced a waiting item
+    sched.remove(lane)                         # waits for the lane's frames in flight
+    sched.call(fn)                             # fn() on the engine thread between batches (set_source, close...)
+    sched.stats()                              # engine step p50/p95 ms, batch-size histogram, sessions
+
+`Work(crop, session, setup, arrived, data)`: crop = the (256,256,3) uint8 driving crop for engine session `session`,
+or None when the frame needs no engine (finish then gets face=None); `setup()` runs on the engine thread right
+before the batch (source swap, reference reset, controls). `face` is the (S,S,3) uint8 output: a numpy array on
+CPU, a tensor on the engine's device on CUDA (so paste-back can stay there). `stream.serve_bench.simulate` drives
+sessions fed with ready crops this way.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, TypeVar
+
+import numpy as np
+
+log = logging.getLogger("liveportrait.scheduler")
+T = TypeVar("T")
+
+
+class ServerFull(RuntimeError):
+    """No room for another live session; the message is meant for the user."""
+
+    def __init__(self, live: int):
+        super().__init__(f"the server is full ({live} live session{'s' if live != 1 else ''}); try again shortly")
+        self.live = live
+
+
+@dataclass
+class Work:
+    """One prepared frame of one session (see the module docstring)."""
+    crop: np.ndarray | None
+    session: str = "default"
+    setup: Callable[[], None] | None = None
+    arrived: float = 0.0
+    data: Any = None
+
+
+class Client(Protocol):
+    def prepare(self, item: Any, arrived: float) -> Work | None: ...
+
+    def finish(self, work: Work, face: Any) -> None: ...
+
+
+class Lane:
+    """A session's place in the scheduler: its three slots and counters. State is guarded by the scheduler's lock."""
+
+    def __init__(self, scheduler: Scheduler, client: Client):
+        self.scheduler, self.client = scheduler, client
+        self.inbox: tuple[Any, float] | None = None
+        self.ready: Work | None = None
+        self.waiting: tuple[Work, Any] | None = None  # an output waiting for the previous one's finish
+        self.preparing = self.in_engine = self.finishing = self.closed = False
+        self.served = 0.0  # when the engine last took this lane's work (the longest-waiting goes first)
+        self.prepare_at = 0.0  # don't start preparing before this (monotonic): just in time for the next batch
+        self.prepare_ms = 0.0  # recent preparation time (moving average)
+        self.dropped = self.failed = 0
+
+    def submit(self, item: Any, arrived: float | None = None) -> bool:
+        """Hand over a frame; never blocks. True if it replaced one still waiting (that one is dropped)."""
+        return self.scheduler._submit(self, item, time.monotonic() if arrived is None else arrived)
+
+    @property
+    def busy(self) -> bool:
+        return self.preparing or self.in_engine or self.finishing
+
+
+_schedulers: "weakref.WeakKeyDictionary[Any, Scheduler]" = weakref.WeakKeyDictionary()
+_schedulers_lock = threading.Lock()
+
+
+class Scheduler:
+    """Batches every session of one engine; see the module docstring."""
+
+    def __init__(self, engine, max_batch: int = 8, workers: int = 4):
+        self.engine, self.max_batch = engine, max_batch
+        self.lanes: list[Lane] = []
+        self.steps: deque[float] = deque(maxlen=200)  # ms per engine call, recent
+        self.batch_sizes: Counter[int] = Counter()
+        self._cond = threading.Condition()
+        self._calls: deque[tuple[Callable, Future]] = deque()  # one per waiting caller
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="scheduler-pool")
+        device = getattr(getattr(engine, "device", None), "type", "cpu")
+        self._as_tensor = device == "cuda"
+        self.overlap = device != "cpu"  # prepare the next batch during the engine step (module docstring)
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="scheduler-engine", daemon=True)
+        self._thread.start()
+        threading.Thread(target=self._clock, name="scheduler-clock", daemon=True).start()
+
+    @classmethod
+    def of(cls, engine) -> Scheduler:
+        """The engine's scheduler, created on first use."""
+        with _schedulers_lock:
+            if (s := _schedulers.get(engine)) is None or s._closed:
+                s = _schedulers[engine] = cls(engine)
+            return s
+
+    # ---- sessions ----
+
+    def add(self, client: Client, limit: int | None = None) -> Lane:
+        """A new session; ServerFull if `limit` sessions are live already."""
+        with self._cond:
+            if limit is not None and len(self.lanes) >= limit:
+                raise ServerFull(len(self.lanes))
+            lane = Lane(self, client)
+            self.lanes.append(lane)
+            return lane
+
+    def remove(self, lane: Lane, timeout: float = 60.0) -> None:
+        """End a session: frames waiting are dropped, the ones in flight finish first (up to `timeout` s). Call it
+        from outside the lane's own prepare/finish."""
+        with self._cond:
+            if lane.closed:
+                return
+            lane.closed = True
+            lane.inbox = lane.ready = lane.waiting = None
+            self.lanes.remove(lane)
+            if not self._cond.wait_for(lambda: not lane.busy, timeout):
+                log.warning("a closed session still had work in flight after %.0f s", timeout)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run fn() on the engine thread, between two batches, and return its result (or raise its error)."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        future: Future = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            self._calls.append((fn, future))
+            self._cond.notify_all()
+        return future.result()
+
+    def stats(self) -> dict:
+        """Engine step p50/p95 (ms per call), the batch-size histogram and the live sessions."""
+        with self._cond:
+            steps = np.array(self.steps) if self.steps else np.zeros(1)
+            return dict(sessions=len(self.lanes), engine_step_p50_ms=round(float(np.percentile(steps, 50)), 1),
+                        engine_step_p95_ms=round(float(np.percentile(steps, 95)), 1),
+                        batch_sizes=dict(sorted(self.batch_sizes.items())))
+
+    def close(self) -> None:
+        """Stop the engine thread and the pool (sessions still open are dropped)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+        self._pool.shutdown(wait=True)
+
+    # ---- the stages (lane state changes under self._cond) ----
+
+    def _submit(self, lane: Lane, item: Any, arrived: float) -> bool:
+        with self._cond:
+            if lane.closed:
+                return False
+            replaced = lane.inbox is not None
+            lane.dropped += replaced
+            lane.inbox = (item, arrived)
+            self._kick(lane)
+            return replaced
+
+    def _kick(self, lane: Lane) -> None:
+        """Start preparing the lane's newest frame if nothing of it is being prepared or waits for the engine."""
+        if lane.inbox is not None and not (lane.preparing or lane.ready or lane.closed) and \
+                time.monotonic() >= lane.prepare_at:
+            (item, arrived), lane.inbox = lane.inbox, None
+            lane.preparing = True
+            self._pool.submit(self._prepare, lane, item, arrived)
+
+    def _prepare(self, lane: Lane, item: Any, arrived: float) -> None:
+        t = time.perf_counter()
+        try:
+            work = lane.client.prepare(item, arrived)
+        except Exception:  # one bad frame must not end the session
+            log.exception("prepare failed")
+            work = None
+        with self._cond:
+            ms = (time.perf_counter() - t) * 1000
+            lane.prepare_ms = ms if not lane.prepare_ms else 0.8 * lane.prepare_ms + 0.2 * ms
+            lane.preparing = False
+            if work is None:
+                lane.failed += 1
+            elif not lane.closed:
+                if work.crop is None:
+                    self._to_finish(lane, work, None)
+                else:
+                    lane.ready = work
+            self._kick(lane)
+            self._cond.notify_all()
+
+    def _to_finish(self, lane: Lane, work: Work, face: Any) -> None:
+        if lane.closed:
+            return
+        if lane.finishing:  # the previous output is still being finished: wait in the one slot
+            lane.dropped += lane.waiting is not None
+            lane.waiting = (work, face)
+        else:
+            lane.finishing = True
+            self._pool.submit(self._finish, lane, work, face)
+
+    def _finish(self, lane: Lane, work: Work, face: Any) -> None:
+        try:
+            lane.client.finish(work, face)
+        except Exception:
+            log.exception("finish failed")
+            with self._cond:
+                lane.failed += 1
+        with self._cond:
+            if lane.waiting is not None and not lane.closed:
+                (work, face), lane.waiting = lane.waiting, None
+                self._pool.submit(self._finish, lane, work, face)
+            else:
+                lane.finishing = False
+                self._cond.notify_all()
+
+    # ---- the engine thread, and the clock that starts preparations just in time ----
+
+    def _clock(self) -> None:
+        with self._cond:
+            while not self._closed:
+                now, due = time.monotonic(), []
+                for lane in self.lanes:
+                    if lane.inbox is not None and lane.prepare_at > now:
+                        due.append(lane.prepare_at)
+                    else:
+                        self._kick(lane)
+                self._cond.wait(min(due) - now if due else None)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed or self._calls or any(l.ready for l in self.lanes))
+                preparing = [l.prepare_ms for l in self.lanes if l.preparing]
+                if preparing and not self._calls:  # preparations in flight join this batch (module docstring)
+                    self._cond.wait_for(lambda: self._closed or not any(l.preparing for l in self.lanes) or
+                                        sum(1 for l in self.lanes if l.ready) >= self.max_batch,
+                                        1.5 * max(preparing) / 1000)
+                if self._closed:
+                    for _, future in self._calls:
+                        future.set_exception(RuntimeError("the scheduler is closed"))
+                    return
+                calls, batch = list(self._calls), []
+                self._calls.clear()
+                now = time.monotonic()
+                step = float(np.median(list(self.steps)[-5:])) if self.steps else 0.0
+                for lane in sorted((l for l in self.lanes if l.ready), key=lambda l: l.served)[:self.max_batch]:
+                    batch.append((lane, lane.ready))
+                    lane.ready, lane.in_engine, lane.served = None, True, now
+                    # its next frame is prepared while this batch runs, to be ready when the batch ends
+                    lead = max(0.0, step - 1.5 * lane.prepare_ms - 2.0) / 1000 if self.overlap else float("inf")
+                    lane.prepare_at = now + lead
+                self._cond.notify_all()  # the clock
+            for fn, future in calls:
+                try:
+                    future.set_result(fn())
+                except BaseException as e:
+                    future.set_exception(e)
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[tuple[Lane, Work]]) -> None:
+        """Set up each item (a failure drops that item only), one engine call, outputs to the finish stage."""
+        ok, failed = [], []
+        for lane, work in batch:
+            try:
+                if work.crop.shape != (256, 256, 3) or work.crop.dtype != np.uint8:
+                    raise ValueError(f"a driving crop must be (256,256,3) uint8, got {work.crop.shape} {work.crop.dtype}")
+                if work.setup:
+                    work.setup()
+                ok.append((lane, work))
+            except Exception:
+                log.exception("engine setup failed")
+                failed.append(lane)
+        faces = None
+        if ok:
+            t = time.perf_counter()
+            try:
+                faces = self.animate([w for _, w in ok])
+            except Exception:
+                log.exception("engine call failed (batch of %d)", len(ok))
+                failed += [lane for lane, _ in ok]
+            ms = (time.perf_counter() - t) * 1000
+        with self._cond:
+            if ok:
+                self.steps.append(ms)
+                self.batch_sizes[len(ok)] += 1
+            for lane in failed:
+                lane.failed += 1
+            for i, (lane, work) in enumerate(ok if faces is not None else []):
+                self._to_finish(lane, work, faces[i])
+            for lane, _ in batch:
+                lane.in_engine, lane.prepare_at = False, 0.0  # the engine is free: prepare now if not started
+                self._kick(lane)
+            self._cond.notify_all()
+
+    def animate(self, works: list[Work]):
+        """One engine call for these works (engine thread only): host arrays on CPU, device tensors on CUDA."""
+        crops = np.stack([w.crop for w in works])
+        return self.engine.animate(crops, [w.session for w in works], as_tensor=self._as_tensor)

@@ -1,0 +1,63 @@
+"""Several tabs on one server in real Chromium: two live WebRTC sessions at once share the engine's batches and
+both receive frames; at --max-sessions 1 a second tab is told the server is full, and gets in once the first
+stops. (Chromium, the fake webcam and the server come from test_e2e_browser.)"""
+from test_e2e_browser import browser, cam, server, wait_closed, wait_until  # noqa: F401 (fixtures)
+
+from stream.scheduler import Scheduler
+
+
+def open_tab(browser, app, url):
+    """A new tab, once its load event registered it: (page, its Page on the server)."""
+    before = set(app.pages)
+    page = browser.new_page(viewport={"width": 1360, "height": 1020})
+    page.goto(url)
+    page.wait_for_function("() => document.querySelector('.lp-start') && window.lpLive")
+    wait_until(lambda: set(app.pages) - before, 30)
+    (session,) = set(app.pages) - before
+    return page, app.pages[session]
+
+
+def test_two_tabs_live_at_once(server, browser):
+    app, url = server
+    sched = Scheduler.of(app.engine)
+    before = dict(sched.batch_sizes)
+    tabs = [open_tab(browser, app, url) for _ in range(2)]
+    for page, _ in tabs:
+        page.click(".lp-start")
+    for page, tab in tabs:
+        page.wait_for_function("() => window.lpLive.frames >= 20", timeout=180_000, polling=250)
+        assert tab.pipeline.transport == "WebRTC" and tab.pipeline.metrics.frames_out >= 20
+    assert len(sched.lanes) == 2
+    shared = sched.batch_sizes.get(2, 0) - before.get(2, 0)
+    assert shared > 0, sched.batch_sizes  # the two sessions were animated in the same engine calls
+    for page, _ in tabs:
+        page.close()
+    wait_closed(app)
+
+
+def test_second_tab_is_told_the_server_is_full(server, browser):
+    app, url = server
+    old, app.max_sessions = app.max_sessions, 1
+    try:
+        (first, tab1), (second, tab2) = open_tab(browser, app, url), open_tab(browser, app, url)
+        first.click(".lp-start")
+        first.wait_for_function("() => window.lpLive.frames >= 5", timeout=120_000, polling=250)
+        second.click(".lp-start")
+        second.wait_for_function("() => window.lpLive.state.includes('server is full')", timeout=60_000)
+        assert second.locator(".lp-state").text_content() == \
+            "Transport: WebRTC (failed: the server is full (1 live session); try again shortly)"
+        assert tab2.pipeline is None
+        frames = tab1.pipeline.metrics.frames_out  # the live session keeps going
+        first.wait_for_function("() => window.lpLive.frames >= 15", timeout=120_000, polling=250)
+        assert tab1.pipeline.metrics.frames_out > frames
+
+        first.click(".lp-stop")  # the slot frees up: the next connection is admitted
+        wait_until(lambda: tab1.pipeline is None and not Scheduler.of(app.engine).lanes)
+        second.click(".lp-start")
+        second.wait_for_function("() => window.lpLive.frames >= 5", timeout=120_000, polling=250)
+        assert tab2.pipeline.transport == "WebRTC"
+        first.close()
+        second.close()
+        wait_closed(app)
+    finally:
+        app.max_sessions = old

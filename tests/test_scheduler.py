@@ -1,0 +1,298 @@
+"""The batching frame scheduler on the real tiny engine: batches are exact, sessions don't disturb each other,
+failures stay in their session, longest-waiting goes first, nothing queues; and admission control in the app.
+
+Exactness on CPU: oneDNN's convolutions and GEMMs sum in an order that depends on the batch size (measured here:
+an item's output is the same whatever the other items are, but it depends on the batch size and on the item's
+position (odd and even positions differ), and a batch of 3 and a batch of 1 differ by at most 1 grey level on ~1%
+of pixels, as tests/test_engine.py also allows). So "the session animated alone" is the engine called with only
+this session's data, at the size of the batch it shared and read at its position there: bit-identical means no
+other session's portrait, controls, reference or crop leaks into its output."""
+import contextlib
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import skimage.data
+
+from model.engine import Engine, load_networks
+from stream.scheduler import Scheduler, ServerFull, Work
+from stream.serve_bench import simulate
+
+flip = lambda im: np.ascontiguousarray(im[:, ::-1])
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(load_networks("recipe", "tiny"), device="cpu", threads=2)
+
+
+@pytest.fixture(scope="module")
+def images(golden) -> dict[str, np.ndarray]:
+    return {"src": golden["input.source_rgb_u8"], "ref": golden["input.driving0_rgb_u8"],
+            "drv": golden["input.driving_rgb_u8"]}
+
+
+class Feed:
+    """A session fed ready crops (a scheduler Client): records every output; can fail on purpose."""
+
+    def __init__(self, name: str, fail: str | None = None, finish_delay: float = 0.0):
+        self.name, self.fail, self.finish_delay = name, fail, finish_delay
+        self.outputs: list[tuple[np.ndarray, np.ndarray]] = []
+        self.setups: list = []  # engine-thread work for the next frame (a portrait swap)
+
+    def prepare(self, crop: np.ndarray, arrived: float) -> Work:
+        todo, self.setups = self.setups, []
+
+        def setup():
+            if self.fail == "setup":
+                raise RuntimeError("engine setup failed on purpose")
+            for fn in todo:
+                fn()
+        return Work(crop, self.name, setup, arrived)
+
+    def finish(self, work: Work, face) -> None:
+        time.sleep(self.finish_delay)
+        if self.fail == "finish":
+            raise RuntimeError("paste-back failed on purpose")
+        self.outputs.append((work.crop, np.array(face)))
+
+
+def start(sched: Scheduler, engine: Engine, name: str, source, reference=None, fail=None, **controls):
+    """A session on the engine thread (portrait, reference, controls), then its lane."""
+    def setup():
+        engine.set_source(source, name)
+        if reference is not None:
+            engine.set_reference(reference, name)
+        engine.set_controls(name, **controls)
+    sched.call(setup)
+    feed = Feed(name, fail)
+    return feed, sched.add(feed)
+
+
+def stop(sched: Scheduler, engine: Engine, *lanes) -> None:
+    for lane in lanes:
+        sched.remove(lane)
+        sched.call(lambda lane=lane: engine.close(lane.client.name))
+
+
+@contextlib.contextmanager
+def recorded(sched: Scheduler):
+    """Every engine call the scheduler makes: (sessions, crops, outputs)."""
+    calls = []
+
+    def animate(works, call=sched.animate):
+        faces = call(works)
+        calls.append(([w.session for w in works], [w.crop for w in works], np.array(faces)))
+        return faces
+    sched.animate = animate
+    try:
+        yield calls
+    finally:
+        del sched.animate
+
+
+@contextlib.contextmanager
+def engine_busy(sched: Scheduler, seconds: float = 0.5):
+    """Keep the engine thread busy, so everything submitted meanwhile is ready for the same batch."""
+    t = threading.Thread(target=sched.call, args=(lambda: time.sleep(seconds),))
+    t.start()
+    time.sleep(0.05)
+    yield
+    t.join()
+
+
+def wait_for(condition, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while not condition() and time.monotonic() < end:
+        time.sleep(0.02)
+    assert condition()
+
+
+def alone(sched, engine, name: str, crop: np.ndarray, size: int, index: int) -> np.ndarray:
+    """The session animated with nothing but its own data, in a batch of `size`, read at `index`."""
+    return sched.call(lambda: engine.animate(np.stack([crop] * size), [name] * size)[index])
+
+
+def test_batched_outputs_are_exact(engine, images):
+    sched = Scheduler.of(engine)
+    src, ref, drv = images["src"], images["ref"], images["drv"]
+    sessions = {"a": start(sched, engine, "a", src, ref),
+                "b": start(sched, engine, "b", ref, drv, multiplier=0.5, lip_target=0.4),
+                "c": start(sched, engine, "c", flip(src), flip(ref), stitching=False, eye_target=0.2, relative=False)}
+    crops = {"a": drv, "b": flip(drv), "c": ref}
+    try:
+        with recorded(sched) as calls:
+            with engine_busy(sched):
+                for name, (_, lane) in sessions.items():
+                    lane.submit(crops[name])
+            wait_for(lambda: all(f.outputs for f, _ in sessions.values()))
+        assert len(calls) == 1 and sorted(calls[0][0]) == ["a", "b", "c"]  # one batch of all three
+        outs = {name: f.outputs[0][1] for name, (f, _) in sessions.items()}
+        for name, out in outs.items():
+            assert np.array_equal(out, alone(sched, engine, name, crops[name], 3, calls[0][0].index(name))), name
+            single = sched.call(lambda: engine.animate(crops[name][None], [name])[0])
+            assert np.abs(out.astype(int) - single).max() <= 1  # batch 1: another summation order
+        assert len({o.tobytes() for o in outs.values()}) == 3
+    finally:
+        stop(sched, engine, *[lane for _, lane in sessions.values()])
+
+
+def test_join_leave_and_swap_leave_the_others_unchanged(engine, images):
+    sched = Scheduler.of(engine)
+    src, ref, drv = images["src"], images["ref"], images["drv"]
+    live = {"a": start(sched, engine, "a", src, ref), "b": start(sched, engine, "b", ref, drv, multiplier=0.7),
+            "c": start(sched, engine, "c", flip(src), ref), "e": start(sched, engine, "e", src, ref)}
+    seq = [drv, ref, flip(drv), flip(ref)]
+    try:
+        with recorded(sched) as calls:
+            for step in range(10):
+                if step == 3:  # d joins
+                    live["d"] = start(sched, engine, "d", drv, ref, eye_target=0.3)
+                if step == 5:  # c leaves
+                    stop(sched, engine, live.pop("c")[1])
+                if step == 7:  # e swaps its portrait
+                    live["e"][0].setups.append(lambda: engine.set_source(flip(ref), "e"))
+                with engine_busy(sched, 0.2):
+                    for feed, lane in live.values():
+                        lane.submit(seq[step % 4])
+                wait_for(lambda: all(len(f.outputs) > 0 and np.array_equal(f.outputs[-1][0], seq[step % 4])
+                                     for f, _ in live.values()))
+            e_outputs = live["e"][0].outputs
+        sizes = {len(names) for names, _, _ in calls}
+        assert {4, 5} <= sizes  # the batch really changed around a and b (a, b, c, e; + d; - c)
+        checked = 0
+        for names, crops, faces in calls:
+            for i, name in enumerate(names):
+                if name in ("a", "b"):
+                    assert np.array_equal(faces[i], alone(sched, engine, name, crops[i], len(names), i)), (name, names)
+                    checked += 1
+        assert checked == 20
+        # e's own output did change with its new portrait (same driving crop: steps 3 and 7 share seq[3])
+        assert not np.array_equal(e_outputs[3][1], e_outputs[7][1])
+        assert np.array_equal(e_outputs[3][0], e_outputs[7][0])
+    finally:
+        stop(sched, engine, *[lane for _, lane in live.values()])
+
+
+def test_a_failing_session_costs_the_others_nothing(engine, images):
+    sched = Scheduler.of(engine)
+    src, ref, drv = images["src"], images["ref"], images["drv"]
+    sessions = [start(sched, engine, "ok1", src, ref), start(sched, engine, "ok2", ref, drv),
+                start(sched, engine, "bad-finish", src, ref, fail="finish"),
+                start(sched, engine, "bad-setup", src, ref, fail="setup")]
+    try:
+        with recorded(sched) as calls:
+            for step in range(3):
+                with engine_busy(sched, 0.2):
+                    for _, lane in sessions:
+                        lane.submit(drv if step % 2 else ref)
+                wait_for(lambda: all(len(f.outputs) == step + 1 for f, _ in sessions[:2]) and
+                         sessions[2][1].failed == step + 1 == sessions[3][1].failed)
+        for names, _, _ in calls:  # the failing setup left its batch; the failing finish did not matter to it
+            assert sorted(names) == ["bad-finish", "ok1", "ok2"]
+        assert [len(f.outputs) for f, _ in sessions] == [3, 3, 0, 0]
+        assert all(lane.failed == 0 and lane.dropped == 0 for _, lane in sessions[:2])
+    finally:
+        stop(sched, engine, *[lane for _, lane in sessions])
+
+
+def test_fairness_longest_waiting_first(engine, images):
+    """4 sessions at 30 fps each, 2 per batch: every session gets at least 20% of the outputs over 10 s."""
+    sched = Scheduler.of(engine)
+    crops = [images["src"], images["ref"], images["drv"], flip(images["drv"])]
+    try:
+        row = simulate(engine, 4, seconds=10, crops=crops, warmup=1.0, max_batch=2)
+    finally:
+        sched.max_batch = 8
+    assert set(row["batch_sizes"]) <= {"1", "2"} and row["batch_sizes"].get("2", 0) > 0
+    assert row["aggregate_fps"] > 0
+    for fps in row["session_fps"]:
+        assert fps >= 0.2 * row["aggregate_fps"], row["session_fps"]
+
+
+def test_queues_stay_bounded_and_drops_are_counted(engine, images):
+    """Frames at ~100 fps into an engine and a finish stage that can't keep up: each slot holds one frame, the
+    pool's queue never holds more than a task per stage, every frame is either output or counted as dropped."""
+    sched = Scheduler.of(engine)
+    feeds = [start(sched, engine, f"s{i}", images["src"], images["ref"]) for i in range(2)]
+    for f, _ in feeds:
+        f.finish_delay = 0.3
+    submitted, queued = 0, 0
+    try:
+        for i in range(60):
+            for _, lane in feeds:
+                lane.submit(images["drv"] if i % 2 else images["ref"])
+                submitted += 1
+            queued = max(queued, sched._pool._work_queue.qsize())
+            time.sleep(0.01)
+        wait_for(lambda: all(not lane.busy and lane.inbox is None for _, lane in feeds))
+        assert queued <= 2 * len(feeds)
+        for f, lane in feeds:
+            assert lane.dropped >= 40 and lane.failed == 0
+            assert len(f.outputs) + lane.dropped == submitted // len(feeds)
+    finally:
+        stop(sched, engine, *[lane for _, lane in feeds])
+
+
+def test_admission_limit(engine, images):
+    sched = Scheduler.of(engine)
+    first = sched.add(Feed("x"), limit=1)
+    try:
+        with pytest.raises(ServerFull, match=r"the server is full \(1 live session\); try again shortly"):
+            sched.add(Feed("y"), limit=1)
+    finally:
+        sched.remove(first)
+    sched.remove(sched.add(Feed("y"), limit=1))  # the slot is free again
+
+
+# ---- admission in the app: HTTP streaming and WebRTC signalling, /healthz ----
+
+@pytest.fixture(scope="module")
+def server(engine, tmp_path_factory, loopback_only):
+    import socket
+
+    import gradio as gr
+    from web.app import LiveApp
+    app = LiveApp(engine, untrained=True, workdir=tmp_path_factory.mktemp("live"), max_sessions=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = app.launch(port=port, block=False)
+    yield app, f"http://127.0.0.1:{port}/", gr.Request
+    demo.close()
+    app.close()
+
+
+def test_server_full_over_http_and_webrtc_then_admitted(server):
+    app, url, Request = server
+    astronaut = skimage.data.astronaut()
+    first, second = Request(session_hash="first"), Request(session_hash="second")
+    app.http_frame(astronaut, first)
+    wait_for(lambda: app.page(first).pipeline.metrics.frames_out >= 1)
+    health = httpx.get(url + "healthz")
+    assert health.status_code == 503  # full: not ready for another session
+    body = health.json()
+    assert body["live_sessions"] == 1 and body["capacity"] == 1 and len(body["session_fps"]) == 1
+    assert body["engine_step_p50_ms"] > 0
+
+    refused = app.http_frame(astronaut, second)  # HTTP streaming: the message instead of the animation
+    assert app.page(second).pipeline is None and refused.shape == astronaut.shape
+    assert refused.mean() < astronaut.mean() / 2  # the dimmed webcam frame with the text on it
+    assert "the server is full (1 live session); try again shortly" in app.stats(second)
+    offer = httpx.post(url + "offer", json={"session": "second", "sdp": "v=0", "type": "offer"})
+    assert offer.status_code == 503
+    assert offer.json()["error"] == "the server is full (1 live session); try again shortly"
+    for _ in range(3):  # the live session keeps going meanwhile
+        app.http_frame(astronaut, first)
+    assert app.page(first).pipeline.metrics.frames_out >= 2
+
+    app.close_page(first)  # the slot frees up: the next frame of the waiting tab is admitted
+    assert httpx.get(url + "healthz").json()["live_sessions"] == 0
+    app.http_frame(astronaut, second)
+    assert app.page(second).pipeline is not None and "Live via HTTP streaming" in app.stats(second)
+    assert httpx.get(url + "healthz").status_code == 503
+    app.close_page(second)
+    health = httpx.get(url + "healthz")
+    assert health.status_code == 200 and health.json()["live_sessions"] == 0
