@@ -39,6 +39,18 @@ def parse_ice_servers(text: str | None) -> list[dict]:
     return servers
 
 
+def turn_server(url: str | None, user: str | None, password: str | None) -> list[dict]:
+    """`--turn-url/--turn-user/--turn-password` as an ICE server entry ([] without a URL). Browsers refuse a TURN
+    server without credentials, so both are required."""
+    if not url:
+        return []
+    if not url.startswith(("turn:", "turns:")):
+        raise ValueError(f"--turn-url {url!r}: expected turn:HOST[:PORT][?transport=udp|tcp] or turns:HOST[:PORT]")
+    if not (user and password):
+        raise ValueError("--turn-url needs --turn-user and --turn-password (or $LP_TURN_PASSWORD)")
+    return [{"urls": url, "username": user, "credential": password}]
+
+
 class AnimatedTrack(VideoStreamTrack):
     """The session's output as a video track: each new output frame once, timestamped by wall clock."""
 
