@@ -8,6 +8,7 @@ the TURN test is skipped without coturn unless LP_REQUIRE_BROWSER=1."""
 import contextlib
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import time
@@ -126,7 +127,7 @@ def test_https_self_signed_at_a_host_name(https, browser):
     page, tab, errors = open_page(browser, app, f"https://{HOST}:{port}/")
     assert page.evaluate("[window.isSecureContext, location.origin]") == [True, f"https://{HOST}:{port}"]
     page.click(".lp-start")
-    page.wait_for_function("() => window.lpLive.frames >= 10", timeout=120_000, polling=250)
+    page.wait_for_function("() => window.lpLive.frames >= 10 && window.lpLive.route", timeout=120_000, polling=250)
     live = page.evaluate("window.lpLive")
     assert live["state"] == "connected" and live["transport"] == "WebRTC" and live["route"].startswith("direct")
     assert tab.pipeline.transport == "WebRTC" and tab.pipeline.metrics.frames_out >= 10
@@ -172,7 +173,7 @@ def test_webrtc_through_a_turn_relay(turned, turn, browser):
     entry, log = turn
     page, tab, errors = open_page(browser, app, f"http://127.0.0.1:{port}/", init_script=RELAY_ONLY)
     page.click(".lp-start")
-    page.wait_for_function("() => window.lpLive.frames >= 10", timeout=120_000, polling=250)
+    page.wait_for_function("() => window.lpLive.frames >= 10 && window.lpLive.route", timeout=120_000, polling=250)
     live = page.evaluate("window.lpLive")
     assert live["state"] == "connected" and live["route"] == "relay (TURN)"
     pc, = app.rtc.peers  # the server's aiortc peer was given the same TURN server and holds a relay candidate
@@ -182,6 +183,29 @@ def test_webrtc_through_a_turn_relay(turned, turn, browser):
     assert "lp" in log.read_text() and not errors
     page.close()
     wait_closed(app)
+
+
+def test_unreachable_stun_server_does_not_stall(engine, browser, tmp_path):
+    """A STUN server that never answers (both sides are given it): gathering is bounded, WebRTC still connects
+    directly, and the page does not fall back."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as hole:
+        hole.bind(("127.0.0.1", 0))
+        with serve(engine, tmp_path, ice_servers=[{"urls": "stun:127.0.0.1:%d" % hole.getsockname()[1]}]) as (app, port):
+            page, tab, errors = open_page(browser, app, f"http://127.0.0.1:{port}/")
+            page.click(".lp-start")
+            page.wait_for_function("() => window.lpLive.frames >= 5 && window.lpLive.route", timeout=120_000, polling=250)
+            live = page.evaluate("window.lpLive")
+            assert live["transport"] == "WebRTC" and not live["fallback"] and live["route"].startswith("direct")
+            hole.setblocking(False)
+            asked = set()
+            with contextlib.suppress(BlockingIOError):
+                for _ in range(1000):
+                    asked.add(hole.recvfrom(2048)[1])
+            assert len(asked) >= 2  # the browser and the server both sent it binding requests
+            print(f"first frame {live['firstFrameMs']} ms after start with an unreachable STUN server")
+            assert not errors, errors
+            page.close()
+            wait_closed(app)
 
 
 def test_falls_back_to_http_streaming_and_back(https, browser, monkeypatch):

@@ -5,15 +5,19 @@
 // (set by the page's load event), `props.ice_servers` the server's --ice-servers / --turn-url.
 // window.lpLive counts the decoded output frames and their size (shown on the page, read by the browser tests).
 const $ = (sel) => element.querySelector(sel);
-const live = (window.lpLive = { frames: 0, width: 0, height: 0, state: "idle", route: "", transport: "WebRTC", fallback: "" });
+const live = (window.lpLive = {
+  frames: 0, width: 0, height: 0, state: "idle", route: "", transport: "WebRTC", fallback: "", firstFrameMs: 0,
+});
 const GATHER_MS = 2000; // the longest wait for our ICE candidates: an unreachable STUN server must not stall the offer
-const FIRST_FRAME_MS = 10000; // no frame by then (and no connection): WebRTC cannot work here, use HTTP streaming
+const FIRST_FRAME_MS = 10000; // no frame this long after the answer, and no connection: use HTTP streaming
+const ANSWER_MS = 15000; // the server gathers its own candidates (at most 5 s) before it answers
 const HTTP_CAM = "#lp-http-cam"; // Gradio's streaming webcam in the HTTP tab; its buttons carry these titles
 const GRANT = `${HTTP_CAM} [title="grant webcam access"] > button`;
 const RECORD = (what) => `${HTTP_CAM} button:has([title="${what} recording"])`;
 let pc = null;
 let pending = 0; // the requestVideoFrameCallback handle of the frame counter
 let watchdog = 0; // the first-frame timer
+let clicked = 0; // performance.now() of the start click
 
 function say(state) {
   live.state = state;
@@ -22,9 +26,10 @@ function say(state) {
 
 function count(video) {
   const tick = () => {
-    live.frames++;
+    if (!live.frames++) live.firstFrameMs = Math.round(performance.now() - clicked);
     [live.width, live.height] = [video.videoWidth, video.videoHeight];
-    $(".lp-frames").textContent = `${live.frames} frames, ${live.width}×${live.height}`;
+    $(".lp-frames").textContent =
+      `${live.frames} frames, ${live.width}×${live.height}, the first ${(live.firstFrameMs / 1000).toFixed(1)} s after start`;
     pending = video.requestVideoFrameCallback(tick);
   };
   pending = video.requestVideoFrameCallback(tick);
@@ -93,9 +98,10 @@ function gathered(pc) {
 
 async function showRoute(own) {
   // which path ICE chose: host/srflx/prflx = direct, relay = through the TURN server
-  const stats = [...(await own.getStats()).values()];
-  const pair = stats.find((s) => s.type === "candidate-pair" && s.nominated && s.state === "succeeded");
-  const local = pair && stats.find((s) => s.id === pair.localCandidateId);
+  const stats = await own.getStats();
+  const transport = [...stats.values()].find((s) => s.type === "transport" && s.selectedCandidatePairId);
+  const pair = transport && stats.get(transport.selectedCandidatePairId);
+  const local = pair && stats.get(pair.localCandidateId);
   if (local && own === pc) {
     live.route = local.candidateType === "relay" ? "relay (TURN)" : `direct (${local.candidateType})`;
     say(live.state);
@@ -103,10 +109,11 @@ async function showRoute(own) {
 }
 
 async function start() {
+  clicked = performance.now();
   stop();
   stopHttp();
   httpNote("");
-  Object.assign(live, { frames: 0, transport: "WebRTC", fallback: "" });
+  Object.assign(live, { frames: 0, transport: "WebRTC", fallback: "", firstFrameMs: 0 });
   if (!props.value) throw new Error("the page is still loading, try again");
   say("opening the camera");
   const cam = await navigator.mediaDevices.getUserMedia({ video: { width: { ideal: 640 }, height: { ideal: 480 } } });
@@ -124,10 +131,6 @@ async function start() {
     if (own.connectionState === "connected") showRoute(own);
     if (own.connectionState === "failed") fallBack("the connection failed: no network path to the server").catch(fail);
   };
-  watchdog = setTimeout(() => {
-    if (own === pc && live.frames === 0 && own.connectionState !== "connected")
-      fallBack(`no video within ${FIRST_FRAME_MS / 1000} s, connection ${own.connectionState}`).catch(fail);
-  }, FIRST_FRAME_MS);
   await own.setLocalDescription(await own.createOffer());
   await gathered(own);
   if (own !== pc) return;
@@ -136,14 +139,22 @@ async function start() {
     method: "POST",
     headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ sdp: own.localDescription.sdp, type: own.localDescription.type, session: props.value }),
+    signal: AbortSignal.timeout(ANSWER_MS),
   });
   // the server answered but refused (unknown tab, bad offer, ...): its reason, and no fallback
   if (!res.ok) throw new Error(((await res.json().catch(() => null)) || {}).error || `signalling failed: ${res.status}`);
-  if (own === pc) await own.setRemoteDescription(await res.json());
+  const answer = await res.json();
+  if (own !== pc) return;
+  await own.setRemoteDescription(answer);
+  watchdog = setTimeout(() => {
+    // (connected without a frame yet means a slow engine, which HTTP streaming would not cure)
+    if (own === pc && live.frames === 0 && own.connectionState !== "connected")
+      fallBack(`no video within ${FIRST_FRAME_MS / 1000} s, connection ${own.connectionState}`).catch(fail);
+  }, FIRST_FRAME_MS);
 }
 
 function fail(err) {
-  stop(`failed: ${err.message}`);
+  stop(`failed: ${err.name === "TimeoutError" ? `no answer from the server within ${ANSWER_MS / 1000} s` : err.message}`);
 }
 
 // ---- a page that is not a secure context: no camera at all, so say how to get one ----
