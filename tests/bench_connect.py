@@ -49,7 +49,8 @@ def measure(runs: int) -> dict[str, list[float]]:
     app = LiveApp(Engine(load_networks("recipe", "tiny")), untrained=True, workdir=work)
     port = free_port()
     demo = app.launch(port=port, block=False)
-    times = {"WebRTC": [], "HTTP streaming": [], "HTTP streaming: camera open": [], "WebRTC fails -> fallback": []}
+    times = {"WebRTC": [], "HTTP streaming": [], "HTTP streaming: opening the webcam": [],
+             "WebRTC fails -> fallback": []}
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM,
@@ -69,7 +70,7 @@ def measure(runs: int) -> dict[str, list[float]]:
                         page.get_by_role("tab", name="Live (HTTP streaming)").click()
                         page.wait_for_selector('#lp-http-cam [title="grant webcam access"] > button')
                         camera, first = page.evaluate(HTTP_START)
-                        times["HTTP streaming: camera open"].append(camera)
+                        times["HTTP streaming: opening the webcam"].append(camera)
                         times[kind].append(first)
                     else:
                         host.clear()

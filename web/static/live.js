@@ -37,12 +37,13 @@ function count(video) {
 
 function stop(state = "stopped") {
   clearTimeout(watchdog);
-  if (!pc) return;
-  pc.getSenders().forEach((s) => s.track && s.track.stop());
-  pc.close();
-  pc = null;
-  $("video").cancelVideoFrameCallback(pending);
-  $("video").srcObject = null;
+  if (pc) {
+    pc.getSenders().forEach((s) => s.track && s.track.stop());
+    pc.close();
+    pc = null;
+    $("video").cancelVideoFrameCallback(pending);
+    $("video").srcObject = null;
+  }
   live.route = "";
   say(state);
 }
@@ -77,7 +78,7 @@ function stopHttp() {
 }
 
 async function fallBack(reason) {
-  stop(`failed: ${reason}`);
+  stop(`switched to HTTP streaming: ${reason}`);
   Object.assign(live, { transport: "HTTP streaming", fallback: reason });
   const why = `WebRTC did not work (${reason}), so the page switched to HTTP streaming (higher latency). ` +
     `A TURN server fixes WebRTC across strict NATs and firewalls: see docs/deploy.md.`;
