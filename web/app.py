@@ -44,7 +44,9 @@ button { padding: .35em 1em; border-radius: 6px; border: 1px solid #888; cursor:
 PAGE_CSS = """.lp-banner { background: #b71c1c; color: #fff; padding: .6em 1em; border-radius: 8px; font-weight: 600; }
 .lp-notice { background: #fff3cd; color: #3b2f00; border: 1px solid #e0b400; padding: .6em 1em; border-radius: 8px;
              margin-bottom: .5em; }
-.lp-notice code { background: #fff; color: #000; padding: 0 .25em; border-radius: 3px; user-select: all; }"""
+.lp-notice code { background: #fff; color: #000; padding: 0 .25em; border-radius: 3px; user-select: all; }
+.lp-notice button { font-size: .9em; padding: .2em .9em; margin-top: .3em; }
+#lp-http-cam button:disabled { opacity: .35; cursor: not-allowed; }"""
 
 
 class Page:

@@ -150,7 +150,7 @@ async function start() {
   watchdog = setTimeout(() => {
     // (connected without a frame yet means a slow engine, which HTTP streaming would not cure)
     if (own === pc && live.frames === 0 && own.connectionState !== "connected")
-      fallBack(`no video within ${FIRST_FRAME_MS / 1000} s, connection ${own.connectionState}`).catch(fail);
+      fallBack(`no video within ${FIRST_FRAME_MS / 1000} s: no network path found, connection ${own.connectionState}`).catch(fail);
   }, FIRST_FRAME_MS);
 }
 
