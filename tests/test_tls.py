@@ -55,6 +55,7 @@ def test_turn_flags():
     (["--turn-url", "turn:127.0.0.1:3478"], "--turn-url needs --turn-user and --turn-password"),
     (["--https-self-signed", "--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem"], "not both"),
     (["--ssl-certfile", "c.pem"], "go together"),
+    (["--ssl-certfile", "missing.pem", "--ssl-keyfile", "key.pem"], "--ssl-certfile missing.pem: no such file"),
 ])
 def test_bad_option_combinations_exit_before_loading(flags, message, capsys, monkeypatch):
     monkeypatch.delenv("LP_TURN_PASSWORD", raising=False)

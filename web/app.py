@@ -366,6 +366,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--https-self-signed or --ssl-certfile/--ssl-keyfile, not both")
         if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
             raise ValueError("--ssl-certfile and --ssl-keyfile go together")
+        for flag, path in (("--ssl-certfile", args.ssl_certfile), ("--ssl-keyfile", args.ssl_keyfile)):
+            if path and not Path(path).is_file():
+                raise ValueError(f"{flag} {path}: no such file")
     except ValueError as e:
         print(f"launch.py: error: {e}", file=sys.stderr)
         return 2
