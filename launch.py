@@ -1,6 +1,7 @@
 """LivePortrait Live — the one entry point.
 
     python launch.py                      # the web app on http://127.0.0.1:7860 (official weights)
+    python launch.py --host 0.0.0.0 --https-self-signed   # for other machines too (docs/deploy.md)
     python launch.py render --source IMG --driving VIDEO -o OUT.mp4
     python launch.py bench --device cpu   # baseline vs optimised engine, JSON + table
     python launch.py bench serve          # many live sessions: the batching scheduler vs one lock, JSON + table

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -33,10 +34,11 @@ from stream.pipeline import SessionPipeline, Settings, draw_text
 from stream.scheduler import Scheduler, ServerFull
 from stream.render import MAX_BYTES, MAX_SIDE, InputError, read_image, render
 from web import controls as panel
-from web.webrtc import WebRTC, parse_ice_servers
+from web import tls
+from web.webrtc import WebRTC, parse_ice_servers, turn_server
 
 STATIC = Path(__file__).parent / "static"
-LIVE_HTML = """<div class="lp-live"><video autoplay playsinline muted></video>
+LIVE_HTML = """<div class="lp-live"><div class="lp-notice" hidden></div><video autoplay playsinline muted></video>
 <div class="lp-bar"><button class="lp-start">▶ Start camera</button><button class="lp-stop">■ Stop</button>
 <span class="lp-state">Transport: WebRTC (idle)</span><span class="lp-frames"></span></div></div>"""
 LIVE_CSS = """video { width: 100%; height: min(62vh, 560px); object-fit: contain; background: #111; border-radius: 8px; }
@@ -46,7 +48,12 @@ button { padding: .35em 1em; border-radius: 6px; border: 1px solid #888; cursor:
 # Live sessions admitted per device unless --max-sessions says otherwise (docs/benchmarks.md, "Serving"). CPU:
 # measured with `launch.py bench serve`; CUDA: not measured yet, one full batch of the scheduler (--max-batch 8).
 DEFAULT_MAX_SESSIONS = {"cpu": 4, "cuda": 8}
-PAGE_CSS = ".lp-banner { background: #b71c1c; color: #fff; padding: .6em 1em; border-radius: 8px; font-weight: 600; }"
+PAGE_CSS = """.lp-banner { background: #b71c1c; color: #fff; padding: .6em 1em; border-radius: 8px; font-weight: 600; }
+.lp-notice { background: #fff3cd; color: #3b2f00; border: 1px solid #e0b400; padding: .6em 1em; border-radius: 8px;
+             margin-bottom: .5em; }
+.lp-notice code { background: #fff; color: #000; padding: 0 .25em; border-radius: 3px; user-select: all; }
+.lp-notice button { font-size: .9em; padding: .2em .9em; margin-top: .3em; }
+#lp-http-cam button:disabled { opacity: .35; cursor: not-allowed; }"""
 
 
 class Page:
@@ -322,8 +329,9 @@ class LiveApp:
                         with gr.Tab("Live (HTTP streaming)"):
                             gr.Markdown("Fallback transport: frames go through Gradio's HTTP streaming, so it works "
                                         "through share links without a TURN server (higher latency).")
+                            gr.HTML('<div class="lp-note"></div>', elem_id="lp-http-note")  # live.js: fell back, or no camera
                             with gr.Row():
-                                cam = gr.Image(sources=["webcam"], streaming=True, label="Webcam")
+                                cam = gr.Image(sources=["webcam"], streaming=True, label="Webcam", elem_id="lp-http-cam")
                                 view = gr.Image(label="Animated", format="jpeg", interactive=False, elem_id="lp-http-view")
                         with gr.Tab("Video file"):
                             driving = gr.Video(label="Driving video (its frame rate and audio are kept)",
@@ -363,8 +371,10 @@ class LiveApp:
         return demo
 
     def launch(self, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-               auth: tuple[str, str] | None = None, block: bool = True) -> gr.Blocks:
-        """Serve the page plus POST /offer on one server (a share link tunnels both)."""
+               auth: tuple[str, str] | None = None, block: bool = True,
+               ssl: tuple[str | Path, str | Path] | None = None) -> gr.Blocks:
+        """Serve the page plus POST /offer on one server (a share link tunnels both); HTTPS with `ssl` =
+        (certfile, keyfile)."""
         @contextlib.asynccontextmanager
         async def lifespan(_app):
             yield
@@ -373,8 +383,10 @@ class LiveApp:
 
         demo = self.blocks()
         demo.queue(default_concurrency_limit=None)
+        certfile, keyfile = map(str, ssl) if ssl else (None, None)
         demo.launch(server_name=host, server_port=port, share=share, auth=auth, max_file_size=MAX_BYTES,
                     prevent_thread_lock=not block, css=PAGE_CSS, footer_links=[],
+                    ssl_certfile=certfile, ssl_keyfile=keyfile, ssl_verify=False,  # Gradio's check of its own URL
                     app_kwargs={"routes": [APIRoute("/offer", self.offer, methods=["POST"]),
                                            APIRoute("/healthz", self.healthz, methods=["GET"])],
                                 "lifespan": lifespan})
@@ -396,7 +408,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auth", type=_auth, default=None, metavar="USER:PASS", help="password-protect the page")
     parser.add_argument("--ice-servers", type=parse_ice_servers, default=os.environ.get("LP_ICE_SERVERS"),
                         help="STUN/TURN for WebRTC: a JSON list (URLs or {urls, username, credential}) or "
-                             "comma-separated URLs (default: $LP_ICE_SERVERS, else none)")
+                             "comma-separated URLs (default: $LP_ICE_SERVERS, else none); see docs/deploy.md")
+    parser.add_argument("--turn-url", help="a TURN server for WebRTC across strict NATs, e.g. "
+                                           "turn:turn.example.com:3478 (added to --ice-servers)")
+    parser.add_argument("--turn-user", help="the TURN server's user name")
+    parser.add_argument("--turn-password", default=os.environ.get("LP_TURN_PASSWORD"),
+                        help="the TURN server's password (default: $LP_TURN_PASSWORD)")
+    parser.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM; browsers give the camera "
+                                               "only to HTTPS pages or localhost)")
+    parser.add_argument("--ssl-keyfile", help="the private key of --ssl-certfile (PEM)")
+    parser.add_argument("--https-self-signed", action="store_true",
+                        help="serve HTTPS with a self-signed certificate for this machine's names and addresses, "
+                             "kept in ~/.cache/liveportrait-live/tls")
     parser.add_argument("--max-sessions", type=int, default=None,
                         help="live sessions admitted at once; more get 'the server is full' (default per device: "
                              + ", ".join(f"{k} {v}" for k, v in DEFAULT_MAX_SESSIONS.items()) + ")")
@@ -405,12 +428,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the engine (official weights, or the error saying how to get them), then serve until Ctrl-C."""
+    try:
+        ice_servers = (args.ice_servers or []) + turn_server(args.turn_url, args.turn_user, args.turn_password)
+        if args.https_self_signed and (args.ssl_certfile or args.ssl_keyfile):
+            raise ValueError("--https-self-signed or --ssl-certfile/--ssl-keyfile, not both")
+        if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+            raise ValueError("--ssl-certfile and --ssl-keyfile go together")
+        for flag, path in (("--ssl-certfile", args.ssl_certfile), ("--ssl-keyfile", args.ssl_keyfile)):
+            if path and not Path(path).is_file():
+                raise ValueError(f"{flag} {path}: no such file")
+    except ValueError as e:
+        print(f"launch.py: error: {e}", file=sys.stderr)
+        return 2
+    ssl = (args.ssl_certfile, args.ssl_keyfile) if args.ssl_certfile else None
+    if args.https_self_signed:
+        certfile, keyfile, cert, created = tls.self_signed(args.host)
+        ssl = certfile, keyfile
+        print(tls.advice(certfile, cert, args.host, args.port, created))
     engine = Engine(load_networks(args.weights, args.config, download=not args.no_download), device=args.device)
     Scheduler.of(engine).max_batch = args.max_batch
-    app = LiveApp(engine, args.ice_servers, untrained=str(args.weights) == "recipe", max_sessions=args.max_sessions)
+    app = LiveApp(engine, ice_servers, untrained=str(args.weights) == "recipe", max_sessions=args.max_sessions)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop` / systemd: shut down like Ctrl-C
     try:
-        app.launch(args.host, args.port, args.share, args.auth)
+        app.launch(args.host, args.port, args.share, args.auth, ssl=ssl)
     finally:
         app.close()
     return 0

@@ -1,5 +1,6 @@
 """WebRTC transport: the browser's webcam track in, the animated track out, one aiortc peer connection per live
-view. Signalling is a single POST /offer (the browser gathers its ICE candidates first, so there is no trickle).
+view. Signalling is a single POST /offer: no trickle ICE; the browser sends the candidates it found within 2 s, and
+aiortc gathers the server's (STUN and TURN within aioice's 5 s bound) before it answers.
 
 The incoming track is read as fast as the browser sends and every frame goes to the session pipeline, which keeps
 only the newest; the outgoing track emits each new output once, stamped with wall-clock time, so the browser
@@ -23,6 +24,7 @@ from stream.pipeline import SessionPipeline
 
 log = logging.getLogger("liveportrait.webrtc")
 CLOCK = Fraction(1, 90000)  # the RTP video clock
+CONNECT_S = 20  # a peer not connected by then is closed: its page gave up (it falls back after 10 s) or vanished
 
 
 def parse_ice_servers(text: str | None) -> list[dict]:
@@ -37,6 +39,18 @@ def parse_ice_servers(text: str | None) -> list[dict]:
         if not s.get("urls") or set(s) - {"urls", "username", "credential"}:
             raise ValueError(f"bad ICE server {s!r}: expected a URL or {{'urls', 'username', 'credential'}}")
     return servers
+
+
+def turn_server(url: str | None, user: str | None, password: str | None) -> list[dict]:
+    """`--turn-url/--turn-user/--turn-password` as an ICE server entry ([] without a URL). Browsers refuse a TURN
+    server without credentials, so both are required."""
+    if not url:
+        return []
+    if not url.startswith(("turn:", "turns:")):
+        raise ValueError(f"--turn-url {url!r}: expected turn:HOST[:PORT][?transport=udp|tcp] or turns:HOST[:PORT]")
+    if not (user and password):
+        raise ValueError("--turn-url needs --turn-user and --turn-password (or $LP_TURN_PASSWORD)")
+    return [{"urls": url, "username": user, "credential": password}]
 
 
 class AnimatedTrack(VideoStreamTrack):
@@ -124,6 +138,14 @@ class WebRTC:
         except Exception:
             await close()
             raise
+
+        async def deadline() -> None:  # ICE that never completes has no end of its own in aiortc
+            await asyncio.sleep(CONNECT_S)
+            if pc.connectionState != "connected":
+                log.info("peer %s: not connected after %d s", pipeline.name, CONNECT_S)
+                await close()
+
+        spawn(deadline())
         return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
 
     @staticmethod

@@ -1,69 +1,204 @@
-// WebRTC client of the live view: webcam -> RTCPeerConnection -> POST offer -> play the animated track.
+// WebRTC client of the live view: webcam -> RTCPeerConnection -> POST offer -> play the animated track; and the
+// page's choice of transport: on a page that is not a secure context the camera is blocked, so both live tabs say
+// how to fix it; when WebRTC fails, the page switches to the HTTP streaming tab and starts it.
 // Runs as the gr.HTML component's js_on_load: `element` is the component, `props.value` the page's session id
-// (set by the page's load event), `props.ice_servers` the server's --ice-servers.
-// window.lpLive counts the decoded output frames and their size (shown on the page, read by the browser test).
+// (set by the page's load event), `props.ice_servers` the server's --ice-servers / --turn-url.
+// window.lpLive counts the decoded output frames and their size (shown on the page, read by the browser tests).
 const $ = (sel) => element.querySelector(sel);
-const live = (window.lpLive = { frames: 0, width: 0, height: 0, state: "idle" });
+const live = (window.lpLive = {
+  frames: 0, width: 0, height: 0, state: "idle", route: "", transport: "WebRTC", fallback: "", firstFrameMs: 0,
+});
+const GATHER_MS = 2000; // the longest wait for our ICE candidates: an unreachable STUN server must not stall the offer
+const FIRST_FRAME_MS = 10000; // no frame this long after the answer, and no connection: use HTTP streaming
+const ANSWER_MS = 15000; // the server gathers its own candidates (at most 5 s) before it answers
+const HTTP_CAM = "#lp-http-cam"; // Gradio's streaming webcam in the HTTP tab; its buttons carry these titles
+const GRANT = `${HTTP_CAM} [title="grant webcam access"] > button`;
+const RECORD = (what) => `${HTTP_CAM} button:has([title="${what} recording"])`;
 let pc = null;
 let pending = 0; // the requestVideoFrameCallback handle of the frame counter
+let watchdog = 0; // the first-frame timer
+let clicked = 0; // performance.now() of the start click
 
 function say(state) {
   live.state = state;
-  $(".lp-state").textContent = `Transport: WebRTC (${state})`;
+  $(".lp-state").textContent = `Transport: WebRTC (${state})${live.route ? ` · route: ${live.route}` : ""}`;
 }
 
 function count(video) {
   const tick = () => {
-    live.frames++;
+    if (!live.frames++) live.firstFrameMs = Math.round(performance.now() - clicked);
     [live.width, live.height] = [video.videoWidth, video.videoHeight];
-    $(".lp-frames").textContent = `${live.frames} frames, ${live.width}×${live.height}`;
+    $(".lp-frames").textContent =
+      `${live.frames} frames, ${live.width}×${live.height}, the first ${(live.firstFrameMs / 1000).toFixed(1)} s after start`;
     pending = video.requestVideoFrameCallback(tick);
   };
   pending = video.requestVideoFrameCallback(tick);
 }
 
-function stop() {
-  if (!pc) return;
-  pc.getSenders().forEach((s) => s.track && s.track.stop());
-  pc.close();
-  pc = null;
-  $("video").cancelVideoFrameCallback(pending);
-  $("video").srcObject = null;
-  say("stopped");
+function stop(state = "stopped") {
+  clearTimeout(watchdog);
+  if (pc) {
+    pc.getSenders().forEach((s) => s.track && s.track.stop());
+    pc.close();
+    pc = null;
+    $("video").cancelVideoFrameCallback(pending);
+    $("video").srcObject = null;
+  }
+  live.route = "";
+  say(state);
+}
+
+// ---- the HTTP streaming tab (Gradio's components, driven through their own buttons) ----
+
+const tab = (name) => [...document.querySelectorAll("[role=tab]")].find((t) => t.textContent.includes(name));
+
+async function waitFor(find, ms = 10000) {
+  for (const end = Date.now() + ms; Date.now() < end; await new Promise((r) => setTimeout(r, 100))) {
+    const found = find();
+    if (found) return found;
+  }
+  throw new Error("the HTTP streaming webcam did not appear");
+}
+
+function httpNote(html) {
+  // the placeholder exists once the HTTP tab has been shown
+  const note = document.querySelector("#lp-http-note .lp-note");
+  if (note) note.innerHTML = html ? `<div class="lp-notice">${html}</div>` : "";
+}
+
+async function startHttp() {
+  tab("HTTP streaming").click();
+  const button = await waitFor(() => document.querySelector(GRANT) || document.querySelector(RECORD("start")));
+  if (button.matches(GRANT)) button.click();
+  (await waitFor(() => document.querySelector(RECORD("start")))).click();
+}
+
+function stopHttp() {
+  document.querySelector(RECORD("stop"))?.click();
+}
+
+async function fallBack(reason) {
+  stop(`switched to HTTP streaming: ${reason}`);
+  Object.assign(live, { transport: "HTTP streaming", fallback: reason });
+  const why = `WebRTC did not work (${reason}), so the page switched to HTTP streaming (higher latency). ` +
+    `A TURN server fixes WebRTC across strict NATs and firewalls: see docs/deploy.md.`;
+  await startHttp();
+  httpNote(`${why} <button class="lp-retry">Try WebRTC again</button>`);
+}
+
+// ---- WebRTC ----
+
+function gathered(pc) {
+  // the offer carries every candidate found within GATHER_MS (host candidates come at once)
+  return new Promise((done) => {
+    if (pc.iceGatheringState === "complete") return done();
+    const timer = setTimeout(done, GATHER_MS);
+    pc.addEventListener("icegatheringstatechange", () => pc.iceGatheringState === "complete" && (clearTimeout(timer), done()));
+  });
+}
+
+async function showRoute(own) {
+  // which path ICE chose: host/srflx/prflx = direct, relay = through the TURN server
+  const stats = await own.getStats();
+  const transport = [...stats.values()].find((s) => s.type === "transport" && s.selectedCandidatePairId);
+  const pair = transport && stats.get(transport.selectedCandidatePairId);
+  const local = pair && stats.get(pair.localCandidateId);
+  if (local && own === pc) {
+    live.route = local.candidateType === "relay" ? "relay (TURN)" : `direct (${local.candidateType})`;
+    say(live.state);
+  }
 }
 
 async function start() {
+  clicked = performance.now();
   stop();
-  live.frames = 0;
+  stopHttp();
+  httpNote("");
+  Object.assign(live, { frames: 0, transport: "WebRTC", fallback: "", firstFrameMs: 0 });
   if (!props.value) throw new Error("the page is still loading, try again");
   say("opening the camera");
   const cam = await navigator.mediaDevices.getUserMedia({ video: { width: { ideal: 640 }, height: { ideal: 480 } } });
   pc = new RTCPeerConnection({ iceServers: props.ice_servers || [] });
-  cam.getTracks().forEach((t) => pc.addTrack(t, cam));
-  pc.ontrack = (e) => {
+  const own = pc;
+  cam.getTracks().forEach((t) => own.addTrack(t, cam));
+  own.ontrack = (e) => {
     const video = $("video");
     video.srcObject = new MediaStream([e.track]);
     count(video);
   };
-  const own = pc;
-  pc.onconnectionstatechange = () => pc === own && say(own.connectionState);
-  await pc.setLocalDescription(await pc.createOffer());
-  await new Promise((done) => {  // no trickle ICE: send the offer with every candidate in it
-    if (pc.iceGatheringState === "complete") return done();
-    pc.addEventListener("icegatheringstatechange", () => pc.iceGatheringState === "complete" && done());
-  });
+  own.onconnectionstatechange = () => {
+    if (own !== pc) return;
+    say(own.connectionState);
+    if (own.connectionState === "connected") showRoute(own);
+    if (own.connectionState === "failed") fallBack("the connection failed: no network path to the server").catch(fail);
+  };
+  await own.setLocalDescription(await own.createOffer());
+  await gathered(own);
+  if (own !== pc) return;
   say("connecting");
   const res = await fetch(new URL("offer", document.baseURI), {
     method: "POST",
     headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type, session: props.value }),
+    body: JSON.stringify({ sdp: own.localDescription.sdp, type: own.localDescription.type, session: props.value }),
+    signal: AbortSignal.timeout(ANSWER_MS),
   });
-  if (res.status === 503) throw new Error((await res.json()).error); // the server is full: its words, as they are
-  if (!res.ok) throw new Error(`signalling failed: ${res.status} ${await res.text()}`);
-  await pc.setRemoteDescription(await res.json());
+  // the server answered but refused (unknown tab, bad offer, ...): its reason, and no fallback
+  if (!res.ok) throw new Error(((await res.json().catch(() => null)) || {}).error || `signalling failed: ${res.status}`);
+  const answer = await res.json();
+  if (own !== pc) return;
+  await own.setRemoteDescription(answer);
+  watchdog = setTimeout(() => {
+    // (connected without a frame yet means a slow engine, which HTTP streaming would not cure)
+    if (own === pc && live.frames === 0 && own.connectionState !== "connected")
+      fallBack(`no video within ${FIRST_FRAME_MS / 1000} s: no network path found, connection ${own.connectionState}`).catch(fail);
+  }, FIRST_FRAME_MS);
 }
 
-element.addEventListener("click", (e) => {
-  if (e.target.closest(".lp-start")) start().catch((err) => { stop(); say(`failed: ${err.message}`); });
-  if (e.target.closest(".lp-stop")) stop();
-});
+function fail(err) {
+  stop(`failed: ${err.name === "TimeoutError" ? `no answer from the server within ${ANSWER_MS / 1000} s` : err.message}`);
+}
+
+// ---- a page that is not a secure context: no camera at all, so say how to get one ----
+
+function insecureNotice() {
+  const { hostname, port, protocol } = location;
+  const p = port || (protocol === "https:" ? "443" : "80");
+  const code = (text) => `<code>${text}</code>`;
+  return `<b>The camera is blocked on this page.</b> Browsers give the webcam only to pages served over HTTPS or ` +
+    `from localhost, and this page is ${code(location.origin)}. Any one of these fixes it:<ol>` +
+    `<li>HTTPS: restart the server with ${code("--https-self-signed")} added (or ${code("--ssl-certfile CERT.pem --ssl-keyfile KEY.pem")} ` +
+    `for your own certificate), then open ${code(`https://${hostname}:${p}`)}.</li>` +
+    `<li>An SSH tunnel from this computer: ${code(`ssh -N -L ${p}:localhost:${p} ${hostname}`)}, then open ` +
+    `${code(`http://localhost:${p}`)}.</li>` +
+    `<li>A share link: restart the server with ${code("--share")} and open the https link it prints.</li></ol>`;
+}
+
+function blockCamera() {
+  // both tabs: the notice instead of a camera error, and no start control that cannot work
+  const notice = insecureNotice();
+  Object.assign($(".lp-notice"), { innerHTML: notice, hidden: false });
+  $(".lp-start").disabled = true;
+  say("camera blocked: not a secure context");
+  const guard = () => {
+    const note = document.querySelector("#lp-http-note .lp-note");
+    if (note && !note.firstChild) httpNote(notice);
+    document.querySelectorAll(`${HTTP_CAM} button`).forEach((b) => (b.disabled = true));
+  };
+  new MutationObserver(guard).observe(document.body, { childList: true, subtree: true });
+  guard();
+}
+
+if (window.isSecureContext && navigator.mediaDevices) {
+  element.addEventListener("click", (e) => {
+    if (e.target.closest(".lp-start")) start().catch(fail);
+    if (e.target.closest(".lp-stop")) stop();
+  });
+  document.addEventListener("click", (e) => {
+    if (e.target.closest(".lp-retry")) {
+      tab("WebRTC").click();
+      start().catch(fail);
+    }
+  });
+} else {
+  blockCamera();
+}
