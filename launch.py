@@ -5,6 +5,7 @@
     python launch.py bench --device cpu   # baseline vs optimised engine, JSON + table
 """
 import argparse
+import importlib
 import logging
 import sys
 
@@ -19,26 +20,36 @@ def common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-download", action="store_true", help="never try to download missing weights")
 
 
+# Sub-command -> (module, one-line help). A module gives add_arguments(parser) and run(args), and is imported only
+# when its command runs, so each command needs only its own stack: `bench` runs without the web or face stack.
+# The web app (no sub-command) is web.app.
+COMMANDS = {
+    "render": ("stream.render", "animate a portrait with a driving video file into an MP4"),
+    "bench": ("model.bench", "benchmark: a naive per-frame port against the engine, JSON + table"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     from model.weights import WeightsError
-    from model import bench
-    from stream import render
-    from web import app
 
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if a in COMMANDS), None)
+    module = importlib.import_module(COMMANDS[command][0] if command else "web.app")
     parser = argparse.ArgumentParser(prog="launch.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common(parser)
-    app.add_arguments(parser)
     sub = parser.add_subparsers(dest="command")
-    for name, module in (("render", render), ("bench", bench)):
-        p = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0])
+    for name, (_, help) in COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help)
         common(p)
-        module.add_arguments(p)
+        if name == command:
+            module.add_arguments(p)
+    if command is None:
+        module.add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run = {"render": render.run, "bench": bench.run}.get(args.command, app.run)
     try:
-        return run(args) or 0
+        return module.run(args) or 0
     except WeightsError as e:
         print(f"\n{e}\n", file=sys.stderr)
         return 2

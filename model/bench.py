@@ -239,6 +239,7 @@ def _run(name: str, animate: Callable[[np.ndarray], np.ndarray], batch: int, ima
 def _engine(nets: LivePortraitNetworks, device: torch.device, kwargs: dict, batch: int,
             images: dict[str, np.ndarray]) -> Engine:
     engine = Engine(copy.deepcopy(nets), device=str(device), **kwargs)
+    engine.warmup([batch])  # as the app does at startup: compile and capture before the first frame
     for j in range(batch):
         engine.set_source(images["source"], f"s{j}")
         engine.set_reference(images["reference"], f"s{j}")

@@ -338,6 +338,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load the engine (official weights, or the error saying how to get them), then serve until Ctrl-C."""
     engine = Engine(load_networks(args.weights, args.config, download=not args.no_download), device=args.device)
+    engine.warmup()  # compile and capture now, not in a user's first frame (minutes cold on CUDA, cached after)
     app = LiveApp(engine, args.ice_servers, untrained=str(args.weights) == "recipe")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop` / systemd: shut down like Ctrl-C
     try:
