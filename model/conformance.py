@@ -18,8 +18,9 @@ def measure(golden: np.ndarray, ours: np.ndarray, budget: tuple[float, float], e
     g = golden.astype(np.float64)
     d = np.asarray(ours, np.float64).reshape(g.shape) - g
     max_rel, rms_rel = budget
+    rms = lambda x: float(np.sqrt((x ** 2).mean()))
     r = {"max_abs": float(np.abs(d).max()), "max_limit": max_rel * float(np.abs(g).max()) + 1e-6 + extra_abs,
-         "rms": float(np.sqrt((d ** 2).mean())), "rms_limit": rms_rel * float(np.sqrt((g ** 2).mean())) + 1e-6 + extra_abs}
+         "rms": rms(d), "rms_limit": rms_rel * rms(g) + 1e-6 + extra_abs}
     return {**r, "ok": r["max_abs"] <= r["max_limit"] and r["rms"] <= r["rms_limit"]}
 
 

@@ -52,11 +52,12 @@ def test_each_step_is_on_disk_before_the_next_and_a_failure_does_not_stop_the_ru
         raise RuntimeError("kernel missing")
 
     monkeypatch.setitem(gpu_check.STEPS, "paste_back", broken)
-    assert gpu_check.main(["--out", str(tmp_path), "--device", "cpu", "--steps", "environment,paste_back,fp16_psnr"]) == 1
+    steps = "environment,paste_back,fp16_psnr"
+    assert gpu_check.main(["--out", str(tmp_path), "--device", "cpu", "--steps", steps]) == 1
     assert seen["environment"]["status"] == "pass"  # written and flushed before the next step began
-    steps = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
-    assert steps["paste_back"]["status"] == "fail" and "RuntimeError: kernel missing" in steps["paste_back"]["error"]
-    assert steps["fp16_psnr"]["status"] == "skip"
+    report = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
+    assert report["paste_back"]["status"] == "fail" and "RuntimeError: kernel missing" in report["paste_back"]["error"]
+    assert report["fp16_psnr"]["status"] == "skip"
     assert "FAILED: paste_back" in capsys.readouterr().err
 
 
