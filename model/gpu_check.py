@@ -64,7 +64,7 @@ class Check:
             self.golden = {k: z[k] for k in z.files}
         self.seed = int(self.golden["meta.seed"])
         self.images = _golden_images(self.golden)
-        self.frames = 50 if self.cuda else 3  # timed calls per speed row
+        self.frames = 50 if self.cuda else 2  # timed calls per speed row
         self.warmup_calls = 10 if self.cuda else 1
         self._nets: dict[str, LivePortraitNetworks] = {}
         self.engine: Engine | None = None  # the default engine, built by the startup step
