@@ -1,12 +1,13 @@
 """LivePortrait Live — the one entry point.
 
     python launch.py                      # the web app on http://127.0.0.1:7860 (official weights)
-    python launch.py --host 0.0.0.0 --https-self-signed   # for other machines too (docs/deploy.md)
     python launch.py render --source IMG --driving VIDEO -o OUT.mp4
     python launch.py bench --device cpu   # baseline vs optimised engine, JSON + table
     python launch.py bench serve          # many live sessions: the batching scheduler vs one lock, JSON + table
+    python launch.py --host 0.0.0.0 --https-self-signed   # for other machines too (docs/deploy.md)
 """
 import argparse
+import importlib
 import logging
 import sys
 
@@ -21,32 +22,42 @@ def common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-download", action="store_true", help="never try to download missing weights")
 
 
+# Sub-command -> (module, one-line help). A module gives add_arguments(parser) and run(args), and is imported only
+# when its command runs, so each command needs only its own stack: `bench` runs without the web or face stack.
+# The web app (no sub-command) is web.app.
+COMMANDS = {
+    "render": ("stream.render", "animate a portrait with a driving video file into an MP4"),
+    "bench": ("model.bench", "benchmark: a naive per-frame port against the engine, JSON + table"),
+}
+SERVE = ("stream.serve_bench", "benchmark: many live sessions, the batching scheduler against one lock, JSON + table")
+
+
 def main(argv: list[str] | None = None) -> int:
     from model.weights import WeightsError
-    from model import bench
-    from stream import render
-    from web import app
 
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if a in COMMANDS), None)
+    serve = command == "bench" and argv[argv.index("bench") + 1:argv.index("bench") + 2] == ["serve"]
+    module = importlib.import_module(SERVE[0] if serve else COMMANDS[command][0] if command else "web.app")
     parser = argparse.ArgumentParser(prog="launch.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common(parser)
-    app.add_arguments(parser)
     sub = parser.add_subparsers(dest="command")
-    for name, module in (("render", render), ("bench", bench)):
-        p = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0])
+    for name, (_, help) in COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help)
         common(p)
-        module.add_arguments(p)
-    from stream import serve_bench  # the face stack loads only when it runs
-    p = p.add_subparsers(dest="bench_command").add_parser("serve", help=serve_bench.__doc__.strip().splitlines()[0])
-    common(p)
-    serve_bench.add_arguments(p)
+        if name == "bench" and command == "bench":  # `bench serve` needs the face stack: its own module
+            q = p.add_subparsers(dest="bench_command").add_parser("serve", help=SERVE[1], description=SERVE[1])
+            common(q)
+            p = q if serve else p
+        if name == command:
+            module.add_arguments(p)
+    if command is None:
+        module.add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run = {"render": render.run, "bench": bench.run}.get(args.command, app.run)
-    if getattr(args, "bench_command", None) == "serve":
-        run = serve_bench.run
     try:
-        return run(args) or 0
+        return module.run(args) or 0
     except WeightsError as e:
         print(f"\n{e}\n", file=sys.stderr)
         return 2

@@ -227,7 +227,7 @@ def _native_precisions(cuda: bool) -> set[str]:
 
 def _run(name: str, animate: Callable[[np.ndarray], np.ndarray], batch: int, images: dict[str, np.ndarray],
          frames: int, warmup: int, device: torch.device, started: float) -> dict:
-    """Time a built variant; setup_s = since `started` (build) through its first call (compile, capture)."""
+    """Time a built variant; setup_s = since `started` (build, warm-up: compile, capture) through its first call."""
     driving = [images["driving"], images["reference"]]  # alternate; item 0 of call 0 is the golden driving frame
     batches = [np.stack([driving[(i + j) % 2] for j in range(batch)]) for i in range(2)]
     image = animate(batches[0])[0]
@@ -239,6 +239,7 @@ def _run(name: str, animate: Callable[[np.ndarray], np.ndarray], batch: int, ima
 def _engine(nets: LivePortraitNetworks, device: torch.device, kwargs: dict, batch: int,
             images: dict[str, np.ndarray]) -> Engine:
     engine = Engine(copy.deepcopy(nets), device=str(device), **kwargs)
+    engine.warmup([batch])  # as the app does at startup: compile and capture before the first frame
     for j in range(batch):
         engine.set_source(images["source"], f"s{j}")
         engine.set_reference(images["reference"], f"s{j}")

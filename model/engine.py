@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +26,8 @@ from . import kinematics as kin
 from .networks import LivePortraitNetworks
 
 log = logging.getLogger("liveportrait.engine")
+BUCKETS = (1, 2, 4, 8)  # CUDA-graph batch sizes: a batch is padded up to the next one, larger batches are split
+WARMUP = "warm-up"  # the session warmup() drives
 
 # Columns of the per-item control tensor: the per-frame step is branch-free, so one compiled graph / CUDA graph
 # serves every combination of controls and items with different controls can share a batch.
@@ -59,6 +62,13 @@ class Session:
     controls: Controls = field(default_factory=Controls)
 
 
+def compile_cache_dir() -> Path:
+    """Where torch.compile keeps compiled graphs, kernels and autotuning results between runs: a cold max-autotune
+    compile takes minutes, a warm one seconds. $TORCHINDUCTOR_CACHE_DIR if set, else the per-user cache directory."""
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "liveportrait-live" / "torch-compile"
+    return Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default)))
+
+
 def load_networks(weights: str | Path | None = None, config: str = "full", seed: int = 1,
                   download: bool = True) -> LivePortraitNetworks:
     """Official checkpoints (weights = a directory, or None for the default locations), or `weights="recipe"`:
@@ -75,7 +85,7 @@ def load_networks(weights: str | Path | None = None, config: str = "full", seed:
 class Engine:
     def __init__(self, nets: LivePortraitNetworks, device: str | None = None, precision: str | None = None,
                  compile: bool | None = None, cuda_graphs: bool | None = None, channels_last: bool | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, buckets: Sequence[int] | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         cuda = self.device.type == "cuda"
         self.precision = precision or ("fp16" if cuda else "fp32")
@@ -84,6 +94,9 @@ class Engine:
         self.cuda_graphs = cuda and (cuda_graphs is None or cuda_graphs)
         if cuda_graphs and not cuda:
             log.warning("CUDA graphs need a CUDA device; running without them on %s", self.device)
+        # one CUDA graph per bucket keeps capture time and graph memory bounded; eager and compiled-only engines
+        # take any batch size as it comes (a CPU engine pads only when asked to)
+        self.buckets = tuple(sorted(buckets if buckets is not None else BUCKETS if self.cuda_graphs else ()))
         self.notes: list[str] = []  # what the engine decided, said once (bench and the page show these)
         if not cuda:
             threads = threads or os.cpu_count() or 1
@@ -115,6 +128,7 @@ class Engine:
     def _compile(self, fn):
         """torch.compile the per-frame step; say why and run eager when it is unavailable."""
         mode = "max-autotune-no-cudagraphs" if self.device.type == "cuda" else None
+        cache = compile_cache_dir()
         try:
             compiled = torch.compile(fn, mode=mode, dynamic=False)
         except Exception as e:  # no compiler toolchain, unsupported platform or Python
@@ -127,7 +141,7 @@ class Engine:
             except Exception as e:  # first call compiles: a failure there also falls back, once
                 compiled = self._eager_fallback(fn, e)
                 return compiled(*args)
-        self.notes.append(f"torch.compile on ({mode or 'default'} mode)")
+        self.notes.append(f"torch.compile on ({mode or 'default'} mode, cache {cache})")
         return run
 
     def _eager_fallback(self, fn, err: Exception):
@@ -196,6 +210,24 @@ class Engine:
         """Free a session's cache (its GPU memory returns to the allocator)."""
         self.sessions.pop(session, None)
 
+    def warmup(self, batch_sizes: Sequence[int] | None = None) -> dict[int, float]:
+        """Compile and capture now what a first frame would otherwise wait minutes for: every CUDA-graph bucket
+        (batch 1 without buckets), logging a progress line per size. Returns seconds per batch size."""
+        sizes = list(batch_sizes or self.buckets or (1,))
+        crop = np.full((256, 256, 3), 128, np.uint8)  # any image: compiled code and graphs depend on shapes only
+        self.set_source(crop, WARMUP)
+        took: dict[int, float] = {}
+        try:
+            for i, b in enumerate(sizes, 1):
+                log.info("warm-up %d/%d: compiling and capturing batch %d ...", i, len(sizes), b)
+                start = time.perf_counter()
+                self.animate(np.repeat(crop[None], b, 0), [WARMUP] * b)
+                took[b] = time.perf_counter() - start
+                log.info("warm-up %d/%d: batch %d ready in %.1f s", i, len(sizes), b, took[b])
+        finally:
+            self.close(WARMUP)
+        return took
+
     # ---- the per-frame step ----
 
     @torch.inference_mode()
@@ -210,6 +242,14 @@ class Engine:
         for crop, name in zip(crops, names):  # the first frame a session sees becomes its reference
             if self.sessions[name].reference is None:
                 self.set_reference(crop, name)
+        real = len(crops)
+        if self.buckets and real > self.buckets[-1]:  # more than the largest graph takes: in chunks of it
+            m = self.buckets[-1]
+            outs = [self.animate(crops[i:i + m], names[i:i + m], as_tensor=as_tensor) for i in range(0, real, m)]
+            return torch.cat(outs) if as_tensor else np.concatenate(outs)
+        if pad := next((b for b in self.buckets if b >= real), real) - real:  # fill the bucket with copies of item 0:
+            crops, names = np.concatenate([crops, np.repeat(crops[:1], pad, 0)]), names + names[:1] * pad
+            # items never mix (eval-mode norms are per item), so pads cannot change the real items' outputs
         items = [self.sessions[n] for n in names]
         cat = lambda get: torch.cat([get(s) for s in items])
         inputs = (
@@ -222,7 +262,7 @@ class Engine:
         )
         frames = self._upload(crops)
         out = self._replay(frames, inputs) if self.cuda_graphs else self._step_fn(self._to_input(frames), *inputs)
-        return out if as_tensor else out.cpu().numpy()
+        return out[:real] if as_tensor else out[:real].cpu().numpy()
 
     def _replay(self, frames: torch.Tensor, inputs: tuple) -> torch.Tensor:
         """CUDA graph per batch size over static buffers: copy in, replay, read the static output."""

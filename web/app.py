@@ -447,6 +447,7 @@ def run(args: argparse.Namespace) -> int:
         print(tls.advice(certfile, cert, args.host, args.port, created))
     engine = Engine(load_networks(args.weights, args.config, download=not args.no_download), device=args.device)
     Scheduler.of(engine).max_batch = args.max_batch
+    engine.warmup()  # compile and capture now, not in a user's first frame (minutes cold on CUDA, cached after)
     app = LiveApp(engine, ice_servers, untrained=str(args.weights) == "recipe", max_sessions=args.max_sessions)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop` / systemd: shut down like Ctrl-C
     try:
