@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common(parser)
     sub = parser.add_subparsers(dest="command")
-    for name, (_, help) in COMMANDS.items():
-        p = sub.add_parser(name, help=help, description=help)
+    for name, (_, summary) in COMMANDS.items():
+        p = sub.add_parser(name, help=summary, description=summary)
         common(p)
         if name == "bench" and command == "bench":  # `bench serve` needs the face stack: its own module
             q = p.add_subparsers(dest="bench_command").add_parser("serve", help=SERVE[1], description=SERVE[1])
