@@ -261,7 +261,8 @@ class Scheduler:
                 now, due = time.monotonic(), []
                 for lane in self.lanes:
                     if lane.inbox is not None and lane.prepare_at > now:
-                        due.append(lane.prepare_at)
+                        if lane.prepare_at != float("inf"):  # inf: when the engine frees (no overlap, CPU)
+                            due.append(lane.prepare_at)
                     else:
                         self._kick(lane)
                 self._cond.wait(min(due) - now if due else None)
