@@ -180,9 +180,10 @@ class SessionPipeline:
     def reset_reference(self) -> None:
         self.animator.reset_reference()
 
-    def start_recording(self, path: str | Path) -> None:
-        """Record every output frame from now on into an MP4 at `path` (a running recording is finalised)."""
-        old, self.recorder = self.recorder, Recorder(path)
+    def start_recording(self, path: str | Path, max_seconds: float | None = None) -> None:
+        """Record every output frame from now on into an MP4 at `path`, for at most `max_seconds` (a running
+        recording is finalised)."""
+        old, self.recorder = self.recorder, Recorder(path, max_seconds)
         if old:
             old.close()
 
@@ -194,7 +195,9 @@ class SessionPipeline:
     def stats(self) -> dict:
         """Metrics for the page: rates, drops, latency (arrival -> output), transport, recording state."""
         with self._cond:
-            return dict(self.metrics.snapshot(), transport=self.transport, recording=self.recorder is not None,
+            rec = self.recorder
+            return dict(self.metrics.snapshot(), transport=self.transport, recording=bool(rec and rec.active),
+                        recording_full=bool(rec and rec.full),
                         size=None if self._output is None else list(self._output.shape[1::-1]))
 
     def _run(self) -> None:
