@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import fastapi
 import gradio as gr
@@ -387,10 +388,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_limit_arguments(parser)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Load the engine (official weights, or the error saying how to get them), then serve until Ctrl-C."""
+def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = None) -> int:
+    """Load the engine (official weights, or the error saying how to get them), then serve until Ctrl-C.
+    `on_start` sees the app before it serves (the load-test server logs its counts)."""
     engine = Engine(load_networks(args.weights, args.config, download=not args.no_download), device=args.device)
     app = LiveApp(engine, args.ice_servers, untrained=str(args.weights) == "recipe", limits=Limits.from_args(args))
+    if on_start:
+        on_start(app)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop` / systemd: shut down like Ctrl-C
     try:
         app.launch(args.host, args.port, args.share, args.auth)
