@@ -31,7 +31,8 @@ from stream.face import NoFaceError, SourceFace, prepare_source
 from stream.pipeline import SessionPipeline, Settings
 from stream.render import MAX_BYTES, MAX_SIDE, InputError, read_image, render
 from web.guard import Refused, check_offer
-from web.limits import Limits, WorkDir, add_arguments as add_limit_arguments, idle_since
+from web.limits import Limits, WorkDir, idle_since, release_memory
+from web.limits import add_arguments as add_limit_arguments
 from web.webrtc import WebRTC, parse_ice_servers
 
 log = logging.getLogger("liveportrait.app")
@@ -136,6 +137,7 @@ class LiveApp:
             if now - when > timeout:
                 self.gone.pop(session, None)
         self.work.clean()
+        release_memory()
         return idle
 
     async def _reap_forever(self) -> None:

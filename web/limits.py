@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
+import gc
 import logging
 import secrets
 import threading
@@ -116,3 +119,19 @@ def idle_since(last_request: float, pipeline) -> float:
     """When a tab last showed a sign of life: its last request, or its pipeline's last webcam frame."""
     arrivals = pipeline.metrics.arrivals if pipeline is not None else ()
     return max(last_request, arrivals[-1] if arrivals else 0.0)
+
+
+def release_memory() -> None:
+    """Give the heap's free pages back to the OS. A connection's codecs, face tracker and threads allocate from
+    glibc's per-thread arenas, which keep freed memory: measured, server RSS grew 170 MB per round of three
+    tabs with nothing left alive (docs/reliability.md). No-op without glibc."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+try:
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    _LIBC.malloc_trim  # glibc only
+except (OSError, AttributeError):
+    _LIBC = None
