@@ -282,6 +282,7 @@ def test_abrupt_drops_leave_nothing_behind(served):
     for path in recordings:
         with av.open(str(path)) as c:
             assert sum(1 for _ in c.decode(video=0)) >= 1
+    assert httpx.get(url + f"gradio_api/file={recordings[0]}").status_code == 403  # never served by its path
 
 
 def test_offer_needs_the_login(tmp_path, loopback_only):
