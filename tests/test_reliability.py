@@ -12,12 +12,10 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import av
 import gradio as gr
 import httpx
-import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 
@@ -53,6 +51,11 @@ def own_threads() -> list[str]:
 
 def fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def back_to(threads: list[str], files: int) -> bool:
+    """No thread that was not there before, and no more open file descriptors."""
+    return set(own_threads()) <= set(threads) and fds() <= files
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +134,7 @@ def test_load(served):
     for r in report["results"]:
         assert r["failures"] == [] and r["frames"] >= 2 and r["size"] == (512, 512), r
     assert wait_until(lambda: not idle(app)), idle(app)
-    assert wait_until(lambda: set(own_threads()) <= set(threads) and fds() <= files), (own_threads(), threads, fds(), files)
+    assert wait_until(lambda: back_to(threads, files)), (own_threads(), threads, fds(), files)
 
 
 def valid_offer_sdp(kinds=("video",), direction="sendrecv") -> str:
@@ -192,8 +195,9 @@ def malformed_offers(n: int, live: str, seed: int = 0) -> list[tuple[str, bytes,
     for what, sdp in broken_sdp.items():
         shapes[f"SDP: {what}"] = lambda s, sdp=sdp: json.dumps({"sdp": sdp, "type": "offer", "session": s}).encode()
     json_type = {"content-type": "application/json"}
-    headers = {"cross-origin": {**json_type, "origin": "http://evil.example"}, "text/plain": {
-        "content-type": "text/plain"}, "no content type": {}, "form": {"content-type": "application/x-www-form-urlencoded"}}
+    headers = {"cross-origin": {**json_type, "origin": "http://evil.example"},
+               "text/plain": {"content-type": "text/plain"}, "no content type": {},
+               "form": {"content-type": "application/x-www-form-urlencoded"}}
     cases = []
     for i in range(n):
         session = live if i % 2 == 0 else rng.choice(["nobody", "", live[::-1]])
@@ -276,7 +280,7 @@ def test_abrupt_drops_leave_nothing_behind(served):
     for cycle in range(DROPS):
         asyncio.run(drop(url, modes[cycle % 3], cycle))
     assert wait_until(lambda: not idle(app), 120), idle(app)
-    assert wait_until(lambda: set(own_threads()) <= set(threads) and fds() <= files), (own_threads(), threads, fds(), files)
+    assert wait_until(lambda: back_to(threads, files)), (own_threads(), threads, fds(), files)
     recordings = sorted(app.dir.glob("recording-*.mp4"))
     assert len(recordings) >= DROPS // 3 - 1  # each mid-recording drop finalised its file (at most one had no frame)
     for path in recordings:

@@ -269,7 +269,8 @@ class LiveApp:
             return None, "Upload a driving video first."
         page = self.page(request)
         if (size := Path(driving).stat().st_size) > self.limits.render_max_mb * 2**20:
-            return None, f"⚠️ The video is {size / 2**20:.0f} MB; this server renders at most {self.limits.render_max_mb:g} MB."
+            return None, (f"⚠️ The video is {size / 2**20:.1f} MB; this server renders at most "
+                          f"{self.limits.render_max_mb:g} MB.")
         if (out := self.work.reserve("render")) is None:
             return None, "⚠️ The server's storage for renders is full; try again later."
         try:
