@@ -17,11 +17,13 @@ import asyncio
 import ipaddress
 import json
 import logging
+import multiprocessing
 import os
 import secrets
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -242,39 +244,53 @@ def proc_stats(pid: int) -> dict:
                 threads=int(status["Threads"]), fds=len(os.listdir(f"/proc/{pid}/fd")))
 
 
+def client_process(url: str, i: int, seconds: float, fps: float, delay: float,
+                   auth: tuple[str, str] | None) -> dict:
+    """One client in its own process, as each browser tab is: one event loop can starve its peers' ICE
+    consent checks when it carries many encoders (then both ends drop the connection after 30 s)."""
+    loopback_ice()
+
+    async def main() -> ClientResult:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            if auth:
+                (await http.post("login", data={"username": auth[0], "password": auth[1]})).raise_for_status()
+            return await run_client(i, http, seconds, webcam_loop(), fps, delay)
+    return asdict(asyncio.run(main()))
+
+
 async def load(url: str, clients: int, seconds: float, fps: float = 15.0, pid: int | None = None,
                auth: tuple[str, str] | None = None) -> dict:
-    """N clients for `seconds` against the server at `url` (loopback only); results and server samples."""
+    """N clients (one process each) for `seconds` against the server at `url` (loopback only); results and
+    server samples."""
     parts = urlsplit(url)
     if not is_loopback(parts.hostname or ""):
         raise ValueError(f"the load test only talks to loopback addresses, not {parts.hostname!r}")
-    loopback_ice()
+    url = url.rstrip("/") + "/"
     pid = pid or server_pid(parts.port or 80)
     stats = (lambda: proc_stats(pid)) if pid else dict
-    frames = webcam_loop()
     before, during = stats(), []
-    async with httpx.AsyncClient(base_url=url.rstrip("/") + "/", timeout=30) as http:
-        if auth:
-            (await http.post("login", data={"username": auth[0], "password": auth[1]})).raise_for_status()
 
-        async def sample() -> None:
-            for _ in range(int(seconds // STEP) + 3):
-                await asyncio.sleep(STEP)
-                during.append(stats())
-        sampler = asyncio.ensure_future(sample())
-        results = await asyncio.gather(*[run_client(i, http, seconds, frames, fps, delay=0.5 * i)  # staggered
-                                         for i in range(clients)])
-        sampler.cancel()
+    async def sample() -> None:
+        for _ in range(int(seconds // STEP) + 10):
+            await asyncio.sleep(STEP)
+            during.append(stats())
+    sampler = asyncio.ensure_future(sample())
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(clients, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = await asyncio.gather(*[loop.run_in_executor(pool, client_process, url, i, seconds, fps,
+                                                              0.5 * i, auth) for i in range(clients)])
+    sampler.cancel()
     t_end, after = time.monotonic(), stats()
     while pid and time.monotonic() - t_end < SETTLE and (after["threads"] > before["threads"]
                                                          or after["fds"] > before["fds"]):
         await asyncio.sleep(2)
         after = stats()
+    during = [s for s in during if s]
     warm = [s for s in during if s["t"] - during[0]["t"] >= min(60, seconds / 5)] if during else []
     return dict(url=url, clients=clients, seconds=seconds, webcam=f"{W}x{H} VP8 at {fps:g} fps",
-                results=[asdict(r) for r in results], server_pid=pid, before=before, during=during, after=after,
+                results=results, server_pid=pid, before=before, during=during, after=after,
                 rss_growth_after_warmup_mb=round(warm[-1]["rss_mb"] - warm[0]["rss_mb"], 1) if len(warm) > 1 else None,
-                failed_clients=sum(bool(r.failures) for r in results))
+                failed_clients=sum(bool(r["failures"]) for r in results))
 
 
 def table(report: dict) -> str:
