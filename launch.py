@@ -5,6 +5,7 @@
     python launch.py bench --device cpu   # baseline vs optimised engine, JSON + table
     python launch.py bench serve          # many live sessions: the batching scheduler vs one lock, JSON + table
     python launch.py --host 0.0.0.0 --https-self-signed   # for other machines too (docs/deploy.md)
+    python launch.py loadtest --url http://127.0.0.1:7860/ --clients 8 --minutes 5   # see docs/reliability.md
 """
 import argparse
 import importlib
@@ -28,6 +29,7 @@ def common(p: argparse.ArgumentParser) -> None:
 COMMANDS = {
     "render": ("stream.render", "animate a portrait with a driving video file into an MP4"),
     "bench": ("model.bench", "benchmark: a naive per-frame port against the engine, JSON + table"),
+    "loadtest": ("web.loadtest", "load and soak a running server with real WebRTC clients (loopback only)"),
 }
 SERVE = ("stream.serve_bench", "benchmark: many live sessions, the batching scheduler against one lock, JSON + table")
 

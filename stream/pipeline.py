@@ -14,7 +14,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -195,13 +195,15 @@ class SessionPipeline:
     def closed(self) -> bool:
         return self._closed
 
-    def submit(self, rgb: np.ndarray) -> None:
-        """Hand over a webcam frame (RGB uint8); never blocks: it replaces a frame still waiting."""
+    def submit(self, frame: np.ndarray | Any) -> None:
+        """Hand over a webcam frame: RGB uint8, or a decoded video frame with `to_ndarray` (PyAV), converted only if
+        it is not dropped, on the pool: WebRTC's event loop stays free for ICE consent checks. Never blocks: it
+        replaces a frame still waiting."""
         now = time.monotonic()
         with self._cond:
             self.metrics.frames_in += 1
             self.metrics.arrivals.append(now)
-        self.lane.submit(rgb, now)
+        self.lane.submit(frame, now)
 
     def latest(self) -> tuple[int, np.ndarray | None]:
         """(sequence number, image) of the newest output."""
@@ -220,9 +222,10 @@ class SessionPipeline:
     def reset_reference(self) -> None:
         self.animator.reset_reference()
 
-    def start_recording(self, path: str | Path) -> None:
-        """Record every output frame from now on into an MP4 at `path` (a running recording is finalised)."""
-        old, self.recorder = self.recorder, Recorder(path)
+    def start_recording(self, path: str | Path, max_seconds: float | None = None) -> None:
+        """Record every output frame from now on into an MP4 at `path`, for at most `max_seconds` (a running
+        recording is finalised)."""
+        old, self.recorder = self.recorder, Recorder(path, max_seconds)
         if old:
             old.close()
 
@@ -235,12 +238,15 @@ class SessionPipeline:
         """Metrics for the page: rates, drops, latency (arrival -> output), transport, recording state."""
         with self._cond:
             self.metrics.dropped, self.metrics.failed = self.lane.dropped, self.lane.failed
-            return dict(self.metrics.snapshot(), transport=self.transport, recording=self.recorder is not None,
+            rec = self.recorder
+            return dict(self.metrics.snapshot(), transport=self.transport, recording=bool(rec and rec.active),
+                        recording_full=bool(rec and rec.full),
                         size=None if self._output is None else list(self._output.shape[1::-1]))
 
     # ---- the scheduler's stages (stream/scheduler.py Client) ----
 
-    def prepare(self, rgb: np.ndarray, arrived: float) -> Work:
+    def prepare(self, frame: np.ndarray | Any, arrived: float) -> Work:
+        rgb = frame if isinstance(frame, np.ndarray) else frame.to_ndarray(format="rgb24")
         return self.animator.prepare(rgb, arrived)
 
     def finish(self, work: Work, face: np.ndarray | torch.Tensor | None) -> None:

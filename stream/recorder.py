@@ -23,9 +23,11 @@ _open: "weakref.WeakSet[Recorder]" = weakref.WeakSet()
 class Recorder:
     """H.264 (else MPEG-4 part 2) yuv420p MP4 writer; thread-safe, so a worker can write while a handler stops it."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, max_seconds: float | None = None):
         self.path = Path(path)
         self.frames = 0
+        self.max_seconds = max_seconds
+        self.full = False  # stopped at max_seconds: finalised, later frames are not written
         self._lock = threading.Lock()
         self._container = av.open(str(self.path), "w")
         self._stream = self._container.add_stream(CODEC, rate=30)
@@ -51,6 +53,10 @@ class Recorder:
             if self._t0 is None:
                 self._t0 = t
                 self._stream.width, self._stream.height = rgb.shape[1] // 2 * 2, rgb.shape[0] // 2 * 2
+            elif self.max_seconds is not None and t - self._t0 >= self.max_seconds:
+                self.full = True
+                self._finish()
+                return
             w, h = self._stream.width, self._stream.height
             if rgb.shape[:2] != (h, w):
                 rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
@@ -64,13 +70,21 @@ class Recorder:
         """Flush the encoder and write the MP4 index: the file is playable after this. Idempotent. Returns the
         path, or None when no frame was recorded (no file is written then)."""
         with self._lock:
-            if self._container is not None:
-                if self.frames:
-                    self._container.mux(self._stream.encode(None))
-                self._container.close()
-                self._container = None
-            _open.discard(self)
+            self._finish()
         return self.path if self.frames else None
+
+    def _finish(self) -> None:
+        if self._container is not None:
+            if self.frames:
+                self._container.mux(self._stream.encode(None))
+            self._container.close()
+            self._container = None
+        _open.discard(self)
+
+
+def recording_paths() -> set[Path]:
+    """The files being recorded right now (a clean-up must not delete them)."""
+    return {rec.path for rec in list(_open)}
 
 
 @atexit.register

@@ -58,9 +58,10 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def render(engine: Engine, source: SourceFace, driving: str | Path, output: str | Path,
-           settings: Settings | None = None) -> dict:
+           settings: Settings | None = None, max_seconds: float | None = None) -> dict:
     """Animate `source` with every frame of `driving` into `output` (H.264 + AAC MP4). Returns frames, fps and
-    whether audio was written. Raises InputError for an unreadable driving video."""
+    whether audio was written. Raises InputError for an unreadable driving video, or one longer than
+    `max_seconds` (by its header, else found while decoding)."""
     try:
         src = av.open(str(driving))
     except (av.FFmpegError, OSError) as e:
@@ -73,6 +74,10 @@ def render(engine: Engine, source: SourceFace, driving: str | Path, output: str 
             vin = src.streams.video[0]
             ain = src.streams.audio[0] if src.streams.audio else None
             fps = vin.average_rate or vin.guessed_rate or Fraction(25)
+            too_long = InputError(f"{Path(driving).name!r} is longer than {max_seconds:g} s, the limit of this "
+                                  "server.") if max_seconds is not None else None
+            if too_long and (src.duration or 0) / av.time_base > max_seconds:
+                raise too_long
             vout = dst.add_stream(CODEC, rate=fps)
             vout.pix_fmt, vout.codec_context.time_base = "yuv420p", 1 / fps
             aout = dst.add_stream("aac", rate=ain.rate, layout=ain.layout.name) if ain else None
@@ -83,6 +88,8 @@ def render(engine: Engine, source: SourceFace, driving: str | Path, output: str 
                         if packet.stream is ain:
                             audio.append(frame)
                         else:
+                            if too_long and frames >= max_seconds * fps:
+                                raise too_long
                             out = animator(frame.to_ndarray(format="rgb24"), frame.time)
                             if not frames:
                                 vout.width, vout.height = out.shape[1], out.shape[0]

@@ -10,14 +10,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
+from typing import Callable
 
 import fastapi
 import gradio as gr
@@ -35,8 +36,12 @@ from stream.scheduler import Scheduler, ServerFull
 from stream.render import MAX_BYTES, MAX_SIDE, InputError, read_image, render
 from web import controls as panel
 from web import tls
+from web.guard import Refused, check_offer
+from web.limits import Limits, WorkDir, idle_since, release_memory
+from web.limits import add_arguments as add_limit_arguments
 from web.webrtc import WebRTC, parse_ice_servers, turn_server
 
+log = logging.getLogger("liveportrait.app")
 STATIC = Path(__file__).parent / "static"
 LIVE_HTML = """<div class="lp-live"><div class="lp-notice" hidden></div><video autoplay playsinline muted></video>
 <div class="lp-bar"><button class="lp-start">▶ Start camera</button><button class="lp-stop">■ Stop</button>
@@ -54,6 +59,7 @@ PAGE_CSS = """.lp-banner { background: #b71c1c; color: #fff; padding: .6em 1em; 
 .lp-notice code { background: #fff; color: #000; padding: 0 .25em; border-radius: 3px; user-select: all; }
 .lp-notice button { font-size: .9em; padding: .2em .9em; margin-top: .3em; }
 #lp-http-cam button:disabled { opacity: .35; cursor: not-allowed; }"""
+MAX_GONE = 10_000  # closed-tab markers kept at most (each also expires after the idle timeout)
 
 
 class Page:
@@ -67,6 +73,7 @@ class Page:
         self.editor: PortraitEditor | None = None  # the Portrait editing tab's engine session, once opened
         self.editing = False  # that tab is the one shown: control changes re-render the edited portrait
         self.closed = False  # the tab is gone: a late request must not open a new connection
+        self.seen = time.monotonic()  # the tab's last request (its idle time decides when it is reaped)
         self._lock = threading.Lock()
 
     def connect(self, engine: Engine, transport: str, max_sessions: int | None = None) -> SessionPipeline | None:
@@ -103,22 +110,25 @@ class LiveApp:
     """The server side of the page: the shared engine, the pages, WebRTC, and every event handler."""
 
     def __init__(self, engine: Engine, ice_servers: list[dict] | None = None, untrained: bool = False,
-                 workdir: str | Path | None = None, max_sessions: int | None = None):
+                 workdir: str | Path | None = None, max_sessions: int | None = None, limits: Limits | None = None):
         self.engine, self.untrained = engine, untrained
         self.max_sessions = max_sessions or DEFAULT_MAX_SESSIONS.get(engine.device.type, 1)
         self.rtc = WebRTC(ice_servers or [])
         self.sample = prepare_source(skimage.data.astronaut())  # NASA, public domain
         self.pages: dict[str, Page] = {}
-        self.gone: set[str] = set()  # session hashes of closed tabs
+        self.gone: dict[str, float] = {}  # session hashes of closed tabs -> when (they expire: see reap)
+        self.limits = limits or Limits()
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="liveportrait-"))
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.work = WorkDir(self.dir, self.limits)
 
     def page(self, request: gr.Request) -> Page:
         if request.session_hash in self.gone:  # a request that raced the tab's unload: a detached, closed page
             page = Page(self.sample)
             page.closed = True
             return page
-        return self.pages.setdefault(request.session_hash, Page(self.sample))
+        page = self.pages.setdefault(request.session_hash, Page(self.sample))
+        page.seen = time.monotonic()
+        return page
 
     # ---- page lifecycle ----
 
@@ -129,13 +139,39 @@ class LiveApp:
 
     def close_page(self, request: gr.Request) -> None:
         """Tab closed: end its live connection and forget it."""
-        self.gone.add(request.session_hash)
-        if page := self.pages.pop(request.session_hash, None):
+        self.gone[request.session_hash] = time.monotonic()
+        while len(self.gone) > MAX_GONE:
+            del self.gone[next(iter(self.gone))]
+        self._free(request.session_hash)
+
+    def _free(self, session: str) -> None:
+        if page := self.pages.pop(session, None):
             with page._lock:
                 page.closed = True
             page.disconnect()
             if page.editor:  # none is created once the page is closed
                 page.editor.close()
+
+    def reap(self) -> list[str]:
+        """Free the tabs idle for longer than the idle timeout (closed without an unload event: a crashed
+        browser, a laptop lid, a lost network), expire old closed-tab markers, clean the work directory.
+        Returns the sessions freed. A reaped tab that comes back later starts afresh."""
+        now, timeout = time.monotonic(), self.limits.idle_timeout
+        idle = [s for s, p in list(self.pages.items()) if now - idle_since(p.seen, p.pipeline) > timeout]
+        for session in idle:
+            log.info("tab %s idle for over %g s: freed", session, timeout)
+            self._free(session)
+        for session, when in list(self.gone.items()):
+            if now - when > timeout:
+                self.gone.pop(session, None)
+        self.work.clean()
+        release_memory()
+        return idle
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(min(30.0, self.limits.idle_timeout / 4))
+            await asyncio.to_thread(self.reap)
 
     def close(self) -> None:
         """Server shutdown: end every live connection (recordings are finalised)."""
@@ -228,37 +264,49 @@ class LiveApp:
         return pipeline.wait(seq, timeout=2.0)[1]
 
     async def offer(self, request: fastapi.Request) -> JSONResponse:
-        """POST /offer {sdp, type, session}: answer a page's WebRTC offer."""
+        """POST /offer {sdp, type, session}: answer a page's WebRTC offer. The login, the origin, the content type,
+        the size and the offer itself are checked first; the tab's live connection is replaced only once aiortc
+        has accepted the offer, so a bad one (even carrying the tab's id) leaves the tab streaming."""
         try:
-            body = await request.json()
-            page = self.pages.get(str(body["session"]))
-        except (ValueError, TypeError, KeyError):
-            return JSONResponse({"error": "expected JSON {sdp, type, session}"}, status_code=400)
+            body = await check_offer(request)
+        except Refused as e:
+            return JSONResponse({"error": str(e)}, status_code=e.status)
+        page = self.pages.get(body["session"])
         if page is None:
             return JSONResponse({"error": "unknown session; reload the page"}, status_code=403)
+        page.seen = time.monotonic()
         try:
-            pipeline = await asyncio.to_thread(page.connect, self.engine, "WebRTC", self.max_sessions)
-        except ServerFull as e:
+            answer = await self.rtc.answer(
+                body, lambda: asyncio.to_thread(page.connect, self.engine, "WebRTC", self.max_sessions),
+                page.disconnect)
+        except ServerFull as e:  # the offer was fine, the server is not: nothing was created
             return JSONResponse({"error": str(e)}, status_code=503)
-        if pipeline is None:
-            return JSONResponse({"error": "this tab was closed; reload the page"}, status_code=403)
         try:
-            return JSONResponse(await self.rtc.answer(body, pipeline, page.disconnect))
-        except Exception as e:  # a malformed offer: the peer and the pipeline are already closed
+            answer = await self.rtc.answer(body, lambda: asyncio.to_thread(page.connect, self.engine, "WebRTC"),
+                                           page.disconnect)
+        except Exception as e:  # aiortc refused the offer: nothing was created, the tab's connection is untouched
             return JSONResponse({"error": f"bad offer: {e}"}, status_code=400)
+        if answer is None:
+            return JSONResponse({"error": "this tab was closed; reload the page"}, status_code=403)
+        return JSONResponse(answer)
 
     def stats(self, request: gr.Request) -> str:
         """The metrics line the page polls (a tick after the tab closed must not bring the page back)."""
         page = self.pages.get(request.session_hash)
+        if page:
+            page.seen = time.monotonic()
         if not (pipeline := page and page.pipeline):
             if page and page.refused:
                 return f"**Live:** {page.refused}."
             return "**Live:** not connected — start the camera (WebRTC) or the HTTP streaming webcam."
         m = pipeline.stats()
         size = "×".join(map(str, m["size"])) if m["size"] else "–"
+        recording = (" · ● recording" if m["recording"] else
+                     f" · ■ recording stopped at the {self.limits.record_max_s:g} s limit: press Stop recording to "
+                     "get it" if m["recording_full"] else "")
         return (f"**Live via {m['transport']}** · in {m['fps_in']} fps · out {m['fps_out']} fps · "
                 f"dropped {m['dropped']} · latency p50 {m['latency_p50_ms']:.0f} ms / p95 {m['latency_p95_ms']:.0f} ms"
-                f" · {size}{' · ● recording' if m['recording'] else ''}")
+                f" · {size}{recording}")
 
     def healthz(self) -> JSONResponse:
         """GET /healthz: load and capacity for a load balancer or readiness probe; 503 while full."""
@@ -275,9 +323,10 @@ class LiveApp:
         page = self.page(request)
         if page.pipeline is None:
             return "Start the camera first, then record."
-        path = self.dir / f"recording-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}.mp4"
-        page.pipeline.start_recording(path)
-        return "● Recording…"
+        if (path := self.work.reserve("recording")) is None:
+            return "⚠️ The server's storage for recordings is full; try again later."
+        page.pipeline.start_recording(path, self.limits.record_max_s)
+        return f"● Recording… (at most {self.limits.record_max_s:g} s)"
 
     def stop_recording(self, request: gr.Request) -> tuple:
         page = self.page(request)
@@ -294,9 +343,14 @@ class LiveApp:
         if not driving:
             return None, "Upload a driving video first."
         page = self.page(request)
-        out = self.dir / f"render-{uuid.uuid4().hex[:8]}.mp4"
+        if (size := Path(driving).stat().st_size) > self.limits.render_max_mb * 2**20:
+            return None, (f"⚠️ The video is {size / 2**20:.1f} MB; this server renders at most "
+                          f"{self.limits.render_max_mb:g} MB.")
+        if (out := self.work.reserve("render")) is None:
+            return None, "⚠️ The server's storage for renders is full; try again later."
         try:
-            info = render(self.engine, page.source, driving, out, page.settings)
+            with self.work.writing(out):
+                info = render(self.engine, page.source, driving, out, page.settings, self.limits.render_max_s)
         except InputError as e:
             return None, f"⚠️ {e}"
         return str(out), f"{info['frames']} frames at {info['fps']:g} fps{', with audio' if info['audio'] else ''}."
@@ -304,7 +358,8 @@ class LiveApp:
     # ---- the page and the server ----
 
     def blocks(self) -> gr.Blocks:
-        with gr.Blocks(title="LivePortrait Live") as demo:
+        age = self.limits.work_max_age_h * 3600  # Gradio's copies of the files it serves expire like ours
+        with gr.Blocks(title="LivePortrait Live", delete_cache=(min(3600, age), age)) as demo:
             gr.Markdown("# LivePortrait Live\nYour webcam drives the portrait: head pose and expressions, live.")
             if self.untrained:
                 gr.HTML('<div class="lp-banner">⚠️ Untrained weights (<code>--weights recipe</code>): the networks '
@@ -377,14 +432,17 @@ class LiveApp:
         (certfile, keyfile)."""
         @contextlib.asynccontextmanager
         async def lifespan(_app):
+            reaper = asyncio.create_task(self._reap_forever())
             yield
+            reaper.cancel()
             await self.rtc.close_all()
             await asyncio.to_thread(self.close)
 
         demo = self.blocks()
         demo.queue(default_concurrency_limit=None)
         certfile, keyfile = map(str, ssl) if ssl else (None, None)
-        demo.launch(server_name=host, server_port=port, share=share, auth=auth, max_file_size=MAX_BYTES,
+        max_upload = max(MAX_BYTES, int(self.limits.render_max_mb * 2**20))  # portraits: read_image says 20 MB
+        demo.launch(server_name=host, server_port=port, share=share, auth=auth, max_file_size=max_upload,
                     prevent_thread_lock=not block, css=PAGE_CSS, footer_links=[],
                     ssl_certfile=certfile, ssl_keyfile=keyfile, ssl_verify=False,  # Gradio's check of its own URL
                     app_kwargs={"routes": [APIRoute("/offer", self.offer, methods=["POST"]),
@@ -424,10 +482,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="live sessions admitted at once; more get 'the server is full' (default per device: "
                              + ", ".join(f"{k} {v}" for k, v in DEFAULT_MAX_SESSIONS.items()) + ")")
     parser.add_argument("--max-batch", type=int, default=8, help="most sessions animated in one engine call")
+    add_limit_arguments(parser)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Load the engine (official weights, or the error saying how to get them), then serve until Ctrl-C."""
+def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = None) -> int:
+    """Load the engine (official weights, or the error saying how to get them), then serve until Ctrl-C.
+    `on_start` sees the app before it serves (the load-test server logs its counts)."""
     try:
         ice_servers = (args.ice_servers or []) + turn_server(args.turn_url, args.turn_user, args.turn_password)
         if args.https_self_signed and (args.ssl_certfile or args.ssl_keyfile):
@@ -448,7 +508,10 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(load_networks(args.weights, args.config, download=not args.no_download), device=args.device)
     Scheduler.of(engine).max_batch = args.max_batch
     engine.warmup()  # compile and capture now, not in a user's first frame (minutes cold on CUDA, cached after)
-    app = LiveApp(engine, ice_servers, untrained=str(args.weights) == "recipe", max_sessions=args.max_sessions)
+    app = LiveApp(engine, ice_servers, untrained=str(args.weights) == "recipe", max_sessions=args.max_sessions,
+                  limits=Limits.from_args(args))
+    if on_start:
+        on_start(app)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop` / systemd: shut down like Ctrl-C
     try:
         app.launch(args.host, args.port, args.share, args.auth, ssl=ssl)

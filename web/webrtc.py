@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from fractions import Fraction
-from typing import Callable
+from typing import Awaitable, Callable
 
 import av
 from aiortc import (MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription,
@@ -24,7 +24,7 @@ from stream.pipeline import SessionPipeline
 
 log = logging.getLogger("liveportrait.webrtc")
 CLOCK = Fraction(1, 90000)  # the RTP video clock
-CONNECT_S = 20  # a peer not connected by then is closed: its page gave up (it falls back after 10 s) or vanished
+CONNECT_TIMEOUT = 30  # s from the answer to a connected peer (the page falls back after 10 s); ICE takes far less
 
 
 def parse_ice_servers(text: str | None) -> list[dict]:
@@ -63,7 +63,14 @@ class AnimatedTrack(VideoStreamTrack):
         self._fresh = asyncio.Event()
         self._seq = 0
         self._t0 = time.monotonic()
-        pipeline.on_output = lambda: loop.is_closed() or loop.call_soon_threadsafe(self._fresh.set)
+        pipeline.on_output = lambda: loop.is_closed() or loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        """A new output, or the pipeline closed (replaced by a newer connection, the tab gone, reaped): then the
+        peer ends too, even if it never connected and so never asks for a frame."""
+        self._fresh.set()
+        if self.pipeline.closed and self.readyState == "live":
+            self._on_end()
 
     async def recv(self) -> av.VideoFrame:
         while True:
@@ -92,12 +99,27 @@ class WebRTC:
         self.ice_servers = ice_servers
         self.peers: dict[RTCPeerConnection, Callable] = {}
 
-    async def answer(self, offer: dict, pipeline: SessionPipeline,
-                     on_close: Callable[[SessionPipeline], None]) -> dict:
-        """Answer a browser's offer: its video feeds `pipeline`, whose output is sent back. When the connection
-        ends (closed, failed, track ended) the peer is closed and `on_close(pipeline)` runs (in a worker thread:
-        it waits for the pipeline's frames in flight)."""
+    async def answer(self, offer: dict, connect: Callable[[], Awaitable[SessionPipeline | None]],
+                     on_close: Callable[[SessionPipeline], None]) -> dict | None:
+        """Answer a browser's offer: its video feeds a pipeline, whose output is sent back. The offer is applied to
+        a fresh peer first; only once aiortc has accepted it does `connect()` make the pipeline (replacing the
+        tab's connection), so a broken offer (raised here) leaves the tab as it was. None when `connect()` gives
+        no pipeline (the tab was closed). When the connection ends (closed, failed, track ended) the peer is
+        closed and `on_close(pipeline)` runs (in a worker thread: it waits for the pipeline's frames in flight)."""
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(**s) for s in self.ice_servers]))
+        webcam: list[MediaStreamTrack] = []
+        pc.on("track", lambda track: track.kind == "video" and webcam.append(track))
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type=offer["type"]))
+            if not webcam:
+                raise ValueError("the offer has no video track")
+            pipeline = await connect()
+        except BaseException:
+            await pc.close()
+            raise
+        if pipeline is None:
+            await pc.close()
+            return None
         tasks: set[asyncio.Task] = set()  # held here: the event loop keeps only weak references to tasks
 
         def spawn(coro) -> None:
@@ -118,34 +140,27 @@ class WebRTC:
         output = AnimatedTrack(pipeline, lambda: spawn(close()))
         self.peers[pc] = close
 
-        @pc.on("track")
-        def on_track(track: MediaStreamTrack) -> None:
-            if track.kind == "video":
-                spawn(self._pump(track, pipeline, close))
-                pc.addTrack(output)
-
         @pc.on("connectionstatechange")
         async def on_state() -> None:
             log.info("peer %s: %s", pipeline.name, pc.connectionState)
             if pc.connectionState in ("failed", "closed"):
                 await close()
 
+        async def watchdog() -> None:  # an offer whose sender vanished never connects: nothing may wait forever
+            await asyncio.sleep(CONNECT_TIMEOUT)
+            if pc.connectionState != "connected":
+                log.info("peer %s: not connected after %d s", pipeline.name, CONNECT_TIMEOUT)
+                await close()
+
         try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type=offer["type"]))
-            if not tasks:
-                raise ValueError("the offer has no video track")
+            spawn(self._pump(webcam[0], pipeline, close))
+            spawn(watchdog())
+            pc.addTrack(output)
             await pc.setLocalDescription(await pc.createAnswer())
-        except Exception:
+        except BaseException:
             await close()
             raise
 
-        async def deadline() -> None:  # ICE that never completes has no end of its own in aiortc
-            await asyncio.sleep(CONNECT_S)
-            if pc.connectionState != "connected":
-                log.info("peer %s: not connected after %d s", pipeline.name, CONNECT_S)
-                await close()
-
-        spawn(deadline())
         return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
 
     @staticmethod
@@ -154,7 +169,7 @@ class WebRTC:
         try:
             while True:
                 frame = await track.recv()
-                pipeline.submit(frame.to_ndarray(format="rgb24"))
+                pipeline.submit(frame)  # converted to RGB on the pool, and only if not dropped
         except MediaStreamError:
             await close()
 

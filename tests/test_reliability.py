@@ -1,0 +1,431 @@
+"""Reliability and security of the live server under load, with real WebRTC over loopback: aiortc clients that
+do what the page does (web/loadtest.py), malformed offers, abrupt drops, vanished tabs, SIGTERM while recording,
+/offer behind the login. CI runs the short version; LP_SOAK=1 runs the counts recorded in docs/reliability.md
+(LP_LOAD_CLIENTS / LP_LOAD_SECONDS / LP_FUZZ_CASES / LP_DROP_CYCLES override each)."""
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import av
+import gradio as gr
+import httpx
+import pytest
+from gradio_client import Client, handle_file
+
+from conftest import ROOT
+from web import loadtest
+from web.guard import MAX_OFFER_BYTES
+
+SOAK = os.environ.get("LP_SOAK") == "1"
+CLIENTS = int(os.environ.get("LP_LOAD_CLIENTS", 2))
+SECONDS = float(os.environ.get("LP_LOAD_SECONDS", 30))
+FUZZ = int(os.environ.get("LP_FUZZ_CASES", 240 if SOAK else 50))
+DROPS = int(os.environ.get("LP_DROP_CYCLES", 100 if SOAK else 10))
+POOLS = ("AnyIO worker thread", "asyncio_", "ThreadPoolExecutor")  # bounded pools that stay once started
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition, timeout: float = 60) -> bool:
+    end = time.monotonic() + timeout
+    while not condition() and time.monotonic() < end:
+        time.sleep(0.2)
+    return bool(condition())
+
+
+def own_threads() -> list[str]:
+    """This process's Python threads that are not pool workers (those are bounded and stay once started)."""
+    return sorted(t.name for t in threading.enumerate() if not t.name.startswith(POOLS))
+
+
+def fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def back_to(threads: list[str], files: int) -> bool:
+    """No thread that was not there before, and no more open file descriptors."""
+    return set(own_threads()) <= set(threads) and fds() <= files
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, loopback_only):
+    """The app on a loopback port, ICE on 127.0.0.1 only, with the short limits the tests need."""
+    from model.engine import Engine, load_networks
+    from web.app import LiveApp
+    from web.limits import Limits
+
+    loadtest.loopback_ice()
+    app = LiveApp(Engine(load_networks("recipe", "tiny")), untrained=True, workdir=tmp_path_factory.mktemp("work"),
+                  limits=Limits(render_max_mb=1))
+    port = free_port()
+    demo = app.launch(port=port, block=False)
+    yield app, f"http://127.0.0.1:{port}/"
+    demo.close()
+    app.close()
+
+
+def idle(app) -> dict:
+    """What must be back to nothing once every client left (empty dict: all clear)."""
+    left = dict(pages=list(app.pages), peers=len(app.rtc.peers), sessions=list(app.engine.sessions))
+    return {k: v for k, v in left.items() if v}
+
+
+class LiveTab:
+    """A tab streaming over WebRTC in a background thread (its own event loop), counting the frames it gets."""
+
+    def __init__(self, url: str):
+        self.url, self.frames, self.session, self.error = url, 0, None, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=asyncio.run, args=(self._run(),), name="test-live-tab")
+        self._thread.start()
+        assert wait_until(lambda: self.frames >= 2 or self.error, 120), "the live tab got no frames"
+        assert self.error is None, self.error
+
+    async def _run(self) -> None:
+        async with httpx.AsyncClient(base_url=self.url, timeout=30) as http:
+            tab = loadtest.Tab(http)
+            pc, received = loadtest.new_peer(loadtest.webcam_loop(), 10)
+            try:
+                self.session = await tab.open()
+                await loadtest.offer(http, pc, self.session)
+                track = await asyncio.wait_for(received, 30)
+                for _ in range(100_000):  # bounded; ends at stop
+                    if self._stop.is_set():
+                        break
+                    try:
+                        await asyncio.wait_for(track.recv(), 1.0)
+                        self.frames += 1
+                    except asyncio.TimeoutError:
+                        continue
+            except Exception as e:
+                self.error = f"{type(e).__name__}: {e}"
+            finally:
+                await pc.close()
+                await tab.close()
+
+    def still_streaming(self, timeout: float = 60) -> bool:
+        seen = self.frames
+        return wait_until(lambda: self.frames > seen, timeout) and self.error is None
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+
+def test_load(served):
+    """N real clients for T seconds: every one connects, receives animated frames throughout and leaves nothing."""
+    app, url = served
+    asyncio.run(loadtest.load(url, 1, 5, pid=os.getpid()))  # warm-up: the pools start their threads
+    assert wait_until(lambda: not idle(app))
+    threads, files = own_threads(), fds()
+    report = asyncio.run(loadtest.load(url, CLIENTS, SECONDS, pid=os.getpid()))
+    print(loadtest.table(report))
+    for r in report["results"]:
+        assert r["failures"] == [] and r["frames"] >= 2 and r["size"] == (512, 512), r
+    assert wait_until(lambda: not idle(app)), idle(app)
+    assert wait_until(lambda: back_to(threads, files)), (own_threads(), threads, fds(), files)
+
+
+def valid_offer_sdp(kinds=("video",), direction="sendrecv") -> str:
+    async def make() -> str:
+        from aiortc import RTCPeerConnection, VideoStreamTrack
+        from aiortc.mediastreams import AudioStreamTrack
+        pc = RTCPeerConnection()
+        for kind in kinds:
+            pc.addTransceiver(VideoStreamTrack() if kind == "video" else AudioStreamTrack(), direction=direction)
+        await pc.setLocalDescription(await pc.createOffer())
+        sdp = pc.localDescription.sdp
+        await pc.close()
+        return sdp
+    return asyncio.run(make())
+
+
+def malformed_offers(n: int, live: str, seed: int = 0) -> list[tuple[str, bytes, dict]]:
+    """`n` requests /offer must refuse with a 4xx: (what, body, headers), half with the live tab's id."""
+    rng = random.Random(seed)
+    good = valid_offer_sdp()
+    lines = good.strip().splitlines()
+    pwd = next(i for i, line in enumerate(lines) if line.startswith("a=ice-pwd"))
+    broken_sdp = {
+        "no video (audio only)": valid_offer_sdp(("audio",)),
+        "video the browser does not send (recvonly)": valid_offer_sdp(direction="recvonly"),
+        "no ICE credentials": "\r\n".join(x for x in lines if not x.startswith("a=ice-")) + "\r\n",
+        "no DTLS fingerprint": "\r\n".join(x for x in lines if not x.startswith("a=fingerprint")) + "\r\n",
+        "no RTCP mux": "\r\n".join(x for x in lines if x != "a=rtcp-mux") + "\r\n",
+        "no codec we decode": good.replace("VP8/90000", "XYZ/90000").replace("H264/90000", "XYZ/90000"),
+        "too many media sections": good + "".join(good[good.index("m=video"):] for _ in range(9)),
+        "no m-line": "\r\n".join(x for x in lines if not x.startswith("m=")) + "\r\n",
+        "not SDP": "hello, this is not a session description",
+        "empty SDP": "",
+    }
+    for k in rng.sample(range(1, pwd), min(6, pwd - 1)):  # cut before the ICE password: never valid
+        broken_sdp[f"truncated at line {k}"] = "\r\n".join(lines[:k]) + "\r\n"
+    for k in range(4):
+        junk = lines[:]
+        junk.insert(rng.randrange(1, pwd), "".join(chr(rng.randrange(32, 0x2fff)) for _ in range(40)))
+        broken_sdp[f"junk line {k}"] = "\r\n".join(junk[:pwd]) + "\r\n"
+    shapes = {
+        "random bytes": lambda s: bytes(rng.randrange(256) for _ in range(rng.randrange(1, 2000))),
+        "bad JSON": lambda s: b'{"sdp": "v=0", "type": "offer", "session": ',
+        "not UTF-8": lambda s: b'{"sdp": "\xff\xfe", "type": "offer", "session": "' + s.encode() + b'"}',
+        "nested JSON": lambda s: b"[" * 20_000 + b"]" * 20_000,
+        "JSON list": lambda s: json.dumps([good, "offer", s]).encode(),
+        "JSON string": lambda s: json.dumps(good).encode(),
+        "sdp is a number": lambda s: json.dumps({"sdp": 5, "type": "offer", "session": s}).encode(),
+        "sdp is a list": lambda s: json.dumps({"sdp": lines, "type": "offer", "session": s}).encode(),
+        "session is a number": lambda s: json.dumps({"sdp": good, "type": "offer", "session": 7}).encode(),
+        "session missing": lambda s: json.dumps({"sdp": good, "type": "offer"}).encode(),
+        "session too long": lambda s: json.dumps({"sdp": good, "type": "offer", "session": "x" * 500}).encode(),
+        "type answer": lambda s: json.dumps({"sdp": good, "type": "answer", "session": s}).encode(),
+        "type missing": lambda s: json.dumps({"sdp": good, "session": s}).encode(),
+        "huge body": lambda s: json.dumps({"sdp": good + "a=x:" + "y" * MAX_OFFER_BYTES, "type": "offer",
+                                           "session": s}).encode(),
+    }
+    for what, sdp in broken_sdp.items():
+        shapes[f"SDP: {what}"] = lambda s, sdp=sdp: json.dumps({"sdp": sdp, "type": "offer", "session": s}).encode()
+    json_type = {"content-type": "application/json"}
+    headers = {"cross-origin": {**json_type, "origin": "http://evil.example"},
+               "text/plain": {"content-type": "text/plain"}, "no content type": {},
+               "form": {"content-type": "application/x-www-form-urlencoded"}}
+    cases = []
+    for i in range(n):
+        session = live if i % 2 == 0 else rng.choice(["nobody", "", live[::-1]])
+        if i % 10 == 9:  # a valid offer, refused for its headers
+            name = rng.choice(list(headers))
+            cases.append((f"valid offer, {name}", json.dumps({"sdp": good, "type": "offer", "session": session}
+                                                              ).encode(), headers[name]))
+        else:
+            name = list(shapes)[(i // 2) % len(shapes)]
+            cases.append((name, shapes[name](session), json_type))
+    return cases
+
+
+def test_malformed_offers_get_4xx_and_the_live_tab_streams_on(served):
+    app, url = served
+    live = LiveTab(url)
+    try:
+        pipeline = app.pages[live.session].pipeline
+        statuses: dict[str, set[int]] = {}
+        for what, body, headers in malformed_offers(FUZZ, live.session):
+            r = httpx.post(url + "offer", content=body, headers=headers, timeout=60)
+            statuses.setdefault(what, set()).add(r.status_code)
+            assert 400 <= r.status_code < 500, (what, r.status_code, r.text)
+        print(json.dumps({k: sorted(v) for k, v in statuses.items()}, indent=1))
+        assert app.pages[live.session].pipeline is pipeline and not pipeline.closed  # untouched
+        assert len(app.rtc.peers) == 1 and list(app.engine.sessions) == [pipeline.name]  # nothing leaked
+        assert live.still_streaming()
+    finally:
+        live.close()
+    assert wait_until(lambda: not idle(app)), idle(app)
+
+
+def test_uploads_while_live(served, tmp_path):
+    """Corrupt, fake and oversized uploads from another tab while one streams: refused, and it streams on."""
+    app, url = served
+    live = LiveTab(url)
+    try:
+        (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
+        (tmp_path / "notes.png").write_text("not a photo\n" * 50)
+        with open(tmp_path / "huge.mp4", "wb") as f:
+            f.truncate(25 * 2**20)  # over this server's upload limit: max(20 MB for portraits, --render-max-mb 1)
+        other = Client(url, verbose=False)
+        for name, message in [("corrupt.png", "corrupt"), ("notes.png", "not an image")]:
+            assert message in other.predict(handle_file(str(tmp_path / name)), api_name="/set_portrait")[1]
+        with pytest.raises(Exception, match="maximum file size"):
+            other.predict(handle_file(str(tmp_path / "huge.mp4")), api_name="/set_portrait")
+        assert live.still_streaming()
+    finally:
+        live.close()
+    assert wait_until(lambda: not idle(app)), idle(app)
+
+
+async def drop(url: str, mode: str, cycle: int) -> None:
+    """One tab that goes away abruptly: its heartbeat and its peer die without a goodbye."""
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        tab = loadtest.Tab(http)
+        pc, received = loadtest.new_peer(loadtest.webcam_loop(4), 10)
+        try:
+            session = await tab.open()
+            if mode == "mid-handshake":  # the offer is out, the answer never applied
+                await pc.setLocalDescription(await pc.createOffer())
+                await http.post("offer", json={"sdp": pc.localDescription.sdp, "type": "offer", "session": session})
+                return
+            await loadtest.offer(http, pc, session)
+            track = await asyncio.wait_for(received, 30)
+            await asyncio.wait_for(track.recv(), 60)
+            if mode == "mid-recording":
+                assert "Recording" in (await tab.call("start_recording"))[0]
+                for _ in range(2):
+                    await asyncio.wait_for(track.recv(), 60)
+        finally:
+            await tab.close()  # the heartbeat connection is cut first, as when a browser dies
+            await pc.close()
+
+
+def test_abrupt_drops_leave_nothing_behind(served):
+    app, url = served
+    threads, files = own_threads(), fds()
+    modes = ("mid-handshake", "mid-stream", "mid-recording")
+    for cycle in range(DROPS):
+        asyncio.run(drop(url, modes[cycle % 3], cycle))
+    assert wait_until(lambda: not idle(app), 120), idle(app)
+    assert wait_until(lambda: back_to(threads, files)), (own_threads(), threads, fds(), files)
+    recordings = sorted(app.dir.glob("recording-*.mp4"))
+    assert len(recordings) >= DROPS // 3 - 1  # each mid-recording drop finalised its file (at most one had no frame)
+    for path in recordings:
+        with av.open(str(path)) as c:
+            assert sum(1 for _ in c.decode(video=0)) >= 1
+    assert httpx.get(url + f"gradio_api/file={recordings[0]}").status_code == 403  # never served by its path
+
+
+def test_offer_needs_the_login(tmp_path, loopback_only):
+    """With --auth, /offer is behind Gradio's login like the page: 401 without it, nothing created."""
+    from model.engine import Engine, load_networks
+    from web.app import LiveApp
+
+    loadtest.loopback_ice()
+    app = LiveApp(Engine(load_networks("recipe", "tiny")), untrained=True, workdir=tmp_path)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    demo = app.launch(port=port, auth=("ada", "lovelace"), block=False)
+    try:
+        app.page(gr.Request(session_hash="tab"))
+        offer = {"sdp": valid_offer_sdp(), "type": "offer", "session": "tab"}
+        r = httpx.post(url + "offer", json=offer)
+        assert r.status_code == 401 and not app.rtc.peers and app.pages["tab"].pipeline is None
+        assert httpx.post(url + "offer", json=offer, cookies={"access-token-unsecure-x": "guess"}).status_code == 401
+
+        async def logged_in() -> tuple[int, int]:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+                assert (await http.post("login", data={"username": "ada", "password": "lovelace"})).status_code == 200
+                report = await loadtest.run_client(0, http, 6, loadtest.webcam_loop(4), 10)
+                https = await http.post("offer", json=offer, headers={"origin": f"https://127.0.0.1:{port}"})
+                evil = await http.post("offer", json=offer, headers={"origin": "https://evil.example"})
+                assert report.failures == [] and report.frames >= 1, report
+                return https.status_code, evil.status_code
+        https, evil = asyncio.run(logged_in())
+        assert https == 200 and evil == 403  # an HTTPS page on this host passes, another site does not
+    finally:
+        demo.close()
+        app.close()
+
+
+def test_sigterm_during_a_recording_leaves_a_playable_file(tmp_path, loopback_only):
+    port = free_port()
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # the server's work directory is made under it
+    server = subprocess.Popen([sys.executable, "-m", "web.loadtest", "serve", "--weights", "recipe", "--config",
+                               "tiny", "--port", str(port)], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        assert wait_until(lambda: _up(port), 180)
+
+        async def record() -> None:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+                tab = loadtest.Tab(http)
+                pc, received = loadtest.new_peer(loadtest.webcam_loop(4), 10)
+                session = await tab.open()
+                await loadtest.offer(http, pc, session)
+                track = await asyncio.wait_for(received, 60)
+                await asyncio.wait_for(track.recv(), 60)
+                assert "Recording" in (await tab.call("start_recording"))[0]
+                for _ in range(3):
+                    await asyncio.wait_for(track.recv(), 60)
+                server.send_signal(signal.SIGTERM)  # mid-recording, the tab still streaming
+                server.wait(60)
+                await pc.close()
+                await tab.close()
+        asyncio.run(record())
+        assert server.returncode == 0
+    finally:
+        server.kill()
+    files = list(tmp_path.glob("liveportrait-*/recording-*.mp4"))
+    assert len(files) == 1
+    with av.open(str(files[0])) as c:
+        assert sum(1 for _ in c.decode(video=0)) >= 3
+
+
+def _up(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+# ---- bounded state, without a server ----
+
+@pytest.fixture
+def app(tmp_path):
+    from model.engine import Engine, load_networks
+    from web.app import LiveApp
+    from web.limits import Limits
+    return LiveApp(Engine(load_networks("recipe", "tiny")), untrained=True, workdir=tmp_path,
+                   limits=Limits(idle_timeout=0.5, record_max_s=0.6, render_max_s=0.2, render_max_mb=0.01))
+
+
+def test_vanished_tabs_are_reaped_and_markers_expire(app):
+    import skimage.data
+    frame = skimage.data.astronaut()
+    quiet, streaming = gr.Request(session_hash="quiet"), gr.Request(session_hash="streaming")
+    for r in (quiet, streaming):
+        app.http_frame(frame, r)  # both go live over HTTP streaming; then `quiet` vanishes without an unload
+    name = app.pages["quiet"].pipeline.name
+    app.close_page(gr.Request(session_hash="closed"))
+    for _ in range(5):  # `streaming` keeps sending frames (the pipeline's arrivals keep it alive)
+        time.sleep(0.2)
+        app.pages["streaming"].pipeline.submit(frame)
+    assert app.reap() == ["quiet"]
+    assert list(app.pages) == ["streaming"] and name not in app.engine.sessions and "closed" not in app.gone
+    app.http_frame(frame, quiet)  # the reaped tab comes back: it starts afresh
+    assert app.pages["quiet"].pipeline.name != name
+    app.close()
+
+
+def test_recording_stops_at_its_limit_and_the_page_says_so(app):
+    import skimage.data
+    r = gr.Request(session_hash="rec")
+    frame = skimage.data.astronaut()
+    app.http_frame(frame, r)
+    assert "at most 0.6 s" in app.start_recording(r)
+    end = time.monotonic() + 60
+    while "stopped at the 0.6 s limit" not in app.stats(r) and time.monotonic() < end:
+        app.http_frame(frame, r)
+    assert "stopped at the 0.6 s limit" in app.stats(r)
+    path, status = app.stop_recording(r)
+    with av.open(path) as c:
+        n = sum(1 for _ in c.decode(video=0))
+        assert n >= 1 and float(c.duration / av.time_base) <= 0.6 + 0.1
+    app.close()
+
+
+def test_render_limits(app, tmp_path):
+    from test_render import driving_video
+    driving_video(tmp_path / "short.mp4", frames=4)
+    r = gr.Request(session_hash="render")
+    assert "this server renders at most 0.01 MB" in app.render_video(str(tmp_path / "short.mp4"), r)[1]
+    app.limits.render_max_mb = 10
+    out, status = app.render_video(str(tmp_path / "short.mp4"), r)
+    assert out is None and "longer than 0.2 s" in status
+    assert not list(app.dir.glob("render-*"))  # nothing half-written left behind
+
+
+def test_work_directory_quota_age_and_names(app):
+    old, big, new = (app.dir / f"recording-{n}.mp4" for n in ("old", "big", "new"))
+    for f, size in ((old, 10), (big, 3 * 2**20), (new, 10)):
+        f.write_bytes(b"x" * size)
+    os.utime(old, (time.time() - 48 * 3600,) * 2)
+    os.utime(big, (time.time() - 3600,) * 2)
+    app.limits.work_quota_mb = 1
+    path = app.work.reserve("recording")
+    assert not old.exists() and not big.exists() and new.exists()  # past the age limit; the oldest over quota
+    assert path.parent == app.dir and len(path.stem.rsplit("-", 1)[1]) == 32  # 128 random bits in the name
+    assert app.work.reserve("recording") != path
