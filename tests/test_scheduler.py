@@ -19,6 +19,7 @@ import skimage.data
 from model.engine import Engine, load_networks
 from stream.scheduler import Scheduler, ServerFull, Work
 from stream.serve_bench import simulate
+from test_reliability import valid_offer_sdp  # a real offer: /offer checks the SDP before admission
 
 flip = lambda im: np.ascontiguousarray(im[:, ::-1])
 
@@ -281,7 +282,7 @@ def test_server_full_over_http_and_webrtc_then_admitted(server):
     assert app.page(second).pipeline is None and refused.shape == astronaut.shape
     assert refused.mean() < astronaut.mean() / 2  # the dimmed webcam frame with the text on it
     assert "the server is full (1 live session); try again shortly" in app.stats(second)
-    offer = httpx.post(url + "offer", json={"session": "second", "sdp": "v=0", "type": "offer"})
+    offer = httpx.post(url + "offer", json={"session": "second", "sdp": valid_offer_sdp(), "type": "offer"})
     assert offer.status_code == 503
     assert offer.json()["error"] == "the server is full (1 live session); try again shortly"
     for _ in range(3):  # the live session keeps going meanwhile
