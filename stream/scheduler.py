@@ -120,6 +120,10 @@ class Scheduler:
         self._cond = threading.Condition()
         self._calls: deque[tuple[Callable, Future]] = deque()  # one per waiting caller
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="scheduler-pool")
+        started = threading.Barrier(workers + 1)  # start every worker now: the thread count is a constant of the
+        for _ in range(workers):                  # server, not of its load history (and no burst waits for one)
+            self._pool.submit(started.wait)
+        started.wait()
         device = getattr(getattr(engine, "device", None), "type", "cpu")
         self._as_tensor = device == "cuda"
         self.overlap = device != "cpu"  # prepare the next batch during the engine step (module docstring)

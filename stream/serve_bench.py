@@ -76,7 +76,7 @@ class Tally:
 def feed(submit: list[Callable[[np.ndarray], None]], frames: list[np.ndarray], seconds: float) -> None:
     """Every session gets a frame every 1/FPS s (its own phase of the clip) for `seconds`."""
     start, i = time.monotonic(), 0
-    while (now := time.monotonic()) < start + seconds:
+    while time.monotonic() < start + seconds:
         for k, put in enumerate(submit):
             put(frames[(i + 7 * k) % len(frames)])
         i += 1

@@ -20,6 +20,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 from conftest import ROOT
+from stream.serve_bench import moving_face
 from web import loadtest
 from web.guard import MAX_OFFER_BYTES
 
@@ -95,7 +96,7 @@ class LiveTab:
     async def _run(self) -> None:
         async with httpx.AsyncClient(base_url=self.url, timeout=30) as http:
             tab = loadtest.Tab(http)
-            pc, received = loadtest.new_peer(loadtest.webcam_loop(), 10)
+            pc, received = loadtest.new_peer(moving_face(), 10)
             try:
                 self.session = await tab.open()
                 await loadtest.offer(http, pc, self.session)
@@ -254,7 +255,7 @@ async def drop(url: str, mode: str, cycle: int) -> None:
     """One tab that goes away abruptly: its heartbeat and its peer die without a goodbye."""
     async with httpx.AsyncClient(base_url=url, timeout=30) as http:
         tab = loadtest.Tab(http)
-        pc, received = loadtest.new_peer(loadtest.webcam_loop(4), 10)
+        pc, received = loadtest.new_peer(moving_face(4), 10)
         try:
             session = await tab.open()
             if mode == "mid-handshake":  # the offer is out, the answer never applied
@@ -309,7 +310,7 @@ def test_offer_needs_the_login(tmp_path, loopback_only):
         async def logged_in() -> tuple[int, int]:
             async with httpx.AsyncClient(base_url=url, timeout=30) as http:
                 assert (await http.post("login", data={"username": "ada", "password": "lovelace"})).status_code == 200
-                report = await loadtest.run_client(0, http, 6, loadtest.webcam_loop(4), 10)
+                report = await loadtest.run_client(0, http, 6, moving_face(4), 10)
                 https = await http.post("offer", json=offer, headers={"origin": f"https://127.0.0.1:{port}"})
                 evil = await http.post("offer", json=offer, headers={"origin": "https://evil.example"})
                 assert report.failures == [] and report.frames >= 1, report
@@ -334,7 +335,7 @@ def test_sigterm_during_a_recording_leaves_a_playable_file(tmp_path, loopback_on
         async def record() -> None:
             async with httpx.AsyncClient(base_url=url, timeout=30) as http:
                 tab = loadtest.Tab(http)
-                pc, received = loadtest.new_peer(loadtest.webcam_loop(4), 10)
+                pc, received = loadtest.new_peer(moving_face(4), 10)
                 session = await tab.open()
                 await loadtest.offer(http, pc, session)
                 track = await asyncio.wait_for(received, 60)

@@ -30,15 +30,15 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import av
-import cv2
 import httpx
 import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcrtpsender import RTCRtpSender
 
+from stream.serve_bench import H, W, moving_face  # the same moving-face clip the serving benchmark feeds
+
 log = logging.getLogger("liveportrait.loadtest")
-W, H = 640, 480
 CLOCK = Fraction(1, 90000)
 WINDOW = 10  # s: "receives frames throughout" = at least one frame in every window after the first frame
 STEP = 10  # s between server samples
@@ -56,20 +56,6 @@ def is_loopback(host: str) -> bool:
         return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def webcam_loop(n: int = 30) -> list[np.ndarray]:
-    """One loop of a webcam: the astronaut portrait (NASA, public domain) nodding and swaying on a 640x480 frame."""
-    import skimage.data
-    face = cv2.resize(skimage.data.astronaut(), (H, H))
-    out = []
-    for i in range(n):
-        a = 2 * np.pi * i / n
-        m = cv2.getRotationMatrix2D((H / 2, H / 2), 6 * np.sin(a), 1.0)
-        m[0, 2] += (W - H) / 2 + 12 * np.sin(a)
-        m[1, 2] += 6 * np.cos(a)
-        out.append(cv2.warpAffine(face, m, (W, H), borderMode=cv2.BORDER_REPLICATE))
-    return out
 
 
 class Webcam(VideoStreamTrack):
@@ -254,7 +240,7 @@ def client_process(url: str, i: int, seconds: float, fps: float, delay: float,
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             if auth:
                 (await http.post("login", data={"username": auth[0], "password": auth[1]})).raise_for_status()
-            return await run_client(i, http, seconds, webcam_loop(), fps, delay)
+            return await run_client(i, http, seconds, moving_face(), fps, delay)
     return asdict(asyncio.run(main()))
 
 
