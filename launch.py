@@ -13,14 +13,24 @@ import logging
 import sys
 
 
-def common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", default=None,
+class Parser(argparse.ArgumentParser):
+    """A bad flag is one line on stderr and exit status 2 (argparse's usage block would bury the reason)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def common(p: argparse.ArgumentParser, sub: bool = False) -> None:
+    """The options every command takes. In a sub-command they default to "not given", so an option before the
+    sub-command (`launch.py --device cpu render ...`) is not overwritten by the sub-command's default."""
+    d = {"default": argparse.SUPPRESS} if sub else {}
+    p.add_argument("--weights", **({"default": None} | d),
                    help="directory of the official LivePortrait weights (default: $LP_WEIGHTS, then the cache dir); "
                         "'recipe' = untrained deterministic weights for development")
-    p.add_argument("--config", choices=["full", "tiny"], default="full",
+    p.add_argument("--config", choices=["full", "tiny"], **({"default": "full"} | d),
                    help="network size; 'tiny' (same classes, few channels) only with --weights recipe")
-    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    p.add_argument("--no-download", action="store_true", help="never try to download missing weights")
+    p.add_argument("--device", **({"default": None} | d), help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--no-download", action="store_true", **d, help="never try to download missing weights")
 
 
 # Sub-command -> (module, one-line help). A module gives add_arguments(parser) and run(args), and is imported only
@@ -41,16 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if a in COMMANDS), None)
     serve = command == "bench" and argv[argv.index("bench") + 1:argv.index("bench") + 2] == ["serve"]
     module = importlib.import_module(SERVE[0] if serve else COMMANDS[command][0] if command else "web.app")
-    parser = argparse.ArgumentParser(prog="launch.py", description=__doc__,
+    parser = Parser(prog="launch.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common(parser)
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", parser_class=Parser)
     for name, (_, summary) in COMMANDS.items():
         p = sub.add_parser(name, help=summary, description=summary)
-        common(p)
+        common(p, sub=True)
         if name == "bench" and command == "bench":  # `bench serve` needs the face stack: its own module
             q = p.add_subparsers(dest="bench_command").add_parser("serve", help=SERVE[1], description=SERVE[1])
-            common(q)
+            common(q, sub=True)
             p = q if serve else p
         if name == command:
             module.add_arguments(p)

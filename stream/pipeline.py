@@ -164,25 +164,26 @@ class Metrics:
                     latency_p95_ms=round(float(np.percentile(lat, 95)), 1))
 
 
+class RecordingRunning(RuntimeError):
+    """Record was pressed while a recording runs; the message is meant for the user."""
+
+
 class SessionPipeline:
     """One live connection: frames in (`submit`, any thread), animated frames out (`latest`/`wait`, or the
-    `on_output` callback, called on a scheduler thread). Created on connect (ServerFull when `max_sessions` are
-    live already); `close` frees everything."""
+    `on_output` callback, called on a scheduler thread). Admission is its owner's job (web/worker.py); `close`
+    frees everything."""
 
-    def __init__(self, engine: Engine, source: SourceFace, settings: Settings | None = None, transport: str = "",
-                 max_sessions: int | None = None):
+    def __init__(self, engine: Engine, source: SourceFace, settings: Settings | None = None, transport: str = ""):
         self.scheduler = Scheduler.of(engine)
-        self.lane = self.scheduler.add(self, max_sessions)  # admission first: a refused session builds nothing
-        try:
-            self.animator = Animator(engine, source, settings)
-        except BaseException:
-            self.scheduler.remove(self.lane)
-            raise
+        self.animator = Animator(engine, source, settings)
+        self.lane = self.scheduler.add(self)
         self.settings, self.transport = self.animator.settings, transport
         self.on_output: Callable[[], None] | None = None
         self.metrics = Metrics()
         self.recorder: Recorder | None = None
+        self.record_error: str | None = None  # why the last recording stopped early (the page says so)
         self.seq = 0  # number of the latest output
+        self.started = time.monotonic()
         self._output: np.ndarray | None = None
         self._closed = False
         self._cond = threading.Condition()
@@ -222,16 +223,20 @@ class SessionPipeline:
     def reset_reference(self) -> None:
         self.animator.reset_reference()
 
-    def start_recording(self, path: str | Path, max_seconds: float | None = None) -> None:
-        """Record every output frame from now on into an MP4 at `path`, for at most `max_seconds` (a running
-        recording is finalised)."""
-        old, self.recorder = self.recorder, Recorder(path, max_seconds)
-        if old:
-            old.close()
+    def start_recording(self, path: str | Path, max_seconds: float | None = None) -> Path | None:
+        """Record every output frame from now on into an MP4 at `path`, for at most `max_seconds`. Raises
+        RecordingRunning while one runs; a take that stopped at its limit is finalised first and its path returned,
+        so that no take is lost."""
+        with self._cond:
+            if self.recorder and self.recorder.active:
+                raise RecordingRunning("a recording is already running: press Stop recording first")
+            old, self.recorder, self.record_error = self.recorder, Recorder(path, max_seconds), None
+        return old.close() if old else None
 
     def stop_recording(self) -> Path | None:
         """Finalise the recording; its path (None if nothing was recorded or none was running)."""
-        rec, self.recorder = self.recorder, None
+        with self._cond:
+            rec, self.recorder = self.recorder, None
         return rec.close() if rec else None
 
     def stats(self) -> dict:
@@ -240,7 +245,7 @@ class SessionPipeline:
             self.metrics.dropped, self.metrics.failed = self.lane.dropped, self.lane.failed
             rec = self.recorder
             return dict(self.metrics.snapshot(), transport=self.transport, recording=bool(rec and rec.active),
-                        recording_full=bool(rec and rec.full),
+                        recording_full=bool(rec and rec.full), record_error=self.record_error,
                         size=None if self._output is None else list(self._output.shape[1::-1]))
 
     # ---- the scheduler's stages (stream/scheduler.py Client) ----
@@ -251,8 +256,6 @@ class SessionPipeline:
 
     def finish(self, work: Work, face: np.ndarray | torch.Tensor | None) -> None:
         out = self.animator.finish(work, face)
-        if rec := self.recorder:  # before the overlay: recordings stay clean
-            rec.write(out)
         now = time.monotonic()
         with self._cond:
             m = self.metrics
@@ -260,27 +263,44 @@ class SessionPipeline:
             m.outputs.append(now)
             m.latencies.append(now - work.arrived)
             m.dropped, m.failed = self.lane.dropped, self.lane.failed
-            if self.settings.overlay:
-                out = draw_metrics(out, m.snapshot())
-            self._output, self.seq = out, self.seq + 1
+            shown = draw_metrics(out, m.snapshot()) if self.settings.overlay else out  # recordings stay clean
+            self._output, self.seq = shown, self.seq + 1
             self._cond.notify_all()
         if self.on_output:
             self.on_output()
+        if rec := self.recorder:  # after the frame is out: a failing recording must not freeze the live view
+            try:
+                rec.write(out)
+            except Exception as e:
+                log.exception("recording failed")
+                self._abort_recording(rec, e)
+
+    def _abort_recording(self, rec: Recorder, error: Exception) -> None:
+        """Stop only the recording (a full disk, say); the live view goes on and the page says why."""
+        with self._cond:
+            if self.recorder is rec:
+                self.recorder = None
+            self.record_error = f"the recording stopped: {error}"
+        try:
+            rec.close()
+        except Exception:
+            log.exception("finalising the failed recording failed too")
 
     def close(self) -> Path | None:
         """Leave the scheduler (frames in flight finish first), finalise a recording (returns its path) and free
-        the engine session. Idempotent."""
+        the engine session and the tracker, even if one of those steps fails. Idempotent."""
         with self._cond:
             if self._closed:
                 return None
             self._closed = True
             self._cond.notify_all()
-        self.scheduler.remove(self.lane)
-        path = self.stop_recording()
-        self.animator.close()
-        if self.on_output:  # wake whoever waits for output, so they see the end
-            self.on_output()
-        return path
+        try:
+            self.scheduler.remove(self.lane)
+            return self.stop_recording()
+        finally:
+            self.animator.close()
+            if self.on_output:  # wake whoever waits for output, so they see the end
+                self.on_output()
 
 
 def draw_metrics(rgb: np.ndarray, m: dict) -> np.ndarray:

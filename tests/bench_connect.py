@@ -77,7 +77,7 @@ def measure(runs: int) -> dict[str, list[float]]:
                         times[kind].append(page.evaluate(FALLBACK_START))
                         host.append("127.0.0.1")
                     page.close()
-                    wait_until(lambda: not app.pages and not app.rtc.peers and not app.engine.sessions, 60)
+                    wait_until(lambda: not app.pages and not app.worker.counts()["peers"] and not app.worker.engine.sessions, 60)
                 print(f"run {i + 1}/{runs}: " + ", ".join(f"{k} {v[-1]:.0f} ms" for k, v in times.items()),
                       file=sys.stderr)
             browser.close()

@@ -95,14 +95,17 @@ def browser(tmp_path_factory, cam):
         browser.close()
 
 
-def open_tab(browser, app, url):
-    """A new tab on the page, once its load event registered it with the server: (page, session id, Page)."""
+def open_tab(browser, app, url, init_script: str | None = None):
+    """A new tab on the page, once its load event registered it with the server: (page, session id, its Tab on
+    the worker)."""
     page = browser.new_page(viewport={"width": 1360, "height": 1020})
+    if init_script:
+        page.add_init_script(init_script)
     page.goto(url)
     page.wait_for_function("() => document.querySelector('.lp-start') && window.lpLive")
-    wait_until(lambda: app.pages, 30)
-    (session, tab), = app.pages.items()
-    return page, session, tab
+    wait_until(lambda: app.pages and app.worker.tabs, 30)
+    (session,) = app.pages
+    return page, session, app.worker.tabs[session]
 
 
 def wait_until(condition, timeout: float = 60) -> None:
@@ -112,20 +115,30 @@ def wait_until(condition, timeout: float = 60) -> None:
     assert condition()
 
 
-def pipeline_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("pipeline-")]
+POOLS = ("AnyIO worker thread", "asyncio_", "ThreadPoolExecutor")  # bounded pools that stay once started
 
 
-def wait_closed(app) -> None:
-    """Closing a tab fires the page's unload event, which ends its connection and frees everything."""
-    left = lambda: {k: v for k, v in dict(pages=list(app.pages), peers=len(app.rtc.peers),
-                                          sessions=list(app.engine.sessions), threads=pipeline_threads()).items() if v}
+def new_threads(before: set[str]) -> list[str]:
+    """Python threads that are neither pool workers (bounded, they stay once started) nor there `before`."""
+    return sorted(t.name for t in threading.enumerate() if not t.name.startswith(POOLS) and t.name not in before)
+
+
+def thread_names() -> set[str]:
+    return {t.name for t in threading.enumerate()}
+
+
+def wait_closed(app, threads: set[str] | None = None) -> None:
+    """Closing a tab fires the page's unload event, which ends its connection and frees everything: no page, tab,
+    peer, engine session or scheduler lane is left, nor a thread that was not there before the tab (`threads`)."""
+    left = lambda: {k: v for k, v in dict(pages=list(app.pages), **app.worker.counts(),
+                                          threads=new_threads(threads) if threads is not None else []).items() if v}
     wait_until(lambda: not left())
     assert not left(), left()
 
 
 def test_webrtc_in_chromium(server, browser, cam):
     app, url = server
+    threads = thread_names()
     page, session, tab = open_tab(browser, app, url)
     page.click(".lp-start")
     page.wait_for_function("() => window.lpLive.frames >= 50", timeout=120_000, polling=250)
@@ -156,9 +169,10 @@ def test_webrtc_in_chromium(server, browser, cam):
     page.wait_for_function(f"() => window.lpLive.frames >= {live['frames'] + 10}", timeout=60_000)
     assert pipeline.metrics.frames_out > frames
     page.click(".lp-stop")
-    wait_until(lambda: not app.rtc.peers and not app.engine.sessions and not pipeline_threads() and tab.recording)
+    wait_until(lambda: not app.worker.counts()["peers"] and not app.worker.engine.sessions and tab.takes
+               and not new_threads(threads))
     assert pipeline.closed and tab.pipeline is None
-    path, status = app.stop_recording(gr.Request(session_hash=session))  # the download of the finalised file
+    (path,), status = app.stop_recording(gr.Request(session_hash=session))  # the download of the finalised file
     with av.open(path) as c:
         assert sum(1 for _ in c.decode(video=0)) == recorder.frames >= 5
 
@@ -167,7 +181,7 @@ def test_webrtc_in_chromium(server, browser, cam):
     page.wait_for_function("() => window.lpLive.frames >= 5", timeout=60_000)
     assert tab.pipeline is not pipeline and tab.pipeline.transport == "WebRTC"
     page.close()
-    wait_closed(app)
+    wait_closed(app, threads)
 
 
 def test_http_streaming_in_chromium(server, browser):
@@ -183,11 +197,42 @@ def test_http_streaming_in_chromium(server, browser):
     page.wait_for_function("() => document.querySelector('#lp-metrics').textContent.includes('HTTP streaming')")
     shown = page.locator("#lp-http-view img")  # the animated output, replaced with every answer
     first = shown.get_attribute("src")
-    page.wait_for_function("(src) => document.querySelector('#lp-http-view img').src !== src", arg=first)
+    page.wait_for_function("(src) => { const img = document.querySelector('#lp-http-view img');"
+                           " return img.src !== src && img.complete && img.naturalWidth > 0; }", arg=first)
     assert shown.evaluate("(img) => [img.naturalWidth, img.naturalHeight]") == [512, 512]
+
+    # Stop the webcam, the tab still open: the slot is free again within 10 s (Gradio tells the server nothing)
+    page.locator('#lp-http-cam button:has([title="stop recording"])').click()
+    stopped = time.monotonic()
+    wait_until(lambda: app.worker.health()["live_sessions"] == 0, 30)
+    assert time.monotonic() - stopped < 10 and pipeline.closed and session in app.pages
     page.close()
     wait_closed(app)
-    assert pipeline.closed
+
+
+CAMERAS = """{  // every camera stream the page opens, so the test can check that each one is ended
+    window.lpCams = [];
+    const open = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+    navigator.mediaDevices.getUserMedia = async (c) => { const s = await open(c); window.lpCams.push(s); return s; };
+}"""
+TRACKS = "() => window.lpCams.map((s) => s.getTracks().map((t) => t.readyState))"
+
+
+def test_start_twice_quickly_leaves_one_peer_and_stop_ends_the_camera(server, browser):
+    """Start clicked again while the camera is still opening: the first start gives up and closes its camera;
+    one peer reaches the server; Stop ends the camera track (its light goes off)."""
+    app, url = server
+    page, session, tab = open_tab(browser, app, url, CAMERAS)
+    page.evaluate("() => { const start = document.querySelector('.lp-start'); start.click(); start.click(); }")
+    page.wait_for_function("() => window.lpLive.frames >= 5", timeout=120_000, polling=250)
+    time.sleep(2)  # an orphaned first start would have offered by now
+    assert app.worker.counts()["peers"] == 1
+    assert page.evaluate(TRACKS) == [["ended"], ["live"]]  # two cameras were opened; the first one is closed
+    page.click(".lp-stop")
+    page.wait_for_function(f"() => ({TRACKS})().flat().every((s) => s === 'ended')", timeout=10_000)
+    wait_until(lambda: not app.worker.counts()["peers"], 30)
+    page.close()
+    wait_closed(app)
 
 
 def small(img: np.ndarray) -> np.ndarray:

@@ -115,9 +115,9 @@ def open_page(browser, app, url, init_script=None):
         page.add_init_script(init_script)
     page.goto(url)
     page.wait_for_function("() => document.querySelector('.lp-start') && window.lpLive")
-    wait_until(lambda: app.pages, 30)
-    (_, tab), = app.pages.items()
-    return page, tab, errors
+    wait_until(lambda: app.pages and app.worker.tabs, 30)
+    (session,) = app.pages
+    return page, app.worker.tabs[session], errors
 
 
 def test_https_self_signed_at_a_host_name(https, browser):
@@ -179,7 +179,7 @@ def test_webrtc_through_a_turn_relay(turned, browser):
     page.wait_for_function("() => window.lpLive.frames >= 10 && window.lpLive.route", timeout=120_000, polling=250)
     live = page.evaluate("window.lpLive")
     assert live["state"] == "connected" and live["route"] == "relay (TURN)"
-    pc, = app.rtc.peers  # the server's aiortc peer was given the same TURN server and holds a relay candidate
+    pc = tab.conn.peer.pc  # the server's aiortc peer was given the same TURN server and holds a relay candidate
     gatherer = pc.getTransceivers()[0].receiver.transport.transport.iceGatherer
     assert "relay" in {c.type for c in gatherer.getLocalCandidates()}
     assert tab.pipeline.transport == "WebRTC" and tab.pipeline.metrics.frames_out >= 10
@@ -227,7 +227,7 @@ def test_falls_back_to_http_streaming_and_back(https, browser, monkeypatch):
     page.wait_for_function("() => document.querySelector('#lp-metrics').textContent.includes('Live via HTTP streaming')")
     first = page.locator("#lp-http-view img").get_attribute("src")
     page.wait_for_function("(src) => document.querySelector('#lp-http-view img').src !== src", arg=first)
-    wait_until(lambda: not app.rtc.peers, 60)  # the server closes the peer that never connected
+    wait_until(lambda: not app.worker.counts()["peers"], 60)  # the server closes the peer that never connected
 
     monkeypatch.undo()  # the network is back: "Try WebRTC again" goes live over WebRTC and stops HTTP streaming
     http = tab.pipeline

@@ -22,8 +22,8 @@ def app(tmp_path_factory):
 
 
 def test_smile_changes_the_mouth_not_the_background(app):
-    source = app.sample
-    editor = PortraitEditor(app.engine)
+    source = app.worker.sample
+    editor = PortraitEditor(app.worker.engine)
     still = editor(source, Settings())
     smile = editor(source, Settings(edits=Edits(smile=1.0)))
     assert smile.shape == still.shape == source.image.shape and smile.dtype == np.uint8
@@ -40,7 +40,7 @@ def test_smile_changes_the_mouth_not_the_background(app):
     assert outside.mean() > 0.3 and not diff[outside].any()
     assert np.array_equal(smile[outside], source.image[outside])
     editor.close()
-    assert editor.name not in app.engine.sessions and editor(source, Settings()) is None
+    assert editor.name not in app.worker.engine.sessions and editor(source, Settings()) is None
 
 
 def test_editing_tab_handlers(app):
@@ -49,11 +49,11 @@ def test_editing_tab_handlers(app):
     values = [Edits().values()[k] for k in SLIDERS]
     values[list(SLIDERS).index("gaze_x")] = -15.0
     assert isinstance(app.set_edits(r, "lips", *values), type(gr.skip()))  # the tab is not shown: no engine call
-    page = app.page(r)
+    page = app.worker.tabs["editing"]
     assert page.settings.region == "lips" and page.settings.edits.gaze_x == -15.0 and page.editor is None
     assert page.settings.engine_controls(0.5)["gaze_x"] == -15.0
     shown = app.select_tab(gr.SelectData(None, {"value": "Portrait editing", "index": 4, "selected": True}), r)
-    assert shown.shape == app.sample.image.shape and page.editor.name in app.engine.sessions
+    assert shown.shape == app.worker.sample.image.shape and page.editor.name in app.worker.engine.sessions
     *reset, plain = app.reset_edits(r)
     assert reset == [SLIDERS[k][2] for k in SLIDERS] and page.settings.edits == Edits()
     assert page.settings.region == "lips"  # a motion control, not an edit
@@ -63,7 +63,7 @@ def test_editing_tab_handlers(app):
     assert isinstance(app.set_edits(r, "all", *values), type(gr.skip()))
     name = page.editor.name
     app.close_page(r)
-    assert name not in app.engine.sessions
+    assert name not in app.worker.engine.sessions
 
 
 def test_render_takes_region_and_sliders(tmp_path, capsys):
@@ -77,9 +77,8 @@ def test_render_takes_region_and_sliders(tmp_path, capsys):
               for p in ("plain.mp4", "edited.mp4")]
     assert len(frames[0]) == len(frames[1]) == 3
     assert all(np.abs(a.astype(int) - b).mean() > 1 for a, b in zip(*frames))
-    with pytest.raises(SystemExit):
-        run_render(*common, tmp_path / "x.mp4", "--smile", "5")
-    assert "--smile: 5 is outside -0.3 .. 1.3" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        run_render(*common, tmp_path / "x.mp4", "--region", "mouth")
-    assert not (tmp_path / "x.mp4").exists()
+    for bad, message in ((["--smile", "5"], "--smile: 5 is outside -0.3 .. 1.3"),
+                         (["--region", "mouth"], "--region: invalid choice: 'mouth'")):
+        with pytest.raises(SystemExit) as exit:
+            run_render(*common, tmp_path / "x.mp4", *bad)
+        assert exit.value.code == 2 and message in capsys.readouterr().err

@@ -78,7 +78,7 @@ def served(tmp_path_factory, loopback_only):
 
 def idle(app) -> dict:
     """What must be back to nothing once every client left (empty dict: all clear)."""
-    left = dict(pages=list(app.pages), peers=len(app.rtc.peers), sessions=list(app.engine.sessions))
+    left = dict(pages=list(app.pages), **app.worker.counts(), sessions=list(app.worker.engine.sessions))
     return {k: v for k, v in left.items() if v}
 
 
@@ -86,7 +86,7 @@ class LiveTab:
     """A tab streaming over WebRTC in a background thread (its own event loop), counting the frames it gets."""
 
     def __init__(self, url: str):
-        self.url, self.frames, self.session, self.error = url, 0, None, None
+        self.url, self.frames, self.session, self.page, self.error = url, 0, None, None, None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=asyncio.run, args=(self._run(),), name="test-live-tab")
         self._thread.start()
@@ -98,8 +98,9 @@ class LiveTab:
             tab = loadtest.Tab(http)
             pc, received = loadtest.new_peer(moving_face(), 10)
             try:
-                self.session = await tab.open()
-                await loadtest.offer(http, pc, self.session)
+                self.page = await tab.open()
+                self.session = tab.session
+                await loadtest.offer(http, pc, self.page)
                 track = await asyncio.wait_for(received, 30)
                 for _ in range(100_000):  # bounded; ends at stop
                     if self._stop.is_set():
@@ -152,8 +153,10 @@ def valid_offer_sdp(kinds=("video",), direction="sendrecv") -> str:
     return asyncio.run(make())
 
 
-def malformed_offers(n: int, live: str, seed: int = 0) -> list[tuple[str, bytes, dict]]:
-    """`n` requests /offer must refuse with a 4xx: (what, body, headers), half with the live tab's id."""
+def malformed_offers(n: int, page: dict, seed: int = 0) -> list[tuple[str, bytes, dict]]:
+    """`n` requests /offer must refuse with a 4xx: (what, body, headers), half with the live tab's id and secret
+    (the others with a wrong id), so that each reaches the check it is meant for."""
+    live, secret = page["session"], page["secret"]
     rng = random.Random(seed)
     good = valid_offer_sdp()
     lines = good.strip().splitlines()
@@ -179,22 +182,23 @@ def malformed_offers(n: int, live: str, seed: int = 0) -> list[tuple[str, bytes,
     shapes = {
         "random bytes": lambda s: bytes(rng.randrange(256) for _ in range(rng.randrange(1, 2000))),
         "bad JSON": lambda s: b'{"sdp": "v=0", "type": "offer", "session": ',
-        "not UTF-8": lambda s: b'{"sdp": "\xff\xfe", "type": "offer", "session": "' + s.encode() + b'"}',
+        "not UTF-8": lambda s: b'{"sdp": "\xff\xfe", "type": "offer", "session": "' + s.encode() + b'", "secret": "' + secret.encode() + b'"}',
         "nested JSON": lambda s: b"[" * 20_000 + b"]" * 20_000,
         "JSON list": lambda s: json.dumps([good, "offer", s]).encode(),
         "JSON string": lambda s: json.dumps(good).encode(),
-        "sdp is a number": lambda s: json.dumps({"sdp": 5, "type": "offer", "session": s}).encode(),
-        "sdp is a list": lambda s: json.dumps({"sdp": lines, "type": "offer", "session": s}).encode(),
-        "session is a number": lambda s: json.dumps({"sdp": good, "type": "offer", "session": 7}).encode(),
-        "session missing": lambda s: json.dumps({"sdp": good, "type": "offer"}).encode(),
-        "session too long": lambda s: json.dumps({"sdp": good, "type": "offer", "session": "x" * 500}).encode(),
-        "type answer": lambda s: json.dumps({"sdp": good, "type": "answer", "session": s}).encode(),
-        "type missing": lambda s: json.dumps({"sdp": good, "session": s}).encode(),
+        "sdp is a number": lambda s: json.dumps({"sdp": 5, "type": "offer", "session": s, "secret": secret}).encode(),
+        "sdp is a list": lambda s: json.dumps({"sdp": lines, "type": "offer", "session": s, "secret": secret}).encode(),
+        "session is a number": lambda s: json.dumps({"sdp": good, "type": "offer", "session": 7, "secret": secret}).encode(),
+        "secret missing": lambda s: json.dumps({"sdp": good, "type": "offer", "session": s}).encode(),
+        "session missing": lambda s: json.dumps({"sdp": good, "type": "offer", "secret": secret}).encode(),
+        "session too long": lambda s: json.dumps({"sdp": good, "type": "offer", "session": "x" * 500, "secret": secret}).encode(),
+        "type answer": lambda s: json.dumps({"sdp": good, "type": "answer", "session": s, "secret": secret}).encode(),
+        "type missing": lambda s: json.dumps({"sdp": good, "session": s, "secret": secret}).encode(),
         "huge body": lambda s: json.dumps({"sdp": good + "a=x:" + "y" * MAX_OFFER_BYTES, "type": "offer",
-                                           "session": s}).encode(),
+                                           "session": s, "secret": secret}).encode(),
     }
     for what, sdp in broken_sdp.items():
-        shapes[f"SDP: {what}"] = lambda s, sdp=sdp: json.dumps({"sdp": sdp, "type": "offer", "session": s}).encode()
+        shapes[f"SDP: {what}"] = lambda s, sdp=sdp: json.dumps({"sdp": sdp, "type": "offer", "session": s, "secret": secret}).encode()
     json_type = {"content-type": "application/json"}
     headers = {"cross-origin": {**json_type, "origin": "http://evil.example"},
                "text/plain": {"content-type": "text/plain"}, "no content type": {},
@@ -204,8 +208,8 @@ def malformed_offers(n: int, live: str, seed: int = 0) -> list[tuple[str, bytes,
         session = live if i % 2 == 0 else rng.choice(["nobody", "", live[::-1]])
         if i % 10 == 9:  # a valid offer, refused for its headers
             name = rng.choice(list(headers))
-            cases.append((f"valid offer, {name}", json.dumps({"sdp": good, "type": "offer", "session": session}
-                                                              ).encode(), headers[name]))
+            cases.append((f"valid offer, {name}", json.dumps({"sdp": good, "type": "offer", "session": session,
+                                                               "secret": secret}).encode(), headers[name]))
         else:
             name = list(shapes)[(i // 2) % len(shapes)]
             cases.append((name, shapes[name](session), json_type))
@@ -216,15 +220,15 @@ def test_malformed_offers_get_4xx_and_the_live_tab_streams_on(served):
     app, url = served
     live = LiveTab(url)
     try:
-        pipeline = app.pages[live.session].pipeline
+        pipeline = app.worker.tabs[live.session].pipeline
         statuses: dict[str, set[int]] = {}
-        for what, body, headers in malformed_offers(FUZZ, live.session):
+        for what, body, headers in malformed_offers(FUZZ, live.page):
             r = httpx.post(url + "offer", content=body, headers=headers, timeout=60)
             statuses.setdefault(what, set()).add(r.status_code)
             assert 400 <= r.status_code < 500, (what, r.status_code, r.text)
         print(json.dumps({k: sorted(v) for k, v in statuses.items()}, indent=1))
-        assert app.pages[live.session].pipeline is pipeline and not pipeline.closed  # untouched
-        assert len(app.rtc.peers) == 1 and list(app.engine.sessions) == [pipeline.name]  # nothing leaked
+        assert app.worker.tabs[live.session].pipeline is pipeline and not pipeline.closed  # untouched
+        assert app.worker.counts()["peers"] == 1 and list(app.worker.engine.sessions) == [pipeline.name]  # nothing leaked
         assert live.still_streaming()
     finally:
         live.close()
@@ -257,12 +261,12 @@ async def drop(url: str, mode: str, cycle: int) -> None:
         tab = loadtest.Tab(http)
         pc, received = loadtest.new_peer(moving_face(4), 10)
         try:
-            session = await tab.open()
+            page = await tab.open()
             if mode == "mid-handshake":  # the offer is out, the answer never applied
                 await pc.setLocalDescription(await pc.createOffer())
-                await http.post("offer", json={"sdp": pc.localDescription.sdp, "type": "offer", "session": session})
+                await http.post("offer", json={"sdp": pc.localDescription.sdp, "type": "offer", **page})
                 return
-            await loadtest.offer(http, pc, session)
+            await loadtest.offer(http, pc, page)
             track = await asyncio.wait_for(received, 30)
             await asyncio.wait_for(track.recv(), 60)
             if mode == "mid-recording":
@@ -290,8 +294,10 @@ def test_abrupt_drops_leave_nothing_behind(served):
     assert httpx.get(url + f"gradio_api/file={recordings[0]}").status_code == 403  # never served by its path
 
 
-def test_offer_needs_the_login(tmp_path, loopback_only):
-    """With --auth, /offer is behind Gradio's login like the page: 401 without it, nothing created."""
+def test_offer_needs_the_login_the_page_secret_and_the_same_user(tmp_path, loopback_only):
+    """With --auth, /offer is behind Gradio's login like the page: 401 without it, nothing created. An offer is
+    bound to the secret its page got at load and to the user who loaded it: another tab's session hash alone, or
+    another user's offer, gets a 403 and the tab streams on. /healthz tells a stranger only ready/full."""
     from model.engine import Engine, load_networks
     from web.app import LiveApp
 
@@ -299,24 +305,38 @@ def test_offer_needs_the_login(tmp_path, loopback_only):
     app = LiveApp(Engine(load_networks("recipe", "tiny")), untrained=True, workdir=tmp_path)
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    demo = app.launch(port=port, auth=("ada", "lovelace"), block=False)
+    demo = app.launch(port=port, auth=[("ada", "lovelace"), ("bob", "builder")], block=False)
     try:
-        app.page(gr.Request(session_hash="tab"))
-        offer = {"sdp": valid_offer_sdp(), "type": "offer", "session": "tab"}
-        r = httpx.post(url + "offer", json=offer)
-        assert r.status_code == 401 and not app.rtc.peers and app.pages["tab"].pipeline is None
-        assert httpx.post(url + "offer", json=offer, cookies={"access-token-unsecure-x": "guess"}).status_code == 401
+        sdp = valid_offer_sdp()
+        r = httpx.post(url + "offer", json={"sdp": sdp, "type": "offer", "session": "tab", "secret": "s"})
+        assert r.status_code == 401 and app.worker.counts()["live"] == 0
+        assert httpx.post(url + "offer", json={"sdp": sdp, "type": "offer", "session": "tab", "secret": "s"},
+                          cookies={"access-token-unsecure-x": "guess"}).status_code == 401
+        stranger = httpx.get(url + "healthz")
+        assert stranger.status_code == 200 and stranger.json() == {"ready": True, "full": False}
 
-        async def logged_in() -> tuple[int, int]:
-            async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-                assert (await http.post("login", data={"username": "ada", "password": "lovelace"})).status_code == 200
-                report = await loadtest.run_client(0, http, 6, moving_face(4), 10)
-                https = await http.post("offer", json=offer, headers={"origin": f"https://127.0.0.1:{port}"})
-                evil = await http.post("offer", json=offer, headers={"origin": "https://evil.example"})
+        async def logged_in() -> dict:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as ada, \
+                    httpx.AsyncClient(base_url=url, timeout=30) as bob:
+                for http, user, password in ((ada, "ada", "lovelace"), (bob, "bob", "builder")):
+                    assert (await http.post("login", data={"username": user, "password": password})).status_code == 200
+                report = await loadtest.run_client(0, ada, 6, moving_face(4), 10)
                 assert report.failures == [] and report.frames >= 1, report
-                return https.status_code, evil.status_code
-        https, evil = asyncio.run(logged_in())
-        assert https == 200 and evil == 403  # an HTTPS page on this host passes, another site does not
+                health = (await ada.get("healthz")).json()
+                tab = loadtest.Tab(ada)
+                page = await tab.open()
+                offer = {"sdp": sdp, "type": "offer", **page}
+                codes = dict(
+                    https=(await ada.post("offer", json=offer, headers={"origin": f"https://127.0.0.1:{port}"})),
+                    evil=(await ada.post("offer", json=offer, headers={"origin": "https://evil.example"})),
+                    no_secret=(await ada.post("offer", json={**offer, "secret": "guessed"})),
+                    other_user=(await bob.post("offer", json=offer)))
+                await tab.close()
+                return dict({k: r.status_code for k, r in codes.items()}, health=health)
+        got = asyncio.run(logged_in())
+        assert got["https"] == 200 and got["evil"] == 403  # an HTTPS page on this host passes, another site does not
+        assert got["no_secret"] == 403 and got["other_user"] == 403
+        assert {"live_sessions", "capacity", "device", "engine_step_p50_ms"} <= set(got["health"])  # logged in
     finally:
         demo.close()
         app.close()
@@ -336,8 +356,7 @@ def test_sigterm_during_a_recording_leaves_a_playable_file(tmp_path, loopback_on
             async with httpx.AsyncClient(base_url=url, timeout=30) as http:
                 tab = loadtest.Tab(http)
                 pc, received = loadtest.new_peer(moving_face(4), 10)
-                session = await tab.open()
-                await loadtest.offer(http, pc, session)
+                await loadtest.offer(http, pc, await tab.open())
                 track = await asyncio.wait_for(received, 60)
                 await asyncio.wait_for(track.recv(), 60)
                 assert "Recording" in (await tab.call("start_recording"))[0]
@@ -379,15 +398,15 @@ def test_vanished_tabs_are_reaped_and_markers_expire(app):
     quiet, streaming = gr.Request(session_hash="quiet"), gr.Request(session_hash="streaming")
     for r in (quiet, streaming):
         app.http_frame(frame, r)  # both go live over HTTP streaming; then `quiet` vanishes without an unload
-    name = app.pages["quiet"].pipeline.name
+    name = app.worker.tabs["quiet"].pipeline.name
     app.close_page(gr.Request(session_hash="closed"))
     for _ in range(5):  # `streaming` keeps sending frames (the pipeline's arrivals keep it alive)
         time.sleep(0.2)
-        app.pages["streaming"].pipeline.submit(frame)
+        app.worker.tabs["streaming"].pipeline.submit(frame)
     assert app.reap() == ["quiet"]
-    assert list(app.pages) == ["streaming"] and name not in app.engine.sessions and "closed" not in app.gone
+    assert list(app.worker.tabs) == ["streaming"] and name not in app.worker.engine.sessions and "closed" not in app.closed
     app.http_frame(frame, quiet)  # the reaped tab comes back: it starts afresh
-    assert app.pages["quiet"].pipeline.name != name
+    assert app.worker.tabs["quiet"].pipeline.name != name
     app.close()
 
 
@@ -401,7 +420,7 @@ def test_recording_stops_at_its_limit_and_the_page_says_so(app):
     while "stopped at the 0.6 s limit" not in app.stats(r) and time.monotonic() < end:
         app.http_frame(frame, r)
     assert "stopped at the 0.6 s limit" in app.stats(r)
-    path, status = app.stop_recording(r)
+    (path,), status = app.stop_recording(r)
     with av.open(path) as c:
         n = sum(1 for _ in c.decode(video=0))
         assert n >= 1 and float(c.duration / av.time_base) <= 0.6 + 0.1
@@ -426,7 +445,7 @@ def test_work_directory_quota_age_and_names(app):
     os.utime(old, (time.time() - 48 * 3600,) * 2)
     os.utime(big, (time.time() - 3600,) * 2)
     app.limits.work_quota_mb = 1
-    path = app.work.reserve("recording")
+    path = app.worker.work.reserve("recording")
     assert not old.exists() and not big.exists() and new.exists()  # past the age limit; the oldest over quota
     assert path.parent == app.dir and len(path.stem.rsplit("-", 1)[1]) == 32  # 128 random bits in the name
-    assert app.work.reserve("recording") != path
+    assert app.worker.work.reserve("recording") != path

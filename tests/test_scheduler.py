@@ -8,6 +8,7 @@ of pixels, as tests/test_engine.py also allows). So "the session animated alone"
 this session's data, at the size of the batch it shared and read at its position there: bit-identical means no
 other session's portrait, controls, reference or crop leaks into its output."""
 import contextlib
+import json
 import threading
 import time
 
@@ -270,8 +271,9 @@ def test_server_full_over_http_and_webrtc_then_admitted(server):
     app, url, Request = server
     astronaut = skimage.data.astronaut()
     first, second = Request(session_hash="first"), Request(session_hash="second")
+    app.open_page(second)
     app.http_frame(astronaut, first)
-    wait_for(lambda: app.page(first).pipeline.metrics.frames_out >= 1)
+    wait_for(lambda: app.worker.tabs[first.session_hash].pipeline.metrics.frames_out >= 1)
     health = httpx.get(url + "healthz")
     assert health.status_code == 503  # full: not ready for another session
     body = health.json()
@@ -279,20 +281,21 @@ def test_server_full_over_http_and_webrtc_then_admitted(server):
     assert body["engine_step_p50_ms"] > 0
 
     refused = app.http_frame(astronaut, second)  # HTTP streaming: the message instead of the animation
-    assert app.page(second).pipeline is None and refused.shape == astronaut.shape
+    assert app.worker.tabs[second.session_hash].pipeline is None and refused.shape == astronaut.shape
     assert refused.mean() < astronaut.mean() / 2  # the dimmed webcam frame with the text on it
     assert "the server is full (1 live session); try again shortly" in app.stats(second)
-    offer = httpx.post(url + "offer", json={"session": "second", "sdp": valid_offer_sdp(), "type": "offer"})
+    offer = httpx.post(url + "offer", json={**json.loads(app.open_page(second)), "sdp": valid_offer_sdp(),
+                                            "type": "offer"})
     assert offer.status_code == 503
     assert offer.json()["error"] == "the server is full (1 live session); try again shortly"
     for _ in range(3):  # the live session keeps going meanwhile
         app.http_frame(astronaut, first)
-    assert app.page(first).pipeline.metrics.frames_out >= 2
+    assert app.worker.tabs[first.session_hash].pipeline.metrics.frames_out >= 2
 
     app.close_page(first)  # the slot frees up: the next frame of the waiting tab is admitted
     assert httpx.get(url + "healthz").json()["live_sessions"] == 0
     app.http_frame(astronaut, second)
-    assert app.page(second).pipeline is not None and "Live via HTTP streaming" in app.stats(second)
+    assert app.worker.tabs[second.session_hash].pipeline is not None and "Live via HTTP streaming" in app.stats(second)
     assert httpx.get(url + "healthz").status_code == 503
     app.close_page(second)
     health = httpx.get(url + "healthz")

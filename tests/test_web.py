@@ -1,5 +1,6 @@
 """The page's handlers and the live server: bad uploads get a clear message in the page and the server keeps
 serving; the HTTP streaming fallback animates; the signalling route refuses strangers and cleans up bad offers."""
+import json
 import socket
 
 import av
@@ -55,15 +56,15 @@ def request(session: str) -> gr.Request:
 def test_bad_portraits_explain_and_keep_the_old_one(app, files, name, message):
     preview, status = app.set_portrait(str(files / name), request("bad"))
     assert message in status and "Portrait not used" in status
-    assert app.page(request("bad")).source is app.sample
+    assert app.worker.tab("bad").source is app.worker.sample
 
 
 def test_good_portrait_and_sample(app, files):
     preview, status = app.set_portrait(str(files / "astronaut.jpg"), request("good"))
     assert "Portrait ready (512×512)" in status and preview.shape == (512, 512, 3)
-    assert app.page(request("good")).source is not app.sample
+    assert app.worker.tab("good").source is not app.worker.sample
     preview, status = app.use_sample(request("good"))
-    assert app.page(request("good")).source is app.sample and "Sample portrait" in status
+    assert app.worker.tab("good").source is app.worker.sample and "Sample portrait" in status
 
 
 def test_http_streaming_fallback_animates_and_cleans_up(app):
@@ -72,24 +73,25 @@ def test_http_streaming_fallback_animates_and_cleans_up(app):
     assert "not connected" in app.stats(r)
     outputs = [app.http_frame(np.roll(ASTRONAUT, i, axis=1), r) for i in range(4)]
     assert outputs[-1].shape == (256, 256, 3)
-    page = app.page(r)
+    page = app.worker.tabs["http"]
     assert page.settings.eye_target == 0.3 and page.settings.lip_target is None
     assert "Live via HTTP streaming" in app.stats(r)
     assert page.pipeline.metrics.frames_out >= 3
     name = page.pipeline.name
-    assert name in app.engine.sessions
+    assert name in app.worker.engine.sessions
     assert "Recording" in app.start_recording(r)
     for _ in range(3):
         app.http_frame(ASTRONAUT, r)
-    path, status = app.stop_recording(r)
+    (path,), status = app.stop_recording(r)
     assert "Saved" in status
     with av.open(path) as c:
         assert sum(1 for _ in c.decode(video=0)) >= 3
     assert "Recording" in app.start_recording(r)
     app.http_frame(ASTRONAUT, r)
     app.close_page(r)  # tab closed while recording: the file is finalised, the engine session freed
-    assert name not in app.engine.sessions and "http" not in app.pages
-    assert page.recording is not None and page.recording.stat().st_size > 0
+    assert name not in app.worker.engine.sessions and "http" not in app.pages
+    (take,) = page.takes  # kept for a download that will not come: the tab is gone, the work dir's limits apply
+    assert take.stat().st_size > 0
 
 
 def test_video_file_tab(app, files, tmp_path):
@@ -141,12 +143,12 @@ def test_live_server_survives_bad_uploads(app, server, files):
 
 
 def test_offer_route(app, server):
-    offer = httpx.post(server + "offer", json={"session": "nobody", "sdp": "v=0", "type": "offer"})
+    offer = httpx.post(server + "offer", json={"session": "nobody", "secret": "x", "sdp": "v=0", "type": "offer"})
     assert offer.status_code == 400  # checked before the session is looked up
     assert httpx.post(server + "offer", content=b"{not json").status_code == 415  # not application/json
     assert httpx.post(server + "offer", content=b"{not json", headers={"content-type": "application/json"}
                       ).status_code == 400
-    app.page(request("tab"))
-    bad = httpx.post(server + "offer", json={"session": "tab", "sdp": "not sdp", "type": "offer"})
+    page = json.loads(app.open_page(request("tab")))
+    bad = httpx.post(server + "offer", json={**page, "sdp": "not sdp", "type": "offer"})
     assert bad.status_code == 400 and "bad offer" in bad.json()["error"]
-    assert app.page(request("tab")).pipeline is None and not app.rtc.peers
+    assert app.worker.tabs["tab"].pipeline is None and not app.worker.counts()["peers"]

@@ -12,10 +12,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import json
+import secrets
 import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -29,17 +30,16 @@ from fastapi.routing import APIRoute
 
 from model.editing import SLIDERS, Edits
 from model.engine import Engine, load_networks
-from stream.editor import PortraitEditor
-from stream.face import NoFaceError, SourceFace, prepare_source
-from stream.pipeline import SessionPipeline, Settings, draw_text
+from stream.face import NoFaceError, prepare_source
+from stream.render import MAX_BYTES, MAX_SIDE, InputError
 from stream.scheduler import Scheduler, ServerFull
-from stream.render import MAX_BYTES, MAX_SIDE, InputError, read_image, render
 from web import controls as panel
 from web import tls
-from web.guard import Refused, check_offer
-from web.limits import Limits, WorkDir, idle_since, release_memory
+from web.guard import Refused, check_offer, gradio_user, login_required
+from web.limits import Limits, argument, positive
 from web.limits import add_arguments as add_limit_arguments
-from web.webrtc import WebRTC, parse_ice_servers, turn_server
+from web.webrtc import parse_ice_servers, turn_server
+from web.worker import TabClosed, Worker
 
 log = logging.getLogger("liveportrait.app")
 STATIC = Path(__file__).parent / "static"
@@ -63,184 +63,134 @@ MAX_GONE = 10_000  # closed-tab markers kept at most (each also expires after th
 
 
 class Page:
-    """What one browser tab owns: its portrait, its live controls, its live connection and its last recording."""
+    """What the front knows of a browser tab: the secret its page was given at load (a WebRTC offer must carry
+    it) and, under --auth, who logged in. Everything live is the worker's (web/worker.py)."""
 
-    def __init__(self, source: SourceFace):
-        self.source, self.settings = source, Settings()
-        self.pipeline: SessionPipeline | None = None
-        self.refused: str | None = None  # why the last connection was not admitted (the server was full)
-        self.recording: Path | None = None
-        self.editor: PortraitEditor | None = None  # the Portrait editing tab's engine session, once opened
-        self.editing = False  # that tab is the one shown: control changes re-render the edited portrait
-        self.closed = False  # the tab is gone: a late request must not open a new connection
-        self.seen = time.monotonic()  # the tab's last request (its idle time decides when it is reaped)
-        self._lock = threading.Lock()
-
-    def connect(self, engine: Engine, transport: str, max_sessions: int | None = None) -> SessionPipeline | None:
-        """A new live connection (replacing the previous one, whatever its transport, whose slot it reuses); None
-        once closed; ServerFull when `max_sessions` other connections are live."""
-        if self.pipeline:
-            self.disconnect(self.pipeline)
-        try:
-            pipeline = SessionPipeline(engine, self.source, self.settings, transport, max_sessions)
-        except ServerFull as e:
-            self.refused = str(e)
-            raise
-        self.refused = None
-        with self._lock:
-            if self.closed:
-                pipeline.close()
-                return None
-            old, self.pipeline = self.pipeline, pipeline
-        if old:
-            self.disconnect(old)
-        return pipeline
-
-    def disconnect(self, pipeline: SessionPipeline | None = None) -> None:
-        """End a live connection (default: the current one); a recording it had running is kept for download."""
-        with self._lock:
-            pipeline = pipeline or self.pipeline
-            if self.pipeline is pipeline:
-                self.pipeline = None
-        if pipeline and (path := pipeline.close()):
-            self.recording = path
+    def __init__(self, user: str | None = None):
+        self.secret, self.user = secrets.token_urlsafe(24), user
 
 
 class LiveApp:
-    """The server side of the page: the shared engine, the pages, WebRTC, and every event handler."""
+    """The Gradio front: the pages, the signalling route, every event handler. Live work is the worker's."""
 
     def __init__(self, engine: Engine, ice_servers: list[dict] | None = None, untrained: bool = False,
-                 workdir: str | Path | None = None, max_sessions: int | None = None, limits: Limits | None = None):
-        self.engine, self.untrained = engine, untrained
-        self.max_sessions = max_sessions or DEFAULT_MAX_SESSIONS.get(engine.device.type, 1)
-        self.rtc = WebRTC(ice_servers or [])
-        self.sample = prepare_source(skimage.data.astronaut())  # NASA, public domain
-        self.pages: dict[str, Page] = {}
-        self.gone: dict[str, float] = {}  # session hashes of closed tabs -> when (they expire: see reap)
+                 workdir: str | Path | None = None, max_sessions: int | None = None, limits: Limits | None = None,
+                 max_renders: int = 1, step_s: float | None = None):
+        self.untrained, self.max_renders = untrained, max_renders
+        self.ice_servers = ice_servers or []
+        self.engine_info = f"{engine.device}, {engine.precision}. {' · '.join(engine.notes)}"
         self.limits = limits or Limits()
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="liveportrait-"))
-        self.work = WorkDir(self.dir, self.limits)
+        self.worker = Worker(engine, prepare_source(skimage.data.astronaut()),  # NASA, public domain
+                             max_sessions or DEFAULT_MAX_SESSIONS.get(engine.device.type, 1), self.ice_servers,
+                             self.limits, self.dir, step_s)
+        self.pages: dict[str, Page] = {}
+        self.closed: dict[str, float] = {}  # session hashes of closed tabs -> when (they expire: see reap)
 
-    def page(self, request: gr.Request) -> Page:
-        if request.session_hash in self.gone:  # a request that raced the tab's unload: a detached, closed page
-            page = Page(self.sample)
-            page.closed = True
-            return page
-        page = self.pages.setdefault(request.session_hash, Page(self.sample))
-        page.seen = time.monotonic()
-        return page
+    def gone(self, request: gr.Request) -> bool:
+        """The tab was closed: a request that raced its unload must not bring it back."""
+        return request.session_hash in self.closed
 
     # ---- page lifecycle ----
 
     def open_page(self, request: gr.Request) -> str:
-        """Page load: register the tab; its id goes to the WebRTC client."""
-        self.page(request)
-        return request.session_hash
+        """Page load: register the tab; its id and secret go to the WebRTC client."""
+        if self.gone(request):
+            return ""
+        page = self.pages.setdefault(request.session_hash, Page(request.username))
+        self.worker.stats(request.session_hash)  # its idle clock starts
+        return json.dumps({"session": request.session_hash, "secret": page.secret})
 
     def close_page(self, request: gr.Request) -> None:
         """Tab closed: end its live connection and forget it."""
-        self.gone[request.session_hash] = time.monotonic()
-        while len(self.gone) > MAX_GONE:
-            del self.gone[next(iter(self.gone))]
-        self._free(request.session_hash)
-
-    def _free(self, session: str) -> None:
-        if page := self.pages.pop(session, None):
-            with page._lock:
-                page.closed = True
-            page.disconnect()
-            if page.editor:  # none is created once the page is closed
-                page.editor.close()
+        self.closed[request.session_hash] = time.monotonic()
+        while len(self.closed) > MAX_GONE:
+            del self.closed[next(iter(self.closed))]
+        self.pages.pop(request.session_hash, None)
+        self.worker.close_tab(request.session_hash)
 
     def reap(self) -> list[str]:
-        """Free the tabs idle for longer than the idle timeout (closed without an unload event: a crashed
-        browser, a laptop lid, a lost network), expire old closed-tab markers, clean the work directory.
-        Returns the sessions freed. A reaped tab that comes back later starts afresh."""
-        now, timeout = time.monotonic(), self.limits.idle_timeout
-        idle = [s for s, p in list(self.pages.items()) if now - idle_since(p.seen, p.pipeline) > timeout]
-        for session in idle:
-            log.info("tab %s idle for over %g s: freed", session, timeout)
-            self._free(session)
-        for session, when in list(self.gone.items()):
-            if now - when > timeout:
-                self.gone.pop(session, None)
-        self.work.clean()
-        release_memory()
-        return idle
+        """Free the tabs gone quiet for longer than the idle timeout, and expire old closed-tab markers. Returns
+        the tabs freed; a reaped tab that comes back later starts afresh."""
+        freed = self.worker.reap()
+        for session in freed:
+            self.pages.pop(session, None)
+        now = time.monotonic()
+        for session, when in list(self.closed.items()):
+            if now - when > self.limits.idle_timeout:
+                self.closed.pop(session, None)
+        return freed
 
     async def _reap_forever(self) -> None:
         while True:
             await asyncio.sleep(min(30.0, self.limits.idle_timeout / 4))
-            await asyncio.to_thread(self.reap)
+            try:
+                await asyncio.to_thread(self.reap)
+            except Exception:  # reaping must outlive any one failure
+                log.exception("reaping failed")
 
     def close(self) -> None:
         """Server shutdown: end every live connection (recordings are finalised)."""
-        for page in list(self.pages.values()):
-            page.disconnect()
+        self.worker.close()
 
     # ---- portrait and controls ----
 
     def set_portrait(self, path: str | None, request: gr.Request) -> tuple:
         """Upload handler: validate and detect the face; the error is shown in the page, the old portrait stays."""
-        if not path:
+        if not path or self.gone(request):
             return gr.skip(), ""
         try:
-            source = prepare_source(read_image(path))
+            image = self.worker.set_portrait(request.session_hash, path)
         except (InputError, NoFaceError) as e:
             return gr.skip(), f"⚠️ **Portrait not used.** {e}"
-        self._use(self.page(request), source)
-        return source.image, f"✓ Portrait ready ({source.image.shape[1]}×{source.image.shape[0]})."
+        return image, f"✓ Portrait ready ({image.shape[1]}×{image.shape[0]})."
 
     def use_sample(self, request: gr.Request) -> tuple:
-        self._use(self.page(request), self.sample)
-        return self.sample.image, "✓ Sample portrait (astronaut Eileen Collins, NASA, public domain)."
-
-    @staticmethod
-    def _use(page: Page, source: SourceFace) -> None:
-        page.source = source
-        if pipeline := page.pipeline:
-            pipeline.set_source(source)
+        if self.gone(request):
+            return gr.skip(), ""
+        image = self.worker.use_sample(request.session_hash)
+        return image, "✓ Sample portrait (astronaut Eileen Collins, NASA, public domain)."
 
     def set_controls(self, relative: bool, stitching: bool, paste: bool, multiplier: float, eye_on: bool,
                      eye: float, lip_on: bool, lip: float, smoothing: float, overlay: bool,
                      request: gr.Request) -> np.ndarray | None:
         """Any control changed: the live connection picks the new values up at its next frame."""
-        s = self.page(request).settings
-        s.relative, s.stitching, s.paste, s.multiplier = relative, stitching, paste, float(multiplier)
-        s.eye_target = float(eye) if eye_on else None
-        s.lip_target = float(lip) if lip_on else None
-        s.smoothing, s.overlay = float(smoothing), overlay
+        if self.gone(request):
+            return gr.skip()
+        self.worker.set_controls(request.session_hash, relative=relative, stitching=stitching, paste=paste,
+                                 multiplier=float(multiplier), eye_target=float(eye) if eye_on else None,
+                                 lip_target=float(lip) if lip_on else None, smoothing=float(smoothing),
+                                 overlay=overlay)
         return self.edited(request)
 
     def set_edits(self, request: gr.Request, region: str, *sliders: float) -> np.ndarray | None:
         """Animation region or an expression/pose slider changed (values in model.editing.SLIDERS order)."""
-        s = self.page(request).settings
-        s.region, s.edits = region, Edits(**{k: float(v) for k, v in zip(SLIDERS, sliders, strict=True)})
+        if self.gone(request):
+            return gr.skip()
+        self.worker.set_controls(request.session_hash, region=region,
+                                 edits=Edits(**{k: float(v) for k, v in zip(SLIDERS, sliders, strict=True)}))
         return self.edited(request)
 
     def reset_edits(self, request: gr.Request) -> list:
         """Every expression/pose slider back to its default: the sliders' values, then the edited portrait."""
-        self.page(request).settings.edits = Edits()
+        if not self.gone(request):
+            self.worker.reset_edits(request.session_hash)
         return [*Edits().values().values(), self.edited(request)]
 
     def select_tab(self, event: gr.SelectData, request: gr.Request) -> np.ndarray | None:
         """The Portrait editing tab renders while it is the one shown."""
-        self.page(request).editing = event.value == "Portrait editing"
+        if not self.gone(request):
+            self.worker.set_editing(request.session_hash, event.value == "Portrait editing")
         return self.edited(request)
 
     def edited(self, request: gr.Request) -> np.ndarray | None:
         """The page's portrait with its sliders applied, pasted back (one engine call); skipped while the
         Portrait editing tab is not shown."""
-        page = self.page(request)
-        with page._lock:
-            if not page.editing or page.closed:
-                return gr.skip()
-            editor = page.editor = page.editor or PortraitEditor(self.engine)
-        return editor(page.source, page.settings)
+        image = self.worker.edited(request.session_hash) if not self.gone(request) else None
+        return gr.skip() if image is None else image
 
     def reset_reference(self, request: gr.Request) -> str:
-        if pipeline := self.page(request).pipeline:
-            pipeline.reset_reference()
+        if not self.gone(request) and self.worker.reset_reference(request.session_hash):
             return "Reference reset: the next frame is the neutral pose."
         return "Start the camera first."
 
@@ -248,112 +198,106 @@ class LiveApp:
 
     def http_frame(self, frame: np.ndarray | None, request: gr.Request) -> np.ndarray | None:
         """One webcam frame from Gradio's streaming: hand it over, answer with the newest output."""
-        if frame is None:
+        if frame is None or self.gone(request):
             return None
-        page = self.page(request)
-        pipeline = page.pipeline
-        if pipeline is None or pipeline.transport != "HTTP streaming":
-            try:
-                pipeline = page.connect(self.engine, "HTTP streaming", self.max_sessions)
-            except ServerFull as e:  # each next frame tries again: admitted once a slot frees up
-                return draw_text(frame // 3, str(e))
-            if pipeline is None:
-                return None
-        seq = pipeline.seq
-        pipeline.submit(frame)
-        return pipeline.wait(seq, timeout=2.0)[1]
+        try:
+            return self.worker.http_frame(request.session_hash, frame)
+        except TabClosed:
+            return None
 
     async def offer(self, request: fastapi.Request) -> JSONResponse:
-        """POST /offer {sdp, type, session}: answer a page's WebRTC offer. The login, the origin, the content type,
-        the size and the offer itself are checked first; the tab's live connection is replaced only once aiortc
-        has accepted the offer, so a bad one (even carrying the tab's id) leaves the tab streaming."""
+        """POST /offer {sdp, type, session, secret}: answer a page's WebRTC offer. The login, the origin, the
+        content type, the size and the offer are checked first, then that the secret is the one this tab's page
+        was given (and, under --auth, that the same user is logged in); the tab's live connection is replaced
+        only once aiortc has fully accepted the offer, so a bad one leaves the tab streaming."""
         try:
             body = await check_offer(request)
         except Refused as e:
             return JSONResponse({"error": str(e)}, status_code=e.status)
         page = self.pages.get(body["session"])
-        if page is None:
-            return JSONResponse({"error": "unknown session; reload the page"}, status_code=403)
-        page.seen = time.monotonic()
+        if page is None or not secrets.compare_digest(page.secret, body["secret"]):
+            return JSONResponse({"error": "unknown page; reload it"}, status_code=403)
+        if login_required(request) and await gradio_user(request) != page.user:
+            return JSONResponse({"error": "this page belongs to another login"}, status_code=403)
         try:
-            answer = await self.rtc.answer(
-                body, lambda: asyncio.to_thread(page.connect, self.engine, "WebRTC", self.max_sessions),
-                page.disconnect)
+            return JSONResponse(await self.worker.offer(body["session"], body))
         except ServerFull as e:  # the offer was fine, the server is not: nothing was created
             return JSONResponse({"error": str(e)}, status_code=503)
-        try:
-            answer = await self.rtc.answer(body, lambda: asyncio.to_thread(page.connect, self.engine, "WebRTC"),
-                                           page.disconnect)
+        except TabClosed as e:
+            return JSONResponse({"error": str(e)}, status_code=403)
         except Exception as e:  # aiortc refused the offer: nothing was created, the tab's connection is untouched
+            log.info("offer refused: %s: %s", type(e).__name__, e)
             return JSONResponse({"error": f"bad offer: {e}"}, status_code=400)
-        if answer is None:
-            return JSONResponse({"error": "this tab was closed; reload the page"}, status_code=403)
-        return JSONResponse(answer)
 
     def stats(self, request: gr.Request) -> str:
-        """The metrics line the page polls (a tick after the tab closed must not bring the page back)."""
-        page = self.pages.get(request.session_hash)
-        if page:
-            page.seen = time.monotonic()
-        if not (pipeline := page and page.pipeline):
-            if page and page.refused:
-                return f"**Live:** {page.refused}."
+        """The metrics line the page polls."""
+        if self.gone(request):
+            return gr.skip()
+        m = self.worker.stats(request.session_hash)
+        if not m["live"]:
+            if m["refused"]:
+                return f"**Live:** {m['refused']}."
             return "**Live:** not connected — start the camera (WebRTC) or the HTTP streaming webcam."
-        m = pipeline.stats()
         size = "×".join(map(str, m["size"])) if m["size"] else "–"
         recording = (" · ● recording" if m["recording"] else
                      f" · ■ recording stopped at the {self.limits.record_max_s:g} s limit: press Stop recording to "
-                     "get it" if m["recording_full"] else "")
+                     "get it" if m["recording_full"] else f" · ⚠️ {m['record_error']}" if m["record_error"] else "")
         return (f"**Live via {m['transport']}** · in {m['fps_in']} fps · out {m['fps_out']} fps · "
                 f"dropped {m['dropped']} · latency p50 {m['latency_p50_ms']:.0f} ms / p95 {m['latency_p95_ms']:.0f} ms"
                 f" · {size}{recording}")
 
-    def healthz(self) -> JSONResponse:
-        """GET /healthz: load and capacity for a load balancer or readiness probe; 503 while full."""
-        sched = Scheduler.of(self.engine).stats()
-        pipes = [p for page in list(self.pages.values()) if (p := page.pipeline)]
-        body = dict(live_sessions=sched["sessions"], capacity=self.max_sessions,
-                    engine_step_p50_ms=sched["engine_step_p50_ms"], batch_sizes=sched["batch_sizes"],
-                    session_fps=[p.stats()["fps_out"] for p in pipes], device=str(self.engine.device))
-        return JSONResponse(body, status_code=503 if sched["sessions"] >= self.max_sessions else 200)
+    async def healthz(self, request: fastapi.Request) -> JSONResponse:
+        """GET /healthz: readiness and load for a load balancer; 503 while full. Under --auth, a request without
+        the login learns only `ready` and `full`."""
+        h = self.worker.health()
+        full = h["live_sessions"] >= h["capacity"]
+        body = dict(ready=True, full=full)
+        if not login_required(request) or await gradio_user(request) is not None:
+            body.update(h)
+        return JSONResponse(body, status_code=503 if full else 200)
 
     # ---- recording and rendering ----
 
     def start_recording(self, request: gr.Request) -> str:
-        page = self.page(request)
-        if page.pipeline is None:
-            return "Start the camera first, then record."
-        if (path := self.work.reserve("recording")) is None:
-            return "⚠️ The server's storage for recordings is full; try again later."
-        page.pipeline.start_recording(path, self.limits.record_max_s)
-        return f"● Recording… (at most {self.limits.record_max_s:g} s)"
+        if self.gone(request):
+            return ""
+        return self.worker.start_recording(request.session_hash)
 
     def stop_recording(self, request: gr.Request) -> tuple:
-        page = self.page(request)
-        if page.pipeline and (path := page.pipeline.stop_recording()):
-            page.recording = path
-        if page.recording is None:
-            return None, "Nothing recorded yet."
-        path, page.recording = page.recording, None
-        return str(path), f"Saved {path.name}."
+        """Every take not yet downloaded (a second Record keeps the first; so do Stop and the limit)."""
+        takes = self.worker.stop_recording(request.session_hash) if not self.gone(request) else []
+        if not takes:
+            return gr.skip(), "Nothing recorded yet."
+        return [str(p) for p in takes], f"Saved {', '.join(p.name for p in takes)}."
 
     def render_video(self, driving: str | None, request: gr.Request,
                      progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple:
         """Video-file tab: the page's portrait driven by an uploaded video, at its frame rate, with its audio."""
         if not driving:
             return None, "Upload a driving video first."
-        page = self.page(request)
+        if self.gone(request):
+            return None, ""
         if (size := Path(driving).stat().st_size) > self.limits.render_max_mb * 2**20:
             return None, (f"⚠️ The video is {size / 2**20:.1f} MB; this server renders at most "
                           f"{self.limits.render_max_mb:g} MB.")
-        if (out := self.work.reserve("render")) is None:
-            return None, "⚠️ The server's storage for renders is full; try again later."
         try:
-            with self.work.writing(out):
-                info = render(self.engine, page.source, driving, out, page.settings, self.limits.render_max_s)
+            out, info = self.worker.render(request.session_hash, driving)
         except InputError as e:
             return None, f"⚠️ {e}"
+        if out is None:
+            return None, info
         return str(out), f"{info['frames']} frames at {info['fps']:g} fps{', with audio' if info['audio'] else ''}."
+
+    def speed_note(self) -> str:
+        """What to expect, measured at start-up, said before anyone starts the camera."""
+        step = self.worker.step_s
+        if step < 0.25:
+            return f"Measured at start-up: {step * 1000:.0f} ms per frame for one live session."
+        every = f"{step:.0f} s" if step >= 2 else f"{step:.1f} s"
+        return (f"⏱ **This server animates about one frame every {every}** (measured at start-up on its "
+                f"{self.worker.engine.device.type.upper()}): the live view will update that slowly, not like a "
+                "video. A CUDA GPU makes it live; meanwhile the **Video file** tab renders a whole clip without "
+                "waiting on the webcam.")
 
     # ---- the page and the server ----
 
@@ -364,11 +308,10 @@ class LiveApp:
             if self.untrained:
                 gr.HTML('<div class="lp-banner">⚠️ Untrained weights (<code>--weights recipe</code>): the networks '
                         'are deterministic random numbers, so the output is not a real animation.</div>')
-            gr.Markdown(f"<small>Engine: {self.engine.device}, {self.engine.precision}. "
-                        f"{' · '.join(self.engine.notes)}</small>")
+            gr.Markdown(f"{self.speed_note()}\n\n<small>Engine: {self.engine_info}</small>", elem_id="lp-speed")
             with gr.Row():
                 with gr.Column(scale=2):
-                    portrait = gr.Image(self.sample.image, label="Portrait", interactive=False, height=280)
+                    portrait = gr.Image(self.worker.sample.image, label="Portrait", interactive=False, height=280)
                     upload = gr.File(label=f"Upload a portrait (PNG/JPEG/WebP, ≤ {MAX_BYTES // 2**20} MB, "
                                            f"≤ {MAX_SIDE} px)", file_types=["image"], height=110)
                     sample = gr.Button("Use the sample portrait", size="sm")
@@ -380,7 +323,7 @@ class LiveApp:
                         with gr.Tab("Live (WebRTC)"):
                             live = gr.HTML("", html_template=LIVE_HTML, css_template=LIVE_CSS, elem_id="lp-live",
                                            js_on_load=(STATIC / "live.js").read_text(),
-                                           ice_servers=self.rtc.ice_servers)
+                                           ice_servers=self.ice_servers)
                         with gr.Tab("Live (HTTP streaming)"):
                             gr.Markdown("Fallback transport: frames go through Gradio's HTTP streaming, so it works "
                                         "through share links without a TURN server (higher latency).")
@@ -404,7 +347,7 @@ class LiveApp:
                         record = gr.Button("● Record", size="sm")
                         stop = gr.Button("■ Stop recording", size="sm")
                     record_status = gr.Markdown()
-                    recording = gr.File(label="Recording (MP4)", interactive=False)
+                    recording = gr.File(label="Recordings (MP4)", file_count="multiple", interactive=False)
 
             demo.load(self.open_page, None, live)
             demo.unload(self.close_page)
@@ -419,7 +362,8 @@ class LiveApp:
             c.reset_reference.click(self.reset_reference, None, status)
             cam.stream(self.http_frame, cam, view, stream_every=0.1, concurrency_limit=None,
                        show_progress="hidden")
-            go.click(self.render_video, driving, [rendered, render_status])
+            go.click(self.render_video, driving, [rendered, render_status], concurrency_limit=self.max_renders,
+                     concurrency_id="render")  # a bounded queue: the page shows its position
             record.click(self.start_recording, None, record_status)
             stop.click(self.stop_recording, None, [recording, record_status])
             gr.Timer(1.0).tick(self.stats, None, metrics, show_progress="hidden")
@@ -435,7 +379,6 @@ class LiveApp:
             reaper = asyncio.create_task(self._reap_forever())
             yield
             reaper.cancel()
-            await self.rtc.close_all()
             await asyncio.to_thread(self.close)
 
         demo = self.blocks()
@@ -458,13 +401,19 @@ def _auth(text: str) -> tuple[str, str]:
     return user, password
 
 
+def port(text: str) -> int:
+    if not (text.isdigit() and 0 < int(text) < 65536):
+        raise ValueError(f"{text!r} is not a port number (1 .. 65535)")
+    return int(text)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface to serve on (0.0.0.0: the whole network)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=argument(port), default=7860)
     parser.add_argument("--share", action="store_true", help="a public Gradio share link (use HTTP streaming "
                                                              "there unless --ice-servers has a TURN server)")
     parser.add_argument("--auth", type=_auth, default=None, metavar="USER:PASS", help="password-protect the page")
-    parser.add_argument("--ice-servers", type=parse_ice_servers, default=os.environ.get("LP_ICE_SERVERS"),
+    parser.add_argument("--ice-servers", type=argument(parse_ice_servers), default=os.environ.get("LP_ICE_SERVERS"),
                         help="STUN/TURN for WebRTC: a JSON list (URLs or {urls, username, credential}) or "
                              "comma-separated URLs (default: $LP_ICE_SERVERS, else none); see docs/deploy.md")
     parser.add_argument("--turn-url", help="a TURN server for WebRTC across strict NATs, e.g. "
@@ -478,10 +427,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--https-self-signed", action="store_true",
                         help="serve HTTPS with a self-signed certificate for this machine's names and addresses, "
                              "kept in ~/.cache/liveportrait-live/tls")
-    parser.add_argument("--max-sessions", type=int, default=None,
+    parser.add_argument("--max-sessions", type=positive(int), default=None,
                         help="live sessions admitted at once; more get 'the server is full' (default per device: "
                              + ", ".join(f"{k} {v}" for k, v in DEFAULT_MAX_SESSIONS.items()) + ")")
-    parser.add_argument("--max-batch", type=int, default=8, help="most sessions animated in one engine call")
+    parser.add_argument("--max-batch", type=positive(int), default=8, help="most sessions animated in one engine call")
+    parser.add_argument("--max-renders", type=positive(int), default=1,
+                        help="video-file renders run at once; more wait in a queue whose position the page shows")
     add_limit_arguments(parser)
 
 
@@ -507,9 +458,10 @@ def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = N
         print(tls.advice(certfile, cert, args.host, args.port, created))
     engine = Engine(load_networks(args.weights, args.config, download=not args.no_download), device=args.device)
     Scheduler.of(engine).max_batch = args.max_batch
-    engine.warmup()  # compile and capture now, not in a user's first frame (minutes cold on CUDA, cached after)
+    took = engine.warmup()  # compile and capture now, not in a user's first frame (minutes cold on CUDA, cached after)
+    step = took.get(1) if engine.device.type == "cpu" else None  # CUDA's first call compiles: the worker measures
     app = LiveApp(engine, ice_servers, untrained=str(args.weights) == "recipe", max_sessions=args.max_sessions,
-                  limits=Limits.from_args(args))
+                  limits=Limits.from_args(args), max_renders=args.max_renders, step_s=step)
     if on_start:
         on_start(app)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop` / systemd: shut down like Ctrl-C

@@ -18,7 +18,8 @@ from aiortc.rtcpeerconnection import find_common_codecs
 
 MAX_OFFER_BYTES = 64 * 1024  # a browser's offer with every ICE candidate is ~3-10 KB
 MAX_MEDIA_SECTIONS = 8  # the page sends one video section; room for a browser that adds audio/data
-MAX_SESSION_CHARS = 128  # Gradio's session hashes are ~11 characters
+MAX_SESSION_CHARS = 128  # Gradio's session hashes are ~11 characters, page secrets 32
+FIELDS = ("sdp", "type", "session", "secret")
 
 
 class Refused(Exception):
@@ -67,18 +68,18 @@ async def read_body(request: fastapi.Request, limit: int = MAX_OFFER_BYTES) -> b
 
 
 def parse_offer(body: bytes) -> dict:
-    """{sdp, type, session} with an SDP aiortc can answer: a video section the browser sends on, in a codec we
+    """{sdp, type, session, secret} with an SDP aiortc can answer: a video section the browser sends on, in a codec we
     decode, with ICE credentials and RTCP mux. Raises Refused(400) saying what is wrong."""
     try:
         offer = json.loads(body)
     except (ValueError, RecursionError):
-        raise Refused(400, "expected JSON {sdp, type, session}") from None
-    if not isinstance(offer, dict) or not all(isinstance(offer.get(k), str) for k in ("sdp", "type", "session")):
-        raise Refused(400, "expected JSON {sdp, type, session} (three strings)")
+        raise Refused(400, "expected JSON {sdp, type, session, secret}") from None
+    if not isinstance(offer, dict) or not all(isinstance(offer.get(k), str) for k in FIELDS):
+        raise Refused(400, "expected JSON {sdp, type, session, secret} (four strings)")
     if offer["type"] != "offer":
         raise Refused(400, f"expected type 'offer', got {offer['type'][:20]!r}")
-    if not 0 < len(offer["session"]) <= MAX_SESSION_CHARS:
-        raise Refused(400, "bad session id")
+    if not (0 < len(offer["session"]) <= MAX_SESSION_CHARS and 0 < len(offer["secret"]) <= MAX_SESSION_CHARS):
+        raise Refused(400, "bad session id or secret")
     try:
         description = sdp.SessionDescription.parse(offer["sdp"])
     except Exception as e:  # the parser raises whatever its input provokes (ValueError, IndexError, KeyError...)

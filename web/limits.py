@@ -15,10 +15,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from stream.recorder import recording_paths
 
 log = logging.getLogger("liveportrait.limits")
+T = TypeVar("T")
 
 
 @dataclass
@@ -46,9 +48,33 @@ HELP = {
 }
 
 
+def argument(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type from a parser that raises ValueError with a message meant for the user."""
+    def run(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    run.__name__ = parse.__name__
+    return run
+
+
+def positive(kind: type[T]) -> Callable[[str], T]:
+    """An argparse type: a number of `kind` above 0 (0 would spin a loop, disable a limit or reap at once)."""
+    def parse(text: str) -> T:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} must be above 0")
+        return value
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, default in Limits.__dataclass_fields__.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=default.default,
+        parser.add_argument(f"--{name.replace('_', '-')}", type=positive(float), default=default.default,
                             help=f"{HELP[name]} (default: {default.default:g})")
 
 
@@ -83,7 +109,13 @@ class WorkDir:
                 self._rendering.discard(path)
 
     def usage(self) -> int:
-        return sum(f.stat().st_size for f in self._files())
+        total = 0
+        for f in self._files():
+            try:
+                total += f.stat().st_size
+            except FileNotFoundError:  # a failed render deletes its file meanwhile
+                continue
+        return total
 
     def clean(self) -> None:
         with self._lock:
@@ -113,12 +145,6 @@ class WorkDir:
                     log.info("deleted %s (%s)", f.name, "age" if mtime < oldest else "quota")
             except FileNotFoundError:
                 continue
-
-
-def idle_since(last_request: float, pipeline) -> float:
-    """When a tab last showed a sign of life: its last request, or its pipeline's last webcam frame."""
-    arrivals = pipeline.metrics.arrivals if pipeline is not None else ()
-    return max(last_request, arrivals[-1] if arrivals else 0.0)
 
 
 def release_memory() -> None:

@@ -110,13 +110,14 @@ class Tab:
             raise RuntimeError(f"{api_name}: the queue stream ended early")
         return await asyncio.wait_for(result(), timeout)
 
-    async def open(self) -> str:
+    async def open(self) -> dict:
+        """Load the page: {session, secret}, what the page's WebRTC client sends with its offer."""
         async def heartbeat() -> None:
             async with self.http.stream("GET", f"gradio_api/heartbeat/{self.session}", timeout=None) as r:
                 async for _ in r.aiter_lines():
                     pass
         self._heartbeat = asyncio.ensure_future(heartbeat())
-        return (await self.call("open_page"))[0]
+        return json.loads((await self.call("open_page"))[0])
 
     async def close(self) -> None:
         """The tab goes away: its heartbeat connection ends, the server runs the page's unload event."""
@@ -137,10 +138,11 @@ class ClientResult:
     failures: list[str] = field(default_factory=list)  # errors: signalling, ICE, the track ended, no frame at all
 
 
-async def offer(http: httpx.AsyncClient, pc: RTCPeerConnection, session: str) -> None:
-    """The page's signalling: one POST /offer with every candidate in it, the answer back."""
+async def offer(http: httpx.AsyncClient, pc: RTCPeerConnection, page: dict) -> None:
+    """The page's signalling: one POST /offer with every candidate in it and the page's {session, secret}, the
+    answer back."""
     await pc.setLocalDescription(await pc.createOffer())
-    r = await http.post("offer", json={"sdp": pc.localDescription.sdp, "type": "offer", "session": session})
+    r = await http.post("offer", json={"sdp": pc.localDescription.sdp, "type": "offer", **page})
     if r.status_code != 200:
         raise RuntimeError(f"/offer answered {r.status_code}: {r.text[:200]}")
     answer = r.json()
@@ -168,10 +170,10 @@ async def run_client(i: int, http: httpx.AsyncClient, seconds: float, frames: li
     tab, pc = Tab(http), None
     counts = [0] * (int(seconds) // WINDOW + 2)  # frames per window, bounded by the run's length
     try:
-        session = await tab.open()
+        page = await tab.open()
         pc, received = new_peer(frames, fps)
         pc.on("connectionstatechange", lambda: pc.connectionState == "failed" and res.failures.append("ICE failed"))
-        await offer(http, pc, session)
+        await offer(http, pc, page)
         track = await asyncio.wait_for(received, 30)
         first = None
         while (now := time.monotonic()) < deadline:
@@ -333,10 +335,8 @@ def serve(argv: list[str]) -> int:
         def loop() -> None:
             while True:
                 time.sleep(STEP)
-                log.info("counts %s", json.dumps(dict(pages=len(live.pages), gone=len(live.gone),
-                                                      peers=len(live.rtc.peers),
-                                                      sessions=len(live.engine.sessions),
-                                                      threads=threading.active_count())))
+                log.info("counts %s", json.dumps(dict(pages=len(live.pages), closed=len(live.closed),
+                                                      **live.worker.counts(), threads=threading.active_count())))
         threading.Thread(target=loop, name="loadtest-counts", daemon=True).start()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return app.run(parser.parse_args(argv), on_start=report)

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from fractions import Fraction
-from typing import Awaitable, Callable
+from typing import Callable
 
 import av
 from aiortc import (MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription,
@@ -25,19 +25,28 @@ from stream.pipeline import SessionPipeline
 log = logging.getLogger("liveportrait.webrtc")
 CLOCK = Fraction(1, 90000)  # the RTP video clock
 CONNECT_TIMEOUT = 30  # s from the answer to a connected peer (the page falls back after 10 s); ICE takes far less
+ICE_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
 
 
 def parse_ice_servers(text: str | None) -> list[dict]:
     """`--ice-servers` / LP_ICE_SERVERS: a JSON list (of URLs or {"urls", "username", "credential"}) or
-    comma-separated URLs. Empty: no STUN/TURN at all (LAN and loopback only)."""
+    comma-separated URLs, each stun:, stuns:, turn: or turns:. Empty: no STUN/TURN at all (LAN and loopback only).
+    Raises ValueError saying what is wrong, so a bad value stops the server at start, not every offer later."""
     text = (text or "").strip()
     if not text:
         return []
-    items = json.loads(text) if text.startswith("[") else [u.strip() for u in text.split(",") if u.strip()]
-    servers = [{"urls": i} if isinstance(i, str) else dict(i) for i in items]
+    try:
+        items = json.loads(text) if text.startswith("[") else [u.strip() for u in text.split(",") if u.strip()]
+    except ValueError:
+        raise ValueError(f"bad ICE servers {text[:60]!r}: not a JSON list") from None
+    servers = [{"urls": i} if isinstance(i, str) else dict(i) if isinstance(i, dict) else {"bad": i} for i in items]
     for s in servers:
         if not s.get("urls") or set(s) - {"urls", "username", "credential"}:
             raise ValueError(f"bad ICE server {s!r}: expected a URL or {{'urls', 'username', 'credential'}}")
+        for url in [s["urls"]] if isinstance(s["urls"], str) else s["urls"]:
+            if not (isinstance(url, str) and url.startswith(ICE_SCHEMES) and len(url) > url.index(":") + 1):
+                raise ValueError(f"bad ICE server URL {url!r}: expected stun:HOST[:PORT] or turn:HOST[:PORT] "
+                                 "(also stuns:, turns:)")
     return servers
 
 
@@ -54,30 +63,27 @@ def turn_server(url: str | None, user: str | None, password: str | None) -> list
 
 
 class AnimatedTrack(VideoStreamTrack):
-    """The session's output as a video track: each new output frame once, timestamped by wall clock."""
+    """A session's output as a video track: each new output frame once, timestamped by wall clock. It sends
+    nothing until `bind` gives it the pipeline (the answer is made before the pipeline exists)."""
 
-    def __init__(self, pipeline: SessionPipeline, on_end: Callable[[], None]):
+    def __init__(self):
         super().__init__()
-        loop = asyncio.get_running_loop()
-        self.pipeline, self._on_end = pipeline, on_end
+        self.pipeline: SessionPipeline | None = None
         self._fresh = asyncio.Event()
         self._seq = 0
         self._t0 = time.monotonic()
-        pipeline.on_output = lambda: loop.is_closed() or loop.call_soon_threadsafe(self._wake)
 
-    def _wake(self) -> None:
-        """A new output, or the pipeline closed (replaced by a newer connection, the tab gone, reaped): then the
-        peer ends too, even if it never connected and so never asks for a frame."""
+    def bind(self, pipeline: SessionPipeline) -> None:
+        loop = asyncio.get_running_loop()
+        self.pipeline = pipeline
+        pipeline.on_output = lambda: loop.is_closed() or loop.call_soon_threadsafe(self._fresh.set)
         self._fresh.set()
-        if self.pipeline.closed and self.readyState == "live":
-            self._on_end()
 
     async def recv(self) -> av.VideoFrame:
         while True:
-            if self.readyState != "live" or self.pipeline.closed:
-                self._on_end()
+            if self.readyState != "live":
                 raise MediaStreamError
-            seq, image = self.pipeline.latest()
+            seq, image = self.pipeline.latest() if self.pipeline else (0, None)
             if seq > self._seq:
                 break
             self._fresh.clear()
@@ -92,87 +98,81 @@ class AnimatedTrack(VideoStreamTrack):
         self._fresh.set()
 
 
-class WebRTC:
-    """Every peer connection of the server, so each is cleaned up on disconnect and all at shutdown."""
+class Peer:
+    """One browser's peer connection. `accept` applies the offer completely (remote description, answer, local
+    description) on a fresh peer, so nothing else is touched before aiortc has accepted it; `start` then feeds a
+    pipeline; `close` ends it (idempotent). `on_end` is called once if the connection ends by itself: it failed,
+    the browser closed it or its webcam track, or it never connected."""
 
-    def __init__(self, ice_servers: list[dict]):
-        self.ice_servers = ice_servers
-        self.peers: dict[RTCPeerConnection, Callable] = {}
+    def __init__(self, pc: RTCPeerConnection, webcam: MediaStreamTrack, output: AnimatedTrack):
+        self.pc, self.webcam, self.output = pc, webcam, output
+        self.closed = False
+        self._tasks: set[asyncio.Task] = set()  # held here: the event loop keeps only weak references to tasks
+        self._on_end: Callable[[], None] | None = None
 
-    async def answer(self, offer: dict, connect: Callable[[], Awaitable[SessionPipeline | None]],
-                     on_close: Callable[[SessionPipeline], None]) -> dict | None:
-        """Answer a browser's offer: its video feeds a pipeline, whose output is sent back. The offer is applied to
-        a fresh peer first; only once aiortc has accepted it does `connect()` make the pipeline (replacing the
-        tab's connection), so a broken offer (raised here) leaves the tab as it was. None when `connect()` gives
-        no pipeline (the tab was closed). When the connection ends (closed, failed, track ended) the peer is
-        closed and `on_close(pipeline)` runs (in a worker thread: it waits for the pipeline's frames in flight)."""
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(**s) for s in self.ice_servers]))
+    @classmethod
+    async def accept(cls, offer: dict, ice_servers: list[dict]) -> Peer:
+        """A peer that has answered `offer`; raises (ValueError or aiortc's error) if aiortc refuses it."""
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(**s) for s in ice_servers]))
         webcam: list[MediaStreamTrack] = []
         pc.on("track", lambda track: track.kind == "video" and webcam.append(track))
+        output = AnimatedTrack()
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type=offer["type"]))
             if not webcam:
                 raise ValueError("the offer has no video track")
-            pipeline = await connect()
-        except BaseException:
-            await pc.close()
-            raise
-        if pipeline is None:
-            await pc.close()
-            return None
-        tasks: set[asyncio.Task] = set()  # held here: the event loop keeps only weak references to tasks
-
-        def spawn(coro) -> None:
-            task = asyncio.ensure_future(coro)
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-        async def close() -> None:
-            if self.peers.pop(pc, None) is None:
-                return
-            output.stop()
-            for task in tasks - {asyncio.current_task()}:
-                task.cancel()
-            await pc.close()
-            await asyncio.to_thread(on_close, pipeline)
-            log.info("peer %s closed", pipeline.name)
-
-        output = AnimatedTrack(pipeline, lambda: spawn(close()))
-        self.peers[pc] = close
-
-        @pc.on("connectionstatechange")
-        async def on_state() -> None:
-            log.info("peer %s: %s", pipeline.name, pc.connectionState)
-            if pc.connectionState in ("failed", "closed"):
-                await close()
-
-        async def watchdog() -> None:  # an offer whose sender vanished never connects: nothing may wait forever
-            await asyncio.sleep(CONNECT_TIMEOUT)
-            if pc.connectionState != "connected":
-                log.info("peer %s: not connected after %d s", pipeline.name, CONNECT_TIMEOUT)
-                await close()
-
-        try:
-            spawn(self._pump(webcam[0], pipeline, close))
-            spawn(watchdog())
             pc.addTrack(output)
             await pc.setLocalDescription(await pc.createAnswer())
         except BaseException:
-            await close()
+            output.stop()
+            await pc.close()
             raise
+        return cls(pc, webcam[0], output)
 
-        return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
+    @property
+    def answer(self) -> dict:
+        return {"sdp": self.pc.localDescription.sdp, "type": self.pc.localDescription.type}
 
-    @staticmethod
-    async def _pump(track: MediaStreamTrack, pipeline: SessionPipeline, close: Callable) -> None:
+    def start(self, pipeline: SessionPipeline, on_end: Callable[[], None]) -> None:
+        """Webcam frames -> `pipeline`, its outputs -> the browser; `on_end()` once the connection ends by itself."""
+        self._on_end = on_end
+        self.output.bind(pipeline)
+        self.pc.on("connectionstatechange", self._state)
+        for coro in (self._pump(pipeline), self._watchdog(pipeline.name)):
+            task = asyncio.ensure_future(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _ended(self) -> None:
+        if not self.closed and self._on_end:
+            on_end, self._on_end = self._on_end, None
+            on_end()
+
+    async def _state(self) -> None:
+        log.info("peer %s: %s", id(self), self.pc.connectionState)
+        if self.pc.connectionState in ("failed", "closed"):
+            self._ended()
+
+    async def _pump(self, pipeline: SessionPipeline) -> None:
         """Browser frames -> the pipeline's pending slot, until the browser's track ends."""
         try:
             while True:
-                frame = await track.recv()
-                pipeline.submit(frame)  # converted to RGB on the pool, and only if not dropped
+                pipeline.submit(await self.webcam.recv())  # converted to RGB on the pool, and only if not dropped
         except MediaStreamError:
-            await close()
+            self._ended()
 
-    async def close_all(self) -> None:
-        """Close every peer (server shutdown)."""
-        await asyncio.gather(*[close() for close in list(self.peers.values())])
+    async def _watchdog(self, name: str) -> None:
+        """An offer whose sender vanished never connects: nothing may wait forever."""
+        await asyncio.sleep(CONNECT_TIMEOUT)
+        if self.pc.connectionState != "connected":
+            log.info("peer %s: not connected after %d s", name, CONNECT_TIMEOUT)
+            self._ended()
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.output.stop()
+        for task in self._tasks - {asyncio.current_task()}:
+            task.cancel()
+        await self.pc.close()

@@ -1,8 +1,10 @@
 // WebRTC client of the live view: webcam -> RTCPeerConnection -> POST offer -> play the animated track; and the
 // page's choice of transport: on a page that is not a secure context the camera is blocked, so both live tabs say
 // how to fix it; when WebRTC fails, the page switches to the HTTP streaming tab and starts it.
-// Runs as the gr.HTML component's js_on_load: `element` is the component, `props.value` the page's session id
-// (set by the page's load event), `props.ice_servers` the server's --ice-servers / --turn-url.
+// Runs as the gr.HTML component's js_on_load: `element` is the component, `props.value` the page's {session, secret}
+// as JSON (set by the page's load event; an offer must carry both), `props.ice_servers` the server's --ice-servers /
+// --turn-url. One start at a time: a newer click supersedes an older one still waiting for the camera or the server,
+// and whatever the older one opened is closed.
 // window.lpLive counts the decoded output frames and their size (shown on the page, read by the browser tests).
 const $ = (sel) => element.querySelector(sel);
 const live = (window.lpLive = {
@@ -15,6 +17,8 @@ const HTTP_CAM = "#lp-http-cam"; // Gradio's streaming webcam in the HTTP tab; i
 const GRANT = `${HTTP_CAM} [title="grant webcam access"] > button`;
 const RECORD = (what) => `${HTTP_CAM} button:has([title="${what} recording"])`;
 let pc = null;
+let cam = null; // the camera stream of the current start (its tracks are stopped by stop())
+let run = 0; // increases with every start and stop: an older start that resumes after an await gives up
 let pending = 0; // the requestVideoFrameCallback handle of the frame counter
 let watchdog = 0; // the first-frame timer
 let clicked = 0; // performance.now() of the start click
@@ -36,7 +40,12 @@ function count(video) {
 }
 
 function stop(state = "stopped") {
+  run++;
   clearTimeout(watchdog);
+  if (cam) {
+    cam.getTracks().forEach((t) => t.stop());
+    cam = null;
+  }
   if (pc) {
     pc.getSenders().forEach((s) => s.track && s.track.stop());
     pc.close();
@@ -116,11 +125,18 @@ async function start() {
   httpNote("");
   Object.assign(live, { frames: 0, transport: "WebRTC", fallback: "", firstFrameMs: 0 });
   if (!props.value) throw new Error("the page is still loading, try again");
+  const mine = run;
   say("opening the camera");
-  const cam = await navigator.mediaDevices.getUserMedia({ video: { width: { ideal: 640 }, height: { ideal: 480 } } });
+  const stream = await navigator.mediaDevices.getUserMedia({ video: { width: { ideal: 640 }, height: { ideal: 480 } } });
+  if (mine !== run) {
+    // Start or Stop was clicked again meanwhile: this camera is not wanted
+    stream.getTracks().forEach((t) => t.stop());
+    return;
+  }
+  cam = stream;
   pc = new RTCPeerConnection({ iceServers: props.ice_servers || [] });
   const own = pc;
-  cam.getTracks().forEach((t) => own.addTrack(t, cam));
+  stream.getTracks().forEach((t) => own.addTrack(t, stream));
   own.ontrack = (e) => {
     const video = $("video");
     video.srcObject = new MediaStream([e.track]);
@@ -139,7 +155,7 @@ async function start() {
   const res = await fetch(new URL("offer", document.baseURI), {
     method: "POST",
     headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ sdp: own.localDescription.sdp, type: own.localDescription.type, session: props.value }),
+    body: JSON.stringify({ sdp: own.localDescription.sdp, type: own.localDescription.type, ...JSON.parse(props.value) }),
     signal: AbortSignal.timeout(ANSWER_MS),
   });
   // the server answered but refused (unknown tab, bad offer, ...): its reason, and no fallback

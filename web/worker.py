@@ -1,0 +1,405 @@
+"""The worker: one engine and everything live on it. The Gradio front (web/app.py) talks only to this class.
+
+A worker owns the engine (and so its scheduler), and per browser tab a `Tab`: its portrait, its controls, its live
+connection, its finished recordings and its portrait editor. A tab's live connection has exactly one owner, the
+`Tab`, with one way to replace it (`Tab.replace`) and one way to end it (`Tab.end`), and both run on the worker's
+own event loop thread, where aiortc's peers live too. Every way a connection ends comes through there: a new
+connection, Stop, the peer failing or the webcam track ending, an HTTP-streaming webcam going quiet, the tab
+closing or being reaped, and server shutdown.
+
+Calls come from any thread: the sync methods run their state changes on the loop (`_on_loop`) and their slow parts
+(face detection, waiting for a frame) in the caller's thread; `offer` is a coroutine for the front's event loop.
+Everything a method returns is plain data (images, numbers, text), never a pipeline or a tensor.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable, TypeVar
+
+import numpy as np
+
+from model.editing import Edits
+from model.engine import Engine
+from stream.editor import PortraitEditor
+from stream.face import SourceFace, prepare_source
+from stream.pipeline import RecordingRunning, SessionPipeline, Settings, draw_text
+from stream.render import read_image, render
+from stream.scheduler import Scheduler, ServerFull
+from web.limits import Limits, WorkDir, release_memory
+from web.webrtc import Peer
+
+log = logging.getLogger("liveportrait.worker")
+T = TypeVar("T")
+WEBRTC, HTTP = "WebRTC", "HTTP streaming"
+HTTP_QUIET_S = 5.0  # an HTTP-streaming connection without a webcam frame this long has stopped: its slot frees
+CALL_TIMEOUT_S = 120.0  # no call into the loop waits longer (closing a connection waits for its frames in flight)
+
+
+class TabClosed(RuntimeError):
+    """A request for a tab that was closed meanwhile; the message is meant for the user."""
+
+
+class Connection:
+    """A tab's live connection: its pipeline and, over WebRTC, its peer. Closing it is idempotent: every caller
+    waits for the same close. Only its Tab closes it, so the recording's path reaches the Tab once."""
+
+    def __init__(self, pipeline: SessionPipeline, peer: Peer | None = None):
+        self.pipeline, self.peer = pipeline, peer
+        self.transport = pipeline.transport
+        self._closing: asyncio.Task | None = None
+
+    def close(self) -> Awaitable[Path | None]:
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        return asyncio.shield(self._closing)
+
+    async def _close(self) -> Path | None:
+        if self.peer:
+            try:
+                await self.peer.close()
+            except Exception:  # the pipeline is freed all the same
+                log.exception("closing a peer failed")
+        return await asyncio.to_thread(self.pipeline.close)
+
+    def last_frame(self) -> float:
+        """When the webcam last sent a frame (the connection's start if none yet)."""
+        arrivals = self.pipeline.metrics.arrivals
+        return arrivals[-1] if arrivals else self.pipeline.started
+
+
+class Tab:
+    """What one browser tab has on this worker. `conn` changes only through `replace` and `end`, on the loop."""
+
+    def __init__(self, source: SourceFace):
+        self.source, self.settings = source, Settings()
+        self.conn: Connection | None = None
+        self.admitting = 0  # offers being accepted: they hold a slot meanwhile
+        self.refused: str | None = None  # why the last connection was not admitted (the server was full)
+        self.takes: list[Path] = []  # finished recordings not yet handed to the page
+        self.editor: PortraitEditor | None = None  # the Portrait editing tab's engine session, once opened
+        self.editing = False  # that tab is shown: control changes re-render the edited portrait
+        self.seen = time.monotonic()  # the tab's last call or webcam frame decides when it is reaped
+        self.closed = False  # forgotten by the worker: a connection made meanwhile must not stay
+
+    @property
+    def pipeline(self) -> SessionPipeline | None:
+        """The live connection's pipeline, if any."""
+        return self.conn.pipeline if self.conn else None
+
+    async def replace(self, conn: Connection | None) -> None:
+        """Make `conn` the live connection; the previous one is closed (its recording kept as a take). On a closed
+        tab, `conn` is closed instead."""
+        if conn is not None and self.closed:
+            await conn.close()
+            raise TabClosed("this tab was closed; reload the page")
+        old, self.conn = self.conn, conn
+        if old is not None:
+            await self._retire(old)
+
+    async def end(self, conn: Connection | None = None) -> None:
+        """End `conn` (default: the live one); one already replaced is being closed by `replace`: nothing to do."""
+        if conn is None or conn is self.conn:
+            await self.replace(None)
+
+    async def _retire(self, conn: Connection) -> None:
+        if path := await conn.close():
+            self.takes.append(path)
+
+    def last_seen(self) -> float:
+        return max(self.seen, self.conn.last_frame() if self.conn else 0.0)
+
+
+class Worker:
+    """One engine and its live sessions (see the module docstring). `max_sessions` live connections at once; more
+    get ServerFull. `step_s`: the engine's measured time per frame (measured here when not given)."""
+
+    def __init__(self, engine: Engine, sample: SourceFace, max_sessions: int, ice_servers: list[dict] | None = None,
+                 limits: Limits | None = None, workdir: Path | None = None, step_s: float | None = None):
+        self.engine, self.sample, self.max_sessions = engine, sample, max_sessions
+        self.ice_servers = ice_servers or []
+        self.limits = limits or Limits()
+        self.work = WorkDir(workdir, self.limits)
+        self.tabs: dict[str, Tab] = {}
+        self.step_s = step_s if step_s is not None else self._measure_step()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="worker-loop", daemon=True)
+        self._thread.start()
+        self._watch = asyncio.run_coroutine_threadsafe(self._watch_http(), self.loop)
+
+    def _measure_step(self) -> float:
+        """Seconds per frame for one session: one engine call at batch 1, on the engine thread."""
+        crop = self.sample.crop.image_256
+
+        def step() -> float:
+            self.engine.set_source(crop, "measure")
+            try:
+                start = time.perf_counter()
+                self.engine.animate(crop[None], ["measure"])
+                return time.perf_counter() - start
+            finally:
+                self.engine.close("measure")
+        return Scheduler.of(self.engine).call(step)
+
+    # ---- the loop ----
+
+    def _on_loop(self, fn: Callable[[], Awaitable[T]], timeout: float = CALL_TIMEOUT_S) -> T:
+        """Run the coroutine `fn()` on the worker's loop and wait for its result (from any other thread)."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("a blocking worker call from the worker's own loop")
+        return asyncio.run_coroutine_threadsafe(fn(), self.loop).result(timeout)
+
+    def _spawn(self, coro) -> None:
+        """Fire and forget on the loop (errors are logged)."""
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or
+                               log.error("worker task failed", exc_info=t.exception()))
+
+    def tab(self, tab: str) -> Tab:
+        """The tab's state, created with the sample portrait on first use; its idle clock restarts."""
+        t = self.tabs.get(tab)
+        if t is None:
+            t = self.tabs.setdefault(tab, Tab(self.sample))
+        t.seen = time.monotonic()
+        return t
+
+    def live(self) -> int:
+        return sum(1 for t in list(self.tabs.values()) if t.conn or t.admitting)
+
+    def _admit(self, t: Tab) -> None:
+        """On the loop: room for `t`'s new connection (its own current one counts as its slot), or ServerFull."""
+        if not (t.conn or t.admitting) and self.live() >= self.max_sessions:
+            t.refused = str(ServerFull(self.live()))
+            raise ServerFull(self.live())
+        t.refused = None
+
+    def _pipeline(self, t: Tab, transport: str) -> SessionPipeline:
+        return SessionPipeline(self.engine, t.source, t.settings, transport)
+
+    # ---- live connections ----
+
+    async def offer(self, tab: str, offer: dict) -> dict:
+        """Answer a WebRTC offer from the front's loop: ServerFull when full, ValueError (or aiortc's error) when
+        aiortc refuses the offer. The tab's connection is replaced only once the new one is complete."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._offer(tab, offer), self.loop))
+
+    async def _offer(self, tab: str, offer: dict) -> dict:
+        t = self.tab(tab)
+        self._admit(t)
+        t.admitting += 1
+        try:
+            peer = await Peer.accept(offer, self.ice_servers)
+            try:
+                pipeline = await asyncio.to_thread(self._pipeline, t, WEBRTC)
+            except BaseException:
+                await peer.close()
+                raise
+            conn = Connection(pipeline, peer)
+            peer.start(pipeline, lambda: self._spawn(t.end(conn)))
+            await t.replace(conn)
+        finally:
+            t.admitting -= 1
+        return peer.answer
+
+    def http_frame(self, tab: str, frame: np.ndarray) -> np.ndarray | None:
+        """One webcam frame over HTTP streaming: connect if needed, hand it over, answer with the newest output
+        (within 2 s). While the server is full, the frame itself, darkened, says so; the next frame tries again."""
+        def connect() -> Awaitable[Connection]:
+            async def run() -> Connection:
+                t = self.tab(tab)
+                if t.conn and t.conn.transport == HTTP:
+                    return t.conn
+                self._admit(t)
+                t.admitting += 1
+                try:
+                    conn = Connection(await asyncio.to_thread(self._pipeline, t, HTTP))
+                    await t.replace(conn)
+                    return conn
+                finally:
+                    t.admitting -= 1
+            return run()
+        try:
+            pipeline = self._on_loop(connect).pipeline
+        except ServerFull as e:
+            return draw_text(frame // 3, str(e))
+        seq = pipeline.seq
+        pipeline.submit(frame)
+        return pipeline.wait(seq, timeout=2.0)[1]
+
+    async def _watch_http(self) -> None:
+        """Ends HTTP-streaming connections whose webcam stopped: Gradio tells the server nothing when it does."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                now = time.monotonic()
+                for t in list(self.tabs.values()):
+                    conn = t.conn
+                    if conn and conn.transport == HTTP and now - conn.last_frame() > HTTP_QUIET_S:
+                        log.info("HTTP streaming: no webcam frame for %g s, connection ended", HTTP_QUIET_S)
+                        await t.end(conn)
+            except Exception:  # the watch must outlive any one failure
+                log.exception("HTTP-streaming watch failed")
+
+    def disconnect(self, tab: str) -> None:
+        """The page's Stop: end the tab's live connection (a recording it had is kept as a take)."""
+        async def run() -> None:
+            if t := self.tabs.get(tab):
+                await t.end()
+        self._on_loop(run)
+
+    def close_tab(self, tab: str) -> None:
+        """The tab is gone: end its connection, free its editor and forget it."""
+        async def run() -> None:
+            if t := self.tabs.pop(tab, None):
+                t.closed = True
+                await t.end()
+                if t.editor:
+                    await asyncio.to_thread(t.editor.close)
+        self._on_loop(run)
+
+    def reap(self) -> list[str]:
+        """Free the tabs idle for longer than the idle timeout (closed without an unload event: a crashed
+        browser, a laptop lid, a lost network) and clean the work directory. Returns the tabs freed. A step that
+        fails is logged and the rest still runs."""
+        now, timeout = time.monotonic(), self.limits.idle_timeout
+        idle = [k for k, t in list(self.tabs.items()) if now - t.last_seen() > timeout]
+        freed = []
+        for tab in idle:
+            try:
+                log.info("tab %s idle for over %g s: freed", tab, timeout)
+                self.close_tab(tab)
+                freed.append(tab)
+            except Exception:
+                log.exception("freeing tab %s failed", tab)
+        for step in (self.work.clean, release_memory):
+            try:
+                step()
+            except Exception:
+                log.exception("%s failed", step.__name__)
+        return freed
+
+    def close(self) -> None:
+        """Server shutdown: end every live connection (recordings are finalised), then stop the loop."""
+        if not self._thread.is_alive():
+            return
+
+        async def run() -> None:
+            self._watch.cancel()
+            await asyncio.gather(*(t.end() for t in list(self.tabs.values())), return_exceptions=True)
+        try:
+            self._on_loop(run)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+
+    # ---- portrait and controls ----
+
+    def set_portrait(self, tab: str, path: str) -> np.ndarray:
+        """A portrait upload: decoded, its face detected (InputError / NoFaceError: the old portrait stays)."""
+        source = prepare_source(read_image(path))
+        self._use(tab, source)
+        return source.image
+
+    def use_sample(self, tab: str) -> np.ndarray:
+        self._use(tab, self.sample)
+        return self.sample.image
+
+    def _use(self, tab: str, source: SourceFace) -> None:
+        async def run() -> None:
+            t = self.tab(tab)
+            t.source = source
+            if t.pipeline:
+                t.pipeline.set_source(source)
+        self._on_loop(run)
+
+    def set_controls(self, tab: str, **values: Any) -> None:
+        """Live controls (stream.pipeline.Settings fields): the connection picks them up at its next frame."""
+        s = self.tab(tab).settings
+        for k, v in values.items():
+            if not hasattr(s, k):
+                raise AttributeError(f"no control {k!r}")
+            setattr(s, k, v)
+
+    def reset_edits(self, tab: str) -> None:
+        self.tab(tab).settings.edits = Edits()
+
+    def reset_reference(self, tab: str) -> bool:
+        """The next frame becomes the neutral pose; False without a live connection."""
+        if pipeline := self.tab(tab).pipeline:
+            pipeline.reset_reference()
+        return pipeline is not None
+
+    def set_editing(self, tab: str, shown: bool) -> None:
+        self.tab(tab).editing = shown
+
+    def edited(self, tab: str) -> np.ndarray | None:
+        """The Portrait editing tab's image with the current controls; None while that tab is not shown."""
+        async def editor() -> PortraitEditor | None:  # on the loop, so that none is made for a closed tab
+            t = self.tab(tab)
+            if t.editing and not t.closed:
+                t.editor = t.editor or PortraitEditor(self.engine)
+                return t.editor
+        t, ed = self.tab(tab), self._on_loop(editor)
+        return ed(t.source, t.settings) if ed else None
+
+    # ---- recording, rendering, stats ----
+
+    def start_recording(self, tab: str) -> str:
+        """The page's message: recording, or why not."""
+        async def run() -> str:
+            t = self.tab(tab)
+            if t.conn is None:
+                return "Start the camera first, then record."
+            if (path := self.work.reserve("recording")) is None:
+                return "⚠️ The server's storage for recordings is full; try again later."
+            try:
+                if done := t.conn.pipeline.start_recording(path, self.limits.record_max_s):
+                    t.takes.append(done)  # the take that stopped at its limit is kept
+            except RecordingRunning as e:
+                return f"● {str(e)[0].upper()}{str(e)[1:]}."
+            return f"● Recording… (at most {self.limits.record_max_s:g} s)"
+        return self._on_loop(run)
+
+    def stop_recording(self, tab: str) -> list[Path]:
+        """Finalise the running recording; every take not yet handed to the page, oldest first (then forgotten)."""
+        async def run() -> list[Path]:
+            t = self.tab(tab)
+            if t.conn and (path := await asyncio.to_thread(t.conn.pipeline.stop_recording)):
+                t.takes.append(path)
+            takes, t.takes = t.takes, []
+            return takes
+        return self._on_loop(run)
+
+    def render(self, tab: str, driving: str) -> tuple[Path | None, dict | str]:
+        """The tab's portrait driven by a video file: (path, info), or (None, why) when the disk quota is full.
+        Raises InputError for a video that cannot be used."""
+        t = self.tab(tab)
+        if (out := self.work.reserve("render")) is None:
+            return None, "⚠️ The server's storage for renders is full; try again later."
+        with self.work.writing(out):
+            return out, render(self.engine, t.source, driving, out, t.settings, self.limits.render_max_s)
+
+    def stats(self, tab: str) -> dict:
+        """The tab's live state for the page's metrics line (it is polled every second: the tab is open)."""
+        t = self.tab(tab)
+        conn = t.conn
+        if conn is None:
+            return dict(live=False, refused=t.refused)
+        return dict(conn.pipeline.stats(), live=True)
+
+    def counts(self) -> dict:
+        """What is allocated now: tabs, live connections, WebRTC peers, engine sessions, scheduler lanes (all
+        back to 0 when every tab has gone)."""
+        conns = [t.conn for t in list(self.tabs.values()) if t.conn]
+        return dict(tabs=len(self.tabs), live=self.live(), peers=sum(1 for c in conns if c.peer),
+                    engine_sessions=len(self.engine.sessions), lanes=len(Scheduler.of(self.engine).lanes))
+
+    def health(self) -> dict:
+        sched = Scheduler.of(self.engine).stats()
+        conns = [c for t in list(self.tabs.values()) if (c := t.conn)]
+        return dict(live_sessions=self.live(), capacity=self.max_sessions, device=str(self.engine.device),
+                    engine_step_p50_ms=sched["engine_step_p50_ms"], batch_sizes=sched["batch_sizes"],
+                    session_fps=[c.pipeline.stats()["fps_out"] for c in conns])
