@@ -187,6 +187,23 @@ def test_a_stopped_http_webcam_frees_its_slot(served):
     app.close_page(r)
 
 
+def test_overlapping_http_frames_make_one_connection(served, created):
+    """Gradio streams frames without waiting for answers: the ones that arrive while the connection is being made
+    share it."""
+    import threading
+    app, url = served
+    r = gr.Request(session_hash="burst")
+    before = created["pipelines"]
+    threads = [threading.Thread(target=app.http_frame, args=(ASTRONAUT, r)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert created["pipelines"] - before == 1 and app.worker.counts()["live"] == 1
+    app.close_page(r)
+    assert idle(app)
+
+
 # ---- recordings: no take is lost ----
 
 @pytest.fixture

@@ -77,7 +77,8 @@ class Tab:
     def __init__(self, source: SourceFace):
         self.source, self.settings = source, Settings()
         self.conn: Connection | None = None
-        self.admitting = 0  # offers being accepted: they hold a slot meanwhile
+        self.admitting = 0  # connections being made: they hold a slot meanwhile
+        self.connecting: asyncio.Future | None = None  # the HTTP-streaming connection being made
         self.refused: str | None = None  # why the last connection was not admitted (the server was full)
         self.takes: list[Path] = []  # finished recordings not yet handed to the page
         self.editor: PortraitEditor | None = None  # the Portrait editing tab's engine session, once opened
@@ -207,20 +208,24 @@ class Worker:
     def http_frame(self, tab: str, frame: np.ndarray) -> np.ndarray | None:
         """One webcam frame over HTTP streaming: connect if needed, hand it over, answer with the newest output
         (within 2 s). While the server is full, the frame itself, darkened, says so; the next frame tries again."""
-        def connect() -> Awaitable[Connection]:
-            async def run() -> Connection:
-                t = self.tab(tab)
-                if t.conn and t.conn.transport == HTTP:
-                    return t.conn
-                self._admit(t)
-                t.admitting += 1
-                try:
-                    conn = Connection(await asyncio.to_thread(self._pipeline, t, HTTP))
-                    await t.replace(conn)
-                    return conn
-                finally:
-                    t.admitting -= 1
-            return run()
+        async def make(t: Tab) -> Connection:
+            self._admit(t)
+            t.admitting += 1
+            try:
+                conn = Connection(await asyncio.to_thread(self._pipeline, t, HTTP))
+                await t.replace(conn)
+                return conn
+            finally:
+                t.admitting -= 1
+
+        async def connect() -> Connection:  # frames overlap: the ones that come while connecting share it
+            t = self.tab(tab)
+            if t.conn and t.conn.transport == HTTP:
+                return t.conn
+            if t.connecting is None:
+                t.connecting = asyncio.ensure_future(make(t))
+                t.connecting.add_done_callback(lambda _: setattr(t, "connecting", None))
+            return await asyncio.shield(t.connecting)
         try:
             pipeline = self._on_loop(connect).pipeline
         except ServerFull as e:
