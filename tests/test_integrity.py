@@ -42,7 +42,7 @@ def engine():
 def created(engine):
     """Counts of the peers and pipelines the server creates (the real classes, counted)."""
     from web import webrtc, worker
-    counts = {"peers": 0, "pipelines": 0}
+    counts = {"peers": 0, "pipelines": 0, "delay": 0.0}  # delay: a slower pipeline set-up, so that requests overlap
 
     class Peer(webrtc.RTCPeerConnection):
         def __init__(self, *a, **k):
@@ -52,6 +52,7 @@ def created(engine):
     class Pipeline(worker.SessionPipeline):
         def __init__(self, *a, **k):
             counts["pipelines"] += 1
+            time.sleep(counts["delay"])
             super().__init__(*a, **k)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(webrtc, "RTCPeerConnection", Peer)
@@ -193,12 +194,16 @@ def test_overlapping_http_frames_make_one_connection(served, created):
     import threading
     app, url = served
     r = gr.Request(session_hash="burst")
-    before = created["pipelines"]
+    before, created["delay"] = created["pipelines"], 0.5
     threads = [threading.Thread(target=app.http_frame, args=(ASTRONAUT, r)) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    try:
+        for t in threads:
+            t.start()
+            time.sleep(0.05)  # while the first connection is being made
+        for t in threads:
+            t.join(120)
+    finally:
+        created["delay"] = 0.0
     assert created["pipelines"] - before == 1 and app.worker.counts()["live"] == 1
     app.close_page(r)
     assert idle(app)
