@@ -108,9 +108,10 @@ class StreamFrames:
 
 # ---- encoders ----
 
-H264_PRESET = "ultrafast"  # x264's fastest; see docs/benchmarks.md for the presets' quality per ms
-VP8_CPU_USED = -6  # libvpx realtime speed (negative: fixed speed); aiortc's own value
-VP8_NOISE_SENSITIVITY = 4  # aiortc's temporal denoiser
+# Chosen by `launch.py bench live` (docs/benchmarks.md): the fastest settings that stay within 1 dB of aiortc's VP8.
+H264_PRESET = "superfast"
+VP8_CPU_USED = -12  # libvpx realtime speed, fixed (negative); aiortc uses -6
+VP8_NOISE_SENSITIVITY = 0  # aiortc's 4 runs a temporal denoiser: it costs time and blurs what it sends
 THREADS = 1  # one encoder thread per session: sessions already run side by side on the pool
 
 
