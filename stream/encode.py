@@ -7,7 +7,9 @@ encodes at the portrait's full size with a general-purpose x264 ("medium") or li
     frames = StreamFrames(args.stream_max)       # one per session: its converter is reused frame after frame
     video_frame = frames(image)                  # full-size RGB (ndarray on the host, or HxWx3 uint8 tensor on a
                                                  # device) -> yuv420p av.VideoFrame, long side <= stream_max
-    install()                                    # once per process: aiortc's senders build make_encoder's encoders
+    paste = StreamPaste(image, m_c2o, face_size, args.stream_max)   # or, without StreamFrames: paste-back
+    video_frame = paste(face)                    # straight into the streamed frame (host; no full-size image)
+    install()                                    # once per process: aiortc builds the tuned encoders/decoders
     prefer_codec(transceiver, args.codec)        # per peer, on a transceiver made before setRemoteDescription
     negotiated_codec(pc.localDescription.sdp)    # "H264" / "VP8": what the page's metrics line names
 
@@ -27,10 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from aiortc import RTCRtpSender, RTCRtpTransceiver
-from aiortc.codecs import H264Encoder, Vp8Encoder, get_encoder
-from aiortc.codecs.base import Encoder
+import aiortc.rtcrtpreceiver
+from aiortc.codecs import H264Decoder, H264Encoder, Vp8Decoder, Vp8Encoder, get_decoder, get_encoder
+from aiortc.codecs.base import Decoder, Encoder
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.sdp import SessionDescription
+
+from stream.paste import _as3x3, _face_to_crop, mask_template
 
 CODECS = ("h264", "vp8")
 FRAME_RATE = 30  # aiortc's MAX_FRAME_RATE: the encoders' time base
@@ -69,9 +74,16 @@ def yuv420_host(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     out = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
     ycrcb = cv2.cvtColor(cv2.resize(rgb, (w // 2, h // 2), interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2YCrCb)
     chroma = cv2.LUT(ycrcb, _FULL_TO_LIMITED_CHROMA)  # JPEG's full-range chroma -> limited range
-    out[h:h + h // 4] = chroma[..., 2].reshape(h // 4, w)  # U = Cb
-    out[h + h // 4:] = chroma[..., 1].reshape(h // 4, w)  # V = Cr
+    u, v = chroma_planes(out, w, h)
+    u[:], v[:] = chroma[..., 2], chroma[..., 1]  # U = Cb, V = Cr
     return out
+
+
+def chroma_planes(planes: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """Views of the U and V planes, (h/2, w/2) each, in I420 planes (h*3/2, w): stored one after the other after Y
+    (a plane's rows do not line up with the array's rows unless h is a multiple of 4)."""
+    flat, n, q = planes.reshape(-1), width * height, width * height // 4
+    return flat[n:n + q].reshape(height // 2, width // 2), flat[n + q:n + 2 * q].reshape(height // 2, width // 2)
 
 
 @torch.no_grad()
@@ -106,10 +118,55 @@ class StreamFrames:
         return av.VideoFrame.from_ndarray(planes, format="yuv420p")
 
 
-# ---- encoders ----
+class StreamPaste:
+    """Paste-back straight into the streamed yuv420p frame, on the host: for one source image and face size S,
+    build once, call per frame. The portrait's planes at the streamed size are converted once; per frame only the
+    face's box is warped (from the face straight to the streamed size), blended and converted, and the full-size
+    image is never made. The same math as PasteBack followed by StreamFrames, resampled once instead of twice.
+    A recording, which keeps the full size, still needs PasteBack."""
+
+    def __init__(self, image: np.ndarray, m_c2o: np.ndarray, size: int, stream_max: int = 720):
+        h, w = image.shape[:2]
+        self.size = w2, h2 = stream_size(w, h, stream_max)
+        kx, ky = w2 / w, h2 / h  # pixel-centre aligned, as cv2.resize maps pixels
+        scale = np.array([[kx, 0, (kx - 1) / 2], [0, ky, (ky - 1) / 2], [0, 0, 1]]) @ _as3x3(m_c2o)
+        small = image if (w2, h2) == (w, h) else cv2.resize(image, (w2, h2), interpolation=cv2.INTER_LINEAR)
+        planes = yuv420_host(np.ascontiguousarray(small), (w2, h2))
+        self.planes = (planes[:h2], *chroma_planes(planes, w2, h2))  # Y, U, V
+        mask = cv2.warpAffine(mask_template(), scale[:2], (w2, h2), flags=cv2.INTER_LINEAR)
+        ys, xs = np.nonzero(mask)
+        if len(xs) == 0:
+            raise ValueError("The face crop lies outside the source image.")
+        # even corners: every 2x2 chroma block is wholly inside the box or wholly outside it
+        x0, y0 = int(xs.min()) & ~1, int(ys.min()) & ~1
+        x1, y1 = min(w2, (int(xs.max()) + 2) & ~1), min(h2, (int(ys.max()) + 2) & ~1)
+        self.box = x0, y0, x1, y1
+        m = (mask[y0:y1, x0:x1] / 255.0).astype(np.float32)
+        self.mask, self.inv_mask = m, np.ascontiguousarray(1.0 - m)
+        self.orig = np.ascontiguousarray(small[y0:y1, x0:x1])
+        shift = np.array([[1, 0, -x0], [0, 1, -y0], [0, 0, 1]], np.float64)
+        self.m_face2box = (shift @ scale @ _face_to_crop(size))[:2]
+
+    def __call__(self, face: np.ndarray) -> av.VideoFrame:
+        """`face` (SxSx3 uint8) pasted in -> the yuv420p frame to send."""
+        (x0, y0, x1, y1), (w, h) = self.box, self.size
+        warped = cv2.warpAffine(face, self.m_face2box, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR)
+        box = yuv420_host(cv2.blendLinear(warped, self.orig, self.mask, self.inv_mask), (x1 - x0, y1 - y0))
+        frame = av.VideoFrame(w, h, "yuv420p")  # written in place: one copy of the portrait's planes
+        parts = (box[:y1 - y0], *chroma_planes(box, x1 - x0, y1 - y0))
+        for plane, base, part, k in zip(frame.planes, self.planes, parts, (1, 2, 2)):
+            view = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, :plane.width]
+            view[:] = base
+            view[y0 // k:y1 // k, x0 // k:x1 // k] = part
+        return frame
+
+
+# ---- encoders and decoders ----
 
 # Chosen by `launch.py bench live` (docs/benchmarks.md): the fastest settings that stay within 1 dB of aiortc's VP8.
-H264_PRESET = "superfast"
+# x264's PSNR is best per ms with ultrafast plus its deblocking filter and subpixel refinement 1: the faster
+# presets' adaptive quantisation and psy tuning trade PSNR for their idea of what looks sharp.
+H264_PRESET, H264_PARAMS = "ultrafast", "deblock=0,0:subme=1"
 VP8_CPU_USED = -12  # libvpx realtime speed, fixed (negative); aiortc uses -6
 VP8_NOISE_SENSITIVITY = 0  # aiortc's 4 runs a temporal denoiser: it costs time and blurs what it sends
 THREADS = 1  # one encoder thread per session: sessions already run side by side on the pool
@@ -126,7 +183,7 @@ class FastH264Encoder(H264Encoder):
     a fast preset, tune=zerolatency, constrained baseline, no B-frames, one thread, and a VBV bound at the target
     bitrate (aiortc sets none, so x264 overshoots on motion)."""
 
-    preset = H264_PRESET
+    preset, params = H264_PRESET, H264_PARAMS
 
     def _encode_frame(self, frame: av.VideoFrame, force_keyframe: bool) -> Iterator[bytes]:
         if _stale(self.codec, frame, self.target_bitrate):  # built here, so aiortc's code keeps it
@@ -136,7 +193,8 @@ class FastH264Encoder(H264Encoder):
             c.framerate, c.time_base = fractions.Fraction(FRAME_RATE, 1), fractions.Fraction(1, FRAME_RATE)
             c.profile, c.max_b_frames, c.thread_count = "Baseline", 0, THREADS
             c.options = {"preset": self.preset, "tune": "zerolatency", "level": "31",
-                         "maxrate": str(self.target_bitrate), "bufsize": str(self.target_bitrate)}
+                         "maxrate": str(self.target_bitrate), "bufsize": str(self.target_bitrate),
+                         **({"x264-params": self.params} if self.params else {})}
         yield from super()._encode_frame(frame, force_keyframe)
 
 
@@ -161,6 +219,32 @@ class TunedVp8Encoder(Vp8Encoder):
         return super().encode(frame, force_keyframe)
 
 
+class FastVp8Decoder(Vp8Decoder):
+    """FFmpeg's own VP8 decoder (aiortc uses libvpx's, about 1.5x slower), on one thread."""
+
+    def __init__(self) -> None:
+        self.codec = av.CodecContext.create("vp8", "r")
+        self.codec.thread_count = THREADS
+
+
+class FastH264Decoder(H264Decoder):
+    """aiortc's H.264 decoder on one thread: sessions already decode side by side."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.codec.thread_count = THREADS
+
+
+def make_decoder(codec: RTCRtpCodecParameters) -> Decoder:
+    """aiortc's get_decoder, with the faster video decoders."""
+    mime = codec.mimeType.lower()
+    if mime == "video/h264":
+        return FastH264Decoder()
+    if mime == "video/vp8":
+        return FastVp8Decoder()
+    return get_decoder(codec)
+
+
 def make_encoder(codec: RTCRtpCodecParameters) -> Encoder:
     """aiortc's get_encoder, with the tuned video encoders."""
     mime = codec.mimeType.lower()
@@ -172,9 +256,11 @@ def make_encoder(codec: RTCRtpCodecParameters) -> Encoder:
 
 
 def install() -> None:
-    """Make every aiortc sender build its encoder with make_encoder. RTCRtpSender calls the name `get_encoder` in
-    its own module when its first frame arrives; that name is the one patch point. Idempotent."""
+    """Make every aiortc sender build its encoder with make_encoder, and every receiver its decoder with
+    make_decoder. RTCRtpSender calls the name `get_encoder` in its own module when its first frame arrives, and
+    the receiver's decoder thread `get_decoder` in its own: those two names are the patch points. Idempotent."""
     aiortc.rtcrtpsender.get_encoder = make_encoder
+    aiortc.rtcrtpreceiver.get_decoder = make_decoder
 
 
 # ---- which codec is negotiated ----
