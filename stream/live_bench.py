@@ -51,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream-max", type=int, default=720, help="longer side of the streamed video")
     p.add_argument("--bitrate", type=int, default=1_000_000,
                    help="target bitrate of every encoder, bits/s (default: aiortc's H.264 default, inside VP8's range)")
+    p.add_argument("--quality-frames", type=int, default=60,
+                   help="frames of natural content per setup for its bitrate and PSNR (not timed)")
     p.add_argument("--json", type=Path, default=None, help="also write {\"live\": [rows]} to this file")
 
 
@@ -166,7 +168,7 @@ def paster(source, face: np.ndarray | torch.Tensor) -> Callable:
 
 
 def measure(engine, size: int, clip: list[np.ndarray], frames: int, warmup: int, stream_max: int,
-            bitrate: int) -> list[dict]:
+            bitrate: int, quality_frames: int = 60) -> list[dict]:
     """One portrait size: every stage per frame, for every setup; a row per setup."""
     from stream.face import LiveFaceDriver
     source, name = portrait(size), f"bench-{size}"
@@ -216,7 +218,7 @@ def measure(engine, size: int, clip: list[np.ndarray], frames: int, warmup: int,
     finally:
         driver.close()
         engine.close(name)
-    natural = quality(source, len(face), frames, stream_max, bitrate)
+    natural = quality(source, len(face), quality_frames, stream_max, bitrate)
     rows = []
     for s, stages, (kbps, db) in zip(sent, per, natural):
         if s.setup.fused:  # its paste stage made the frame: no conversion of its own
@@ -249,19 +251,20 @@ def quality(source, size: int, frames: int, stream_max: int, bitrate: int) -> li
     from stream.paste import PasteBack
     face = cv2.resize(source.crop.image, (size, size), interpolation=cv2.INTER_AREA)
     faces = []
-    for i in range(max(frames, 2 * encode.FRAME_RATE)):
+    for i in range(frames):
         a = 2 * np.pi * i / encode.FRAME_RATE
         m = cv2.getRotationMatrix2D((size / 2, size / 2), 5 * np.sin(a), 1.0)
         m[:, 2] += size / 512 * np.array([6 * np.sin(a), 4 * np.sin(2 * a)])
         faces.append(cv2.warpAffine(face, m, (size, size), borderMode=cv2.BORDER_REPLICATE))
     paste, out = PasteBack(source.image, source.crop.m_c2o, size), []
+    settle = min(encode.FRAME_RATE // 2, frames // 2)
     for setup in setups(stream_max):
         s = Sent(setup, bitrate)
         for i, f in enumerate(faces):
             frame = s.fused(source, f) if setup.fused else s.convert(paste(f))
             frame.pts, frame.time_base = i * STEP, CLOCK
-            s.check(frame, *s.encoder.encode(frame), scored=i >= encode.FRAME_RATE // 2)
-        out.append((round(s.bytes * 8 * encode.FRAME_RATE / (len(faces) - encode.FRAME_RATE // 2) / 1000),
+            s.check(frame, *s.encoder.encode(frame), scored=i >= settle)
+        out.append((round(s.bytes * 8 * encode.FRAME_RATE / (len(faces) - settle) / 1000),
                     round(float(np.mean(s.psnr)), 2)))
     return out
 
@@ -304,7 +307,8 @@ def run(args: argparse.Namespace) -> int:
     engine.close("warm")
     rows = []
     for size in (int(s) for s in args.portraits.split(",")):
-        rows += measure(engine, size, clip, args.frames, args.warmup, args.stream_max, args.bitrate)
+        rows += measure(engine, size, clip, args.frames, args.warmup, args.stream_max, args.bitrate,
+                        args.quality_frames)
         log.info("%s", rows[-1])
     device = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else f"cpu ({cpu_name()})"
     header = (f"device {device} · {os.cpu_count()} cores · config {args.config} · weights "
