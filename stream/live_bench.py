@@ -60,6 +60,11 @@ def rtp_codec(name: str) -> RTCRtpCodecParameters:
     return RTCRtpCodecParameters(mimeType=f"video/{name.upper()}", clockRate=90000, payloadType=96)
 
 
+def pyav_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """A decoded webcam frame -> RGB, as the pipeline does it today."""
+    return frame.to_ndarray(format="rgb24")
+
+
 @dataclass
 class Setup:
     """One way to send the output: the webcam's decoder and the output's encoder (one negotiation picks the codec
@@ -69,6 +74,7 @@ class Setup:
     make_decoder: Callable[[], Decoder]
     make_encoder: Callable[[], Encoder]
     stream_max: int | None  # None: the full pasted-back size, as rgb24 (today)
+    rgb: Callable[[av.VideoFrame], np.ndarray] = pyav_rgb  # webcam frame -> RGB
     fused: bool = False  # StreamPaste: paste-back straight into the streamed frame (replaces paste + convert)
     reference: bool = False
 
@@ -88,13 +94,13 @@ def setups(stream_max: int) -> list[Setup]:
         Setup("vp8 aiortc, full size, rgb24 (today)", "vp8", Vp8Decoder, Vp8Encoder, None, reference=True),
         Setup("vp8 aiortc", "vp8", Vp8Decoder, Vp8Encoder, stream_max),
         Setup(f"vp8 cpu-used {encode.VP8_CPU_USED}, no denoiser (tuned), paste into stream", "vp8",
-              encode.FastVp8Decoder, encode.TunedVp8Encoder, stream_max, fused=True),
+              encode.FastVp8Decoder, encode.TunedVp8Encoder, stream_max, encode.to_rgb, fused=True),
         Setup("h264 aiortc (x264 medium)", "h264", H264Decoder, H264Encoder, stream_max),
         *[Setup(f"h264 x264 {p}", "h264", encode.FastH264Decoder, x264(p), stream_max)
           for p in ("ultrafast", "superfast", "veryfast")],
-        Setup(tuned_h264, "h264", encode.FastH264Decoder, encode.FastH264Encoder, stream_max),
+        Setup(tuned_h264, "h264", encode.FastH264Decoder, encode.FastH264Encoder, stream_max, encode.to_rgb),
         Setup(f"{tuned_h264}, paste into stream", "h264", encode.FastH264Decoder, encode.FastH264Encoder,
-              stream_max, fused=True),
+              stream_max, encode.to_rgb, fused=True),
     ]
 
 
@@ -178,8 +184,7 @@ def measure(engine, size: int, clip: list[np.ndarray], frames: int, warmup: int,
     settle = min(encode.FRAME_RATE // 2, frames // 2)  # frames before the bitrate and PSNR count: rate control settles
     incoming = {c: webcam([clip[i % len(clip)] for i in range(total)], c) for c in encode.CODECS}
     sent = [Sent(s, bitrate) for s in setups(stream_max)]
-    decoders = {(s.codec, s.make_decoder): None for s in setups(stream_max)}
-    decoders = {k: k[1]() for k in decoders}
+    decoders = {k: k[1]() for k in dict.fromkeys((s.setup.codec, s.setup.make_decoder, s.setup.rgb) for s in sent)}
     driver, paste = LiveFaceDriver(), None
     ms: dict[str, list[float]] = {}
     per: list[dict[str, list[float]]] = [{} for _ in sent]
@@ -195,12 +200,12 @@ def measure(engine, size: int, clip: list[np.ndarray], frames: int, warmup: int,
 
     def decode(key: tuple) -> np.ndarray:
         data, ts = incoming[key[0]][i]
-        return decoders[key].decode(JitterFrame(data, ts))[-1].to_ndarray(format="rgb24")
+        return key[2](decoders[key].decode(JitterFrame(data, ts))[-1])
     crop = None
     try:
         for i in range(total):
             rgb = {k: timed(ms, k, decode, k) for k in decoders}
-            f = timed(ms, "face", driver.process, rgb[("vp8", Vp8Decoder)], i / encode.FRAME_RATE)
+            f = timed(ms, "face", driver.process, rgb[next(iter(decoders))], i / encode.FRAME_RATE)  # today's
             crop = f.crop.image_256 if f.crop is not None else crop
             if crop is None:
                 raise RuntimeError("no face found in the webcam clip")
@@ -223,7 +228,7 @@ def measure(engine, size: int, clip: list[np.ndarray], frames: int, warmup: int,
     for s, stages, (kbps, db) in zip(sent, per, natural):
         if s.setup.fused:  # its paste stage made the frame: no conversion of its own
             stages["convert"] = [0.0] * frames
-        series = {"decode": ms[(s.setup.codec, s.setup.make_decoder)],
+        series = {"decode": ms[(s.setup.codec, s.setup.make_decoder, s.setup.rgb)],
                   **{k: ms[k] for k in ("face", "engine", "paste")}, **stages}
         outside = np.sum([series[k] for k in OUTSIDE], axis=0)
         scored = frames - settle
