@@ -117,6 +117,15 @@ def test_stream_paste_is_paste_back_then_conversion(sources, size):
     assert changed.max() > 50  # the face really is pasted in
 
 
+def test_webcam_frames_to_rgb_match_pyav():
+    from stream.serve_bench import moving_face
+    rgb = moving_face(2)[0]
+    frame = av.VideoFrame.from_ndarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420), format="yuv420p")
+    d = diff(encode.to_rgb(frame), frame.to_ndarray(format="rgb24"))
+    assert encode.to_rgb(frame).shape == (480, 640, 3) and d.mean() < 1.5 and d.max() <= 4
+    assert np.array_equal(encode.to_rgb(av.VideoFrame.from_ndarray(rgb, format="rgb24")), rgb)
+
+
 # ---- encoders and decoders, as aiortc's sender and receiver build them ----
 
 def codec(name: str) -> RTCRtpCodecParameters:
