@@ -33,7 +33,7 @@ COMMANDS = {
     "loadtest": ("web.loadtest", "load and soak a running server with real WebRTC clients (loopback only)"),
 }
 SERVE = ("stream.serve_bench", "benchmark: many live sessions, the batching scheduler against one lock, JSON + table")
-LIVE = ("stream.live_bench", "benchmark: every stage of one live session's frame, per portrait size and codec, JSON + table")
+LIVE = ("stream.live_bench", "benchmark: one live frame stage by stage, per portrait size and codec, JSON + table")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -280,7 +280,8 @@ def markdown(rows: list[dict]) -> str:
     stages = ("decode", "face", "engine", "paste", "convert", "encode")
     out = ["| portrait | setup | streamed | " + " | ".join(f"{s} ms" for s in stages) +
            " | total ms (decode+paste+convert+encode) | × reference | + face ms | kbps / Y-PSNR dB, natural face | "
-           "dB vs aiortc VP8 | kbps / Y-PSNR dB, untrained face | dB vs aiortc VP8 |", "|" + "---|" * (len(stages) + 10)]
+           "dB vs aiortc VP8 | kbps / Y-PSNR dB, untrained face | dB vs aiortc VP8 |",
+           "|" + "---|" * (len(stages) + 10)]
     for r in rows:
         cells = [f"{r['stages'][s]:.1f} / {r['p95'][s]:.1f}" for s in stages]
         out.append(f"| {r['portrait']}² | {r['setup']} | {r['stream_size'][0]}×{r['stream_size'][1]} | "

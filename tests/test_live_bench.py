@@ -12,8 +12,8 @@ STAGES = {"decode", "face", "engine", "paste", "convert", "encode"}
 def test_bench_live_smoke_writes_the_rows(tmp_path):
     out = tmp_path / "live.json"
     proc = subprocess.run([sys.executable, "launch.py", "bench", "live", "--weights", "recipe", "--config", "tiny",
-                           "--device", "cpu", "--frames", "4", "--warmup", "1", "--quality-frames", "8", "--portraits", "512,768",
-                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--device", "cpu", "--frames", "4", "--warmup", "1", "--quality-frames", "8",
+                           "--portraits", "512,768", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["live"]
     assert "| 768² | vp8 aiortc, full size, rgb24 (today) | 768×768 |" in proc.stdout  # the markdown table
