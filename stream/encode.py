@@ -66,9 +66,9 @@ def stream_size(width: int, height: int, stream_max: int) -> tuple[int, int]:
 
 
 def yuv420_host(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """HxWx3 uint8 RGB -> I420 planes (h*3/2, w) at `size` = (w, h): bilinear resize (cv2's INTER_AREA costs ~5x
-    as much at 1280² -> 720²), BT.601 limited range, chroma averaged over each 2x2 block (cv2's own I420
-    chroma takes the top-left pixel, which aliases colour edges, so only its luma is kept)."""
+    """HxWx3 uint8 RGB -> I420 planes (h*3/2, w) at `size` = (w, h): bilinear resize (cv2's INTER_AREA is
+    several times slower at a non-integer ratio), BT.601 limited range, chroma averaged over each 2x2 block
+    (cv2's own I420 chroma takes the top-left pixel, which aliases colour edges, so only its luma is kept)."""
     w, h = size
     if rgb.shape[1::-1] != (w, h):
         rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
@@ -170,7 +170,7 @@ class StreamPaste:
 H264_PRESET, H264_PARAMS = "ultrafast", "deblock=0,0:subme=1"
 VP8_CPU_USED = -12  # libvpx realtime speed, fixed (negative); aiortc uses -6
 VP8_NOISE_SENSITIVITY = 0  # aiortc's 4 runs a temporal denoiser: it costs time and blurs what it sends
-THREADS = 1  # one encoder thread per session: sessions already run side by side on the pool
+THREADS = 1  # one codec thread per session: sessions already encode (aiortc's executor) and decode side by side
 
 
 def _stale(codec: av.VideoCodecContext | None, frame: av.VideoFrame, bitrate: int) -> bool:
@@ -221,7 +221,7 @@ class TunedVp8Encoder(Vp8Encoder):
 
 
 class FastVp8Decoder(Vp8Decoder):
-    """FFmpeg's own VP8 decoder (aiortc uses libvpx's, about 1.5x slower), on one thread."""
+    """FFmpeg's own VP8 decoder (aiortc uses libvpx's, which is slower: docs/benchmarks.md), on one thread."""
 
     def __init__(self) -> None:
         self.codec = av.CodecContext.create("vp8", "r")
@@ -237,7 +237,7 @@ class FastH264Decoder(H264Decoder):
 
 
 def to_rgb(frame: av.VideoFrame) -> np.ndarray:
-    """A decoded webcam frame -> HxWx3 uint8 RGB: cv2's BT.601 I420 conversion, about half the time of PyAV's
+    """A decoded webcam frame -> HxWx3 uint8 RGB: cv2's BT.601 I420 conversion, faster than PyAV's
     to_ndarray(format="rgb24"), which sets up a new SwsContext for every frame."""
     if frame.format.name != "yuv420p":
         return frame.to_ndarray(format="rgb24")
