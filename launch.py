@@ -4,6 +4,7 @@
     python launch.py render --source IMG --driving VIDEO -o OUT.mp4
     python launch.py bench --device cpu   # baseline vs optimised engine, JSON + table
     python launch.py bench serve          # many live sessions: the batching scheduler vs one lock, JSON + table
+    python launch.py bench live           # one live session's frame, stage by stage, per codec set-up
     python launch.py --host 0.0.0.0 --https-self-signed   # for other machines too (docs/deploy.md)
     python launch.py loadtest --url http://127.0.0.1:7860/ --clients 8 --minutes 5   # see docs/reliability.md
 """
@@ -42,6 +43,7 @@ COMMANDS = {
     "loadtest": ("web.loadtest", "load and soak a running server with real WebRTC clients (loopback only)"),
 }
 SERVE = ("stream.serve_bench", "benchmark: many live sessions, the batching scheduler against one lock, JSON + table")
+LIVE = ("stream.live_bench", "benchmark: one live frame stage by stage, per portrait size and codec, JSON + table")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if a in COMMANDS), None)
     serve = command == "bench" and argv[argv.index("bench") + 1:argv.index("bench") + 2] == ["serve"]
-    module = importlib.import_module(SERVE[0] if serve else COMMANDS[command][0] if command else "web.app")
+    live = command == "bench" and argv[argv.index("bench") + 1:argv.index("bench") + 2] == ["live"]
+    module = importlib.import_module(SERVE[0] if serve else LIVE[0] if live else COMMANDS[command][0] if command
+                                     else "web.app")
     parser = Parser(prog="launch.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common(parser)
@@ -58,10 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, (_, summary) in COMMANDS.items():
         p = sub.add_parser(name, help=summary, description=summary)
         common(p, sub=True)
-        if name == "bench" and command == "bench":  # `bench serve` needs the face stack: its own module
-            q = p.add_subparsers(dest="bench_command").add_parser("serve", help=SERVE[1], description=SERVE[1])
+        if name == "bench" and command == "bench":  # `bench serve`/`live` need the face stack: their own modules
+            benches = p.add_subparsers(dest="bench_command", parser_class=Parser)
+            q = benches.add_parser("serve", help=SERVE[1], description=SERVE[1])
+            r = benches.add_parser("live", help=LIVE[1], description=LIVE[1])
             common(q, sub=True)
-            p = q if serve else p
+            common(r, sub=True)
+            p = q if serve else r if live else p
         if name == command:
             module.add_arguments(p)
     if command is None:

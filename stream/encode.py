@@ -1,0 +1,324 @@
+"""The outgoing video after paste-back: one resize to the streamed size and one colour conversion, straight to the
+yuv420p frame aiortc's encoder takes, and encoders tuned for live video inside aiortc.
+
+aiortc hands an rgb24 frame to its encoder, which converts it again (VP8 with a new SwsContext per frame), and it
+encodes at the portrait's full size with a general-purpose x264 ("medium") or libvpx setting. Here:
+
+    frames = StreamFrames(args.stream_max)       # one per session; no per-frame converter set-up (cv2, in place)
+    video_frame = frames(image)                  # full-size RGB (ndarray on the host, or HxWx3 uint8 tensor on a
+                                                 # device) -> yuv420p av.VideoFrame, long side <= stream_max
+    paste = StreamPaste(image, m_c2o, face_size, args.stream_max)   # or, without StreamFrames: paste-back
+    video_frame = paste(face)                    # straight into the streamed frame (host; no full-size image)
+    install()                                    # once per process: aiortc builds the tuned encoders/decoders
+    rgb = to_rgb(webcam_frame)                   # a decoded webcam frame -> RGB for the face tracker
+    prefer_codec(transceiver, args.codec)        # per peer, on a transceiver made before setRemoteDescription
+    negotiated_codec(pc.localDescription.sdp)    # "H264" / "VP8": what the page's metrics line names
+
+The recording keeps the full-size image: only the encoder's copy is resized, here. BROWSER_PREFERENCES_JS is the
+browser half of the codec choice. The measured trade-offs behind the settings are in docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import fractions
+from typing import Iterator
+
+import aiortc.rtcrtpreceiver
+import aiortc.rtcrtpsender
+import av
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from aiortc import RTCRtpSender, RTCRtpTransceiver
+from aiortc.codecs import H264Decoder, H264Encoder, Vp8Decoder, Vp8Encoder, get_decoder, get_encoder
+from aiortc.codecs.base import Decoder, Encoder
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from aiortc.sdp import SessionDescription
+
+from stream.paste import _as3x3, _face_to_crop, mask_template
+
+CODECS = ("h264", "vp8")
+FRAME_RATE = 30  # aiortc's MAX_FRAME_RATE: the encoders' time base
+
+# BT.601, limited range: what browsers assume for a VP8/H.264 stream that signals no colour space, and what
+# swscale and cv2's I420 conversion use. Rows Y, U, V; the last column is the offset.
+BT601 = np.array([[0.256788, 0.504129, 0.097906, 16.0],
+                  [-0.148223, -0.290993, 0.439216, 128.0],
+                  [0.439216, -0.367789, -0.071427, 128.0]])
+_FULL_TO_LIMITED_CHROMA = np.round(128 + (np.arange(256) - 128) * 224 / 255).clip(0, 255).astype(np.uint8)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The streamed video's options (for the web app's parser)."""
+    p.add_argument("--codec", choices=CODECS, default="h264",
+                   help="video codec to prefer: h264 (x264, fast preset; VP8 when the browser has no H.264) or vp8")
+    p.add_argument("--stream-max", type=int, default=720,
+                   help="longer side of the streamed video in pixels (recordings keep the portrait's full size)")
+
+
+# ---- resize + colour conversion, once ----
+
+def stream_size(width: int, height: int, stream_max: int) -> tuple[int, int]:
+    """(w, h) that fits `stream_max` on the longer side, never enlarged, both even (yuv420p halves them)."""
+    k = min(1.0, stream_max / max(width, height))
+    return max(2, round(width * k / 2) * 2), max(2, round(height * k / 2) * 2)
+
+
+def yuv420_host(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """HxWx3 uint8 RGB -> I420 planes (h*3/2, w) at `size` = (w, h): bilinear resize (cv2's INTER_AREA is
+    several times slower at a non-integer ratio), BT.601 limited range, chroma averaged over each 2x2 block
+    (cv2's own I420 chroma takes the top-left pixel, which aliases colour edges, so only its luma is kept)."""
+    w, h = size
+    if rgb.shape[1::-1] != (w, h):
+        rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
+    out = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
+    ycrcb = cv2.cvtColor(cv2.resize(rgb, (w // 2, h // 2), interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2YCrCb)
+    chroma = cv2.LUT(ycrcb, _FULL_TO_LIMITED_CHROMA)  # JPEG's full-range chroma -> limited range
+    u, v = chroma_planes(out, w, h)
+    u[:], v[:] = chroma[..., 2], chroma[..., 1]  # U = Cb, V = Cr
+    return out
+
+
+def chroma_planes(planes: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """Views of the U and V planes, (h/2, w/2) each, in I420 planes (h*3/2, w): stored one after the other after Y
+    (a plane's rows do not line up with the array's rows unless h is a multiple of 4)."""
+    flat, n, q = planes.reshape(-1), width * height, width * height // 4
+    return flat[n:n + q].reshape(height // 2, width // 2), flat[n + q:n + 2 * q].reshape(height // 2, width // 2)
+
+
+@torch.no_grad()
+def yuv420_device(rgb: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The same on a torch device: HxWx3 uint8 -> (h*3/2, w) uint8 I420 planes, so only those cross to the host.
+    Resize with antialiasing (cheap on a GPU), the BT.601 matrix, 2x2 chroma averaging."""
+    w, h = size
+    x = rgb.permute(2, 0, 1)[None].float()
+    if x.shape[-2:] != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    m = torch.as_tensor(BT601, dtype=torch.float32, device=x.device)
+    y = torch.einsum("c,bchw->bhw", m[0, :3], x) + m[0, 3]
+    uv = torch.einsum("kc,bchw->bkhw", m[1:, :3], F.avg_pool2d(x, 2)) + m[1:, 3, None, None]
+    planes = torch.cat([y.reshape(-1), uv.reshape(-1)]).round_().clamp_(0, 255).to(torch.uint8)
+    return planes.reshape(h * 3 // 2, w)
+
+
+class StreamFrames:
+    """One per session: each output image -> the yuv420p av.VideoFrame to send, at the streamed size."""
+
+    def __init__(self, stream_max: int = 720):
+        self.stream_max = stream_max
+
+    def size(self, width: int, height: int) -> tuple[int, int]:
+        return stream_size(width, height, self.stream_max)
+
+    def __call__(self, image: np.ndarray | torch.Tensor) -> av.VideoFrame:
+        """`image`: HxWx3 uint8 RGB, a host array or a tensor on its device (converted there)."""
+        size = self.size(image.shape[1], image.shape[0])
+        planes = yuv420_device(image, size).cpu().numpy() if isinstance(image, torch.Tensor) else \
+            yuv420_host(np.ascontiguousarray(image), size)
+        return av.VideoFrame.from_ndarray(planes, format="yuv420p")
+
+
+class StreamPaste:
+    """Paste-back straight into the streamed yuv420p frame, on the host: for one source image and face size S,
+    build once, call per frame. The portrait's planes at the streamed size are converted once; per frame only the
+    face's box is warped (from the face straight to the streamed size), blended and converted, and the full-size
+    image is never made. The same math as PasteBack followed by StreamFrames, resampled once instead of twice.
+    A recording, which keeps the full size, still needs PasteBack."""
+
+    def __init__(self, image: np.ndarray, m_c2o: np.ndarray, size: int, stream_max: int = 720):
+        h, w = image.shape[:2]
+        self.size = w2, h2 = stream_size(w, h, stream_max)
+        kx, ky = w2 / w, h2 / h  # pixel-centre aligned, as cv2.resize maps pixels
+        scale = np.array([[kx, 0, (kx - 1) / 2], [0, ky, (ky - 1) / 2], [0, 0, 1]]) @ _as3x3(m_c2o)
+        small = image if (w2, h2) == (w, h) else cv2.resize(image, (w2, h2), interpolation=cv2.INTER_LINEAR)
+        planes = yuv420_host(np.ascontiguousarray(small), (w2, h2))
+        self.planes = (planes[:h2], *chroma_planes(planes, w2, h2))  # Y, U, V
+        mask = cv2.warpAffine(mask_template(), scale[:2], (w2, h2), flags=cv2.INTER_LINEAR)
+        ys, xs = np.nonzero(mask)
+        if len(xs) == 0:
+            raise ValueError("The face crop lies outside the source image.")
+        # even corners: every 2x2 chroma block is wholly inside the box or wholly outside it
+        x0, y0 = int(xs.min()) & ~1, int(ys.min()) & ~1
+        x1, y1 = min(w2, (int(xs.max()) + 2) & ~1), min(h2, (int(ys.max()) + 2) & ~1)
+        self.box = x0, y0, x1, y1
+        m = (mask[y0:y1, x0:x1] / 255.0).astype(np.float32)
+        self.mask, self.inv_mask = m, np.ascontiguousarray(1.0 - m)
+        self.orig = np.ascontiguousarray(small[y0:y1, x0:x1])
+        shift = np.array([[1, 0, -x0], [0, 1, -y0], [0, 0, 1]], np.float64)
+        self.m_face2box = (shift @ scale @ _face_to_crop(size))[:2]
+
+    def __call__(self, face: np.ndarray) -> av.VideoFrame:
+        """`face` (SxSx3 uint8) pasted in -> the yuv420p frame to send."""
+        (x0, y0, x1, y1), (w, h) = self.box, self.size
+        warped = cv2.warpAffine(face, self.m_face2box, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR)
+        box = yuv420_host(cv2.blendLinear(warped, self.orig, self.mask, self.inv_mask), (x1 - x0, y1 - y0))
+        frame = av.VideoFrame(w, h, "yuv420p")  # written in place: one copy of the portrait's planes
+        parts = (box[:y1 - y0], *chroma_planes(box, x1 - x0, y1 - y0))
+        for plane, base, part, k in zip(frame.planes, self.planes, parts, (1, 2, 2)):
+            view = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, :plane.width]
+            view[:] = base
+            view[y0 // k:y1 // k, x0 // k:x1 // k] = part
+        return frame
+
+
+# ---- encoders and decoders ----
+
+# Chosen by `launch.py bench live` (docs/benchmarks.md): the fastest settings that stay within 1 dB of aiortc's VP8.
+# x264's PSNR is best per ms with ultrafast plus its deblocking filter and subpixel refinement 1: the faster
+# presets' adaptive quantisation and psy tuning trade PSNR for their idea of what looks sharp.
+H264_PRESET, H264_PARAMS = "ultrafast", "deblock=0,0:subme=1"
+VP8_CPU_USED = -12  # libvpx realtime speed, fixed (negative); aiortc uses -6
+VP8_NOISE_SENSITIVITY = 0  # aiortc's 4 runs a temporal denoiser: it costs time and blurs what it sends
+THREADS = 1  # one codec thread per session: sessions already encode (aiortc's executor) and decode side by side
+
+
+def _stale(codec: av.VideoCodecContext | None, frame: av.VideoFrame, bitrate: int) -> bool:
+    """aiortc's rule for rebuilding an encoder: none yet, a new size, or the target bitrate moved by over 10%."""
+    return codec is None or (frame.width, frame.height) != (codec.width, codec.height) or \
+        abs(bitrate - codec.bit_rate) / codec.bit_rate > 0.1
+
+
+class FastH264Encoder(H264Encoder):
+    """aiortc's H.264 encoder (its packetisation, keyframes and bitrate rule) with x264 set up for live video:
+    a fast preset, tune=zerolatency, constrained baseline, no B-frames, one thread, and a VBV bound at the target
+    bitrate (aiortc sets none, so x264 overshoots on motion)."""
+
+    preset, params = H264_PRESET, H264_PARAMS
+
+    def _encode_frame(self, frame: av.VideoFrame, force_keyframe: bool) -> Iterator[bytes]:
+        if _stale(self.codec, frame, self.target_bitrate):  # built here, so aiortc's code keeps it
+            self.codec = c = av.CodecContext.create("libx264", "w")
+            c.width, c.height, c.pix_fmt = frame.width, frame.height, "yuv420p"
+            c.bit_rate = self.target_bitrate
+            c.framerate, c.time_base = fractions.Fraction(FRAME_RATE, 1), fractions.Fraction(1, FRAME_RATE)
+            c.profile, c.max_b_frames, c.thread_count = "Baseline", 0, THREADS
+            c.options = {"preset": self.preset, "tune": "zerolatency", "level": "31",
+                         "maxrate": str(self.target_bitrate), "bufsize": str(self.target_bitrate),
+                         **({"x264-params": self.params} if self.params else {})}
+        yield from super()._encode_frame(frame, force_keyframe)
+
+
+class TunedVp8Encoder(Vp8Encoder):
+    """aiortc's VP8 encoder with its libvpx settings, but the speed, denoiser and threads chosen here."""
+
+    cpu_used, noise_sensitivity = VP8_CPU_USED, VP8_NOISE_SENSITIVITY
+
+    def encode(self, frame: av.VideoFrame, force_keyframe: bool = False) -> tuple[list[bytes], int]:
+        if frame.format.name != "yuv420p":
+            frame = frame.reformat(format="yuv420p")
+        if _stale(self.codec, frame, self.target_bitrate):  # built here, so aiortc's code keeps it
+            self.codec = c = av.CodecContext.create("libvpx", "w")
+            c.width, c.height, c.pix_fmt = frame.width, frame.height, "yuv420p"
+            c.bit_rate, c.gop_size, c.qmin, c.qmax = self.target_bitrate, 3000, 2, 56
+            c.thread_count = THREADS
+            rate = str(self.target_bitrate)
+            c.options = {"bufsize": rate, "minrate": rate, "maxrate": rate, "cpu-used": str(self.cpu_used),
+                         "deadline": "realtime", "lag-in-frames": "0",
+                         "noise-sensitivity": str(self.noise_sensitivity), "overshoot-pct": "15",
+                         "partitions": "0", "static-thresh": "1", "undershoot-pct": "100"}
+        return super().encode(frame, force_keyframe)
+
+
+class FastVp8Decoder(Vp8Decoder):
+    """FFmpeg's own VP8 decoder (aiortc uses libvpx's, which is slower: docs/benchmarks.md), on one thread."""
+
+    def __init__(self) -> None:
+        self.codec = av.CodecContext.create("vp8", "r")
+        self.codec.thread_count = THREADS
+
+
+class FastH264Decoder(H264Decoder):
+    """aiortc's H.264 decoder on one thread: sessions already decode side by side."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.codec.thread_count = THREADS
+
+
+def to_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """A decoded webcam frame -> HxWx3 uint8 RGB: cv2's BT.601 I420 conversion, faster than PyAV's
+    to_ndarray(format="rgb24"), which sets up a new SwsContext for every frame."""
+    if frame.format.name != "yuv420p":
+        return frame.to_ndarray(format="rgb24")
+    return cv2.cvtColor(frame.to_ndarray(), cv2.COLOR_YUV2RGB_I420)
+
+
+def make_decoder(codec: RTCRtpCodecParameters) -> Decoder:
+    """aiortc's get_decoder, with the faster video decoders."""
+    mime = codec.mimeType.lower()
+    if mime == "video/h264":
+        return FastH264Decoder()
+    if mime == "video/vp8":
+        return FastVp8Decoder()
+    return get_decoder(codec)
+
+
+def make_encoder(codec: RTCRtpCodecParameters) -> Encoder:
+    """aiortc's get_encoder, with the tuned video encoders."""
+    mime = codec.mimeType.lower()
+    if mime == "video/h264":
+        return FastH264Encoder()
+    if mime == "video/vp8":
+        return TunedVp8Encoder()
+    return get_encoder(codec)
+
+
+def install() -> None:
+    """Make every aiortc sender build its encoder with make_encoder, and every receiver its decoder with
+    make_decoder. RTCRtpSender calls the name `get_encoder` in its own module when its first frame arrives, and
+    the receiver's decoder thread `get_decoder` in its own: those two names are the patch points. Idempotent."""
+    aiortc.rtcrtpsender.get_encoder = make_encoder
+    aiortc.rtcrtpreceiver.get_decoder = make_decoder
+
+
+# ---- which codec is negotiated ----
+
+def codec_preferences(codec: str) -> list:
+    """aiortc's video codec capabilities in the order for `codec`: "h264" = H.264 (constrained baseline first),
+    then VP8 as the fall-back; "vp8" = VP8 only. RTX follows, for retransmissions."""
+    caps = RTCRtpSender.getCapabilities("video").codecs
+    if codec not in CODECS:
+        raise ValueError(f"codec {codec!r}: expected one of {CODECS}")
+
+    def rank(c) -> int:
+        name = c.mimeType.lower()
+        if name == "video/h264":
+            return 0 if c.parameters.get("profile-level-id") == "42e01f" else 1
+        return {"video/vp8": 2, "video/rtx": 3}.get(name, 4)
+    keep = {"h264": (0, 1, 2, 3), "vp8": (2, 3)}[codec]
+    return sorted((c for c in caps if rank(c) in keep), key=rank)
+
+
+def prefer_codec(transceiver: RTCRtpTransceiver, codec: str) -> None:
+    """Order (and for "vp8" restrict) the codecs a server-side video transceiver negotiates. aiortc negotiates an
+    answer inside setRemoteDescription, so the transceiver must exist first: `pc.addTransceiver("video",
+    "sendrecv")`, then this, then setRemoteDescription (the offer's video takes this transceiver, and a later
+    addTrack of the outgoing track reuses it)."""
+    transceiver.setCodecPreferences(codec_preferences(codec))
+
+
+def negotiated_codec(sdp: str) -> str | None:
+    """The codec a session description's first video section sends with ("H264", "VP8"), or None."""
+    for media in SessionDescription.parse(sdp).media:
+        if media.kind == "video" and media.rtp.codecs:
+            return media.rtp.codecs[0].name
+    return None
+
+
+# The browser half, for live.js: call on the page's video transceiver before createOffer, with the server's codec.
+BROWSER_PREFERENCES_JS = """\
+// H.264 first where the browser has it (VP8 as the fall-back), or VP8 only; a browser without
+// setCodecPreferences offers its defaults and the server's order decides.
+function preferCodec(transceiver, codec) {
+  if (!transceiver.setCodecPreferences || !RTCRtpReceiver.getCapabilities) return;
+  const rank = (c) => {
+    const name = c.mimeType.toLowerCase();
+    if (name === 'video/h264' && codec === 'h264') return /profile-level-id=42e01f/.test(c.sdpFmtpLine || '') ? 0 : 1;
+    if (name === 'video/vp8') return 2;
+    return ['video/rtx', 'video/red', 'video/ulpfec'].includes(name) ? 3 : -1;
+  };
+  const codecs = RTCRtpReceiver.getCapabilities('video').codecs.filter((c) => rank(c) >= 0);
+  transceiver.setCodecPreferences(codecs.sort((a, b) => rank(a) - rank(b)));
+}
+"""
