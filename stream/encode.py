@@ -4,22 +4,21 @@ yuv420p frame aiortc's encoder takes, and encoders tuned for live video inside a
 aiortc hands an rgb24 frame to its encoder, which converts it again (VP8 with a new SwsContext per frame), and it
 encodes at the portrait's full size with a general-purpose x264 ("medium") or libvpx setting. Here:
 
-    frames = StreamFrames(args.stream_max)       # one per session; no per-frame converter set-up (cv2, in place)
+    frames = StreamFrames(stream_max)       # one per session; no per-frame converter set-up (cv2, in place)
     video_frame = frames(image)                  # full-size RGB (ndarray on the host, or HxWx3 uint8 tensor on a
                                                  # device) -> yuv420p av.VideoFrame, long side <= stream_max
-    paste = StreamPaste(image, m_c2o, face_size, args.stream_max)   # or, without StreamFrames: paste-back
+    paste = StreamPaste(image, m_c2o, face_size, stream_max)   # or, without StreamFrames: paste-back
     video_frame = paste(face)                    # straight into the streamed frame (host; no full-size image)
     install()                                    # once per process: aiortc builds the tuned encoders/decoders
     rgb = to_rgb(webcam_frame)                   # a decoded webcam frame -> RGB for the face tracker
-    prefer_codec(transceiver, args.codec)        # per peer, on a transceiver made before setRemoteDescription
+    prefer_codec(transceiver, codec)        # per peer, on a transceiver made before setRemoteDescription
     negotiated_codec(pc.localDescription.sdp)    # "H264" / "VP8": what the page's metrics line names
 
-The recording keeps the full-size image: only the encoder's copy is resized, here. BROWSER_PREFERENCES_JS is the
+The recording keeps the full-size image: only the encoder's copy is resized, here. web/static/live.js's preferCodec is the
 browser half of the codec choice. The measured trade-offs behind the settings are in docs/benchmarks.md.
 """
 from __future__ import annotations
 
-import argparse
 import fractions
 from typing import Iterator
 
@@ -47,14 +46,6 @@ BT601 = np.array([[0.256788, 0.504129, 0.097906, 16.0],
                   [-0.148223, -0.290993, 0.439216, 128.0],
                   [0.439216, -0.367789, -0.071427, 128.0]])
 _FULL_TO_LIMITED_CHROMA = np.round(128 + (np.arange(256) - 128) * 224 / 255).clip(0, 255).astype(np.uint8)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The streamed video's options (for the web app's parser)."""
-    p.add_argument("--codec", choices=CODECS, default="h264",
-                   help="video codec to prefer: h264 (x264, fast preset; VP8 when the browser has no H.264) or vp8")
-    p.add_argument("--stream-max", type=int, default=720,
-                   help="longer side of the streamed video in pixels (recordings keep the portrait's full size)")
 
 
 # ---- resize + colour conversion, once ----
@@ -304,21 +295,3 @@ def negotiated_codec(sdp: str) -> str | None:
         if media.kind == "video" and media.rtp.codecs:
             return media.rtp.codecs[0].name
     return None
-
-
-# The browser half, for live.js: call on the page's video transceiver before createOffer, with the server's codec.
-BROWSER_PREFERENCES_JS = """\
-// H.264 first where the browser has it (VP8 as the fall-back), or VP8 only; a browser without
-// setCodecPreferences offers its defaults and the server's order decides.
-function preferCodec(transceiver, codec) {
-  if (!transceiver.setCodecPreferences || !RTCRtpReceiver.getCapabilities) return;
-  const rank = (c) => {
-    const name = c.mimeType.toLowerCase();
-    if (name === 'video/h264' && codec === 'h264') return /profile-level-id=42e01f/.test(c.sdpFmtpLine || '') ? 0 : 1;
-    if (name === 'video/vp8') return 2;
-    return ['video/rtx', 'video/red', 'video/ulpfec'].includes(name) ? 3 : -1;
-  };
-  const codecs = RTCRtpReceiver.getCapabilities('video').codecs.filter((c) => rank(c) >= 0);
-  transceiver.setCodecPreferences(codecs.sort((a, b) => rank(a) - rank(b)));
-}
-"""

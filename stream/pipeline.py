@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import av
 import cv2
 import numpy as np
 import torch
 
 from model.editing import Edits
 from model.engine import Engine
+from stream.encode import StreamFrames, StreamPaste, to_rgb
 from stream.face import LiveFaceDriver, SourceFace
 from stream.paste import PasteBack, TorchPasteBack
 from stream.recorder import Recorder
@@ -67,6 +69,7 @@ class Animator:
         self.driver = LiveFaceDriver()
         self.source, self._new_source = source, source
         self._paste: tuple[SourceFace, int, Callable] | None = None  # (source, face size, its paste-back)
+        self._stream: tuple | None = None  # (source, face size, stream_max, its StreamPaste)
         self._crop: np.ndarray | None = None  # last driving crop seen
         self._reset = False
         self._lock = threading.Lock()
@@ -104,36 +107,46 @@ class Animator:
             self.engine.set_controls(self.name, **s.engine_controls(f.weight))
         return Work(self._crop, self.name, setup, t or 0.0, self.source)
 
-    def finish(self, work: Work, face: np.ndarray | torch.Tensor | None) -> np.ndarray:
-        """The engine's output for `work` (host array, or a device tensor on CUDA) -> the image to show."""
+    def finish(self, work: Work, face: np.ndarray | torch.Tensor | None) -> np.ndarray | torch.Tensor:
+        """The engine's output for `work` -> the image to show: a host array, or on CUDA (face a device tensor) an
+        HxWx3 uint8 tensor on the device, so that what follows can stay there."""
         source = work.data
         if face is None:
             return source.image if self.settings.paste else source.crop.image
         if not self.settings.paste:
-            return face.cpu().numpy() if isinstance(face, torch.Tensor) else face
+            return face
         if self._paste is None or self._paste[0] is not source or self._paste[1] != len(face):
             self._paste = source, len(face), self._paster(source, face)
         return self._paste[2](face)
 
+    def stream(self, work: Work, face: np.ndarray, stream_max: int) -> av.VideoFrame:
+        """The engine's host output pasted straight into the streamed yuv420p frame (stream/encode.py): the
+        full-size image is never made."""
+        source = work.data
+        key = source, len(face), stream_max
+        if self._stream is None or self._stream[:3] != key:
+            self._stream = *key, StreamPaste(source.image, source.crop.m_c2o, len(face), stream_max)
+        return self._stream[3](face)
+
     @staticmethod
     def _paster(source: SourceFace, face: np.ndarray | torch.Tensor) -> Callable:
-        """cv2 paste-back on the host; on a device, paste there and bring only the final image to the host."""
+        """cv2 paste-back on the host; on a device, paste there (the image stays on the device)."""
         if not isinstance(face, torch.Tensor):
             return PasteBack(source.image, source.crop.m_c2o, len(face))
         paste = TorchPasteBack(source.image, source.crop.m_c2o, face.device)
-        return lambda f: paste(f.permute(2, 0, 1).float() / 255).cpu().numpy()
+        return lambda f: paste(f.permute(2, 0, 1).float() / 255)
 
     def __call__(self, rgb: np.ndarray, t: float | None = None) -> np.ndarray:
         """One driving frame -> the animated image (uint8 RGB), synchronously (video files: no frame dropped)."""
         work = self.prepare(rgb, t)
         if work.crop is None:
-            return self.finish(work, None)
+            return host(self.finish(work, None))
         scheduler = Scheduler.of(self.engine)
 
         def step():
             work.setup()
             return scheduler.animate([work])[0]
-        return self.finish(work, scheduler.call(step))
+        return host(self.finish(work, scheduler.call(step)))
 
     def close(self) -> None:
         """Free the engine session and the tracker."""
@@ -170,10 +183,12 @@ class RecordingRunning(RuntimeError):
 
 class SessionPipeline:
     """One live connection: frames in (`submit`, any thread), animated frames out (`latest`/`wait`, or the
-    `on_output` callback, called on a scheduler thread). Admission is its owner's job (web/worker.py); `close`
-    frees everything."""
+    `on_output` callback, called on a scheduler thread). With `stream_max`, each output is also the yuv420p frame a
+    video encoder takes (`latest_video`), its longer side at most `stream_max`; recordings keep the full size.
+    Admission is its owner's job (web/worker.py); `close` frees everything."""
 
-    def __init__(self, engine: Engine, source: SourceFace, settings: Settings | None = None, transport: str = ""):
+    def __init__(self, engine: Engine, source: SourceFace, settings: Settings | None = None, transport: str = "",
+                 stream_max: int | None = None):
         self.scheduler = Scheduler.of(engine)
         self.animator = Animator(engine, source, settings)
         self.lane = self.scheduler.add(self)
@@ -184,7 +199,10 @@ class SessionPipeline:
         self.record_error: str | None = None  # why the last recording stopped early (the page says so)
         self.seq = 0  # number of the latest output
         self.started = time.monotonic()
-        self._output: np.ndarray | None = None
+        self.stream_max = stream_max
+        self._frames = StreamFrames(stream_max) if stream_max else None
+        self._output: np.ndarray | None = None  # the newest output (None while only its video frame was made)
+        self._video: av.VideoFrame | None = None
         self._closed = False
         self._cond = threading.Condition()
 
@@ -207,15 +225,25 @@ class SessionPipeline:
         self.lane.submit(frame, now)
 
     def latest(self) -> tuple[int, np.ndarray | None]:
-        """(sequence number, image) of the newest output."""
+        """(sequence number, RGB image) of the newest output: the streamed frame's pixels when only that was made."""
         with self._cond:
-            return self.seq, self._output
+            return self.seq, self._image()
+
+    def latest_video(self) -> tuple[int, av.VideoFrame | None]:
+        """(sequence number, yuv420p frame at the streamed size) of the newest output (with `stream_max`)."""
+        with self._cond:
+            return self.seq, self._video
 
     def wait(self, after: int, timeout: float) -> tuple[int, np.ndarray | None]:
         """The newest output once its sequence number exceeds `after` (or the current one after `timeout` s)."""
         with self._cond:
             self._cond.wait_for(lambda: self.seq > after or self._closed, timeout)
-            return self.seq, self._output
+            return self.seq, self._image()
+
+    def _image(self) -> np.ndarray | None:
+        if self._output is None and self._video is not None:
+            self._output = self._video.to_ndarray(format="rgb24")
+        return self._output
 
     def set_source(self, source: SourceFace) -> None:
         self.animator.set_source(source)
@@ -246,16 +274,28 @@ class SessionPipeline:
             rec = self.recorder
             return dict(self.metrics.snapshot(), transport=self.transport, recording=bool(rec and rec.active),
                         recording_full=bool(rec and rec.full), record_error=self.record_error,
-                        size=None if self._output is None else list(self._output.shape[1::-1]))
+                        size=[self._video.width, self._video.height] if self._video is not None else
+                        None if self._output is None else list(self._output.shape[1::-1]))
 
     # ---- the scheduler's stages (stream/scheduler.py Client) ----
 
     def prepare(self, frame: np.ndarray | Any, arrived: float) -> Work:
-        rgb = frame if isinstance(frame, np.ndarray) else frame.to_ndarray(format="rgb24")
+        rgb = frame if isinstance(frame, np.ndarray) else to_rgb(frame)
         return self.animator.prepare(rgb, arrived)
 
     def finish(self, work: Work, face: np.ndarray | torch.Tensor | None) -> None:
-        out = self.animator.finish(work, face)
+        rec, s = self.recorder, self.settings
+        full = None  # the clean full-size host image, made only when a recording or the overlay needs it
+        if self._frames and isinstance(face, np.ndarray) and s.paste and not (rec or s.overlay):
+            shown, video = None, self.animator.stream(work, face, self.stream_max)  # pasted into the stream frame
+        else:
+            image = self.animator.finish(work, face)
+            if self._frames and not (rec or s.overlay):  # only the encoder needs it: on CUDA, converted there
+                shown, video = (image if isinstance(image, np.ndarray) else None), self._frames(image)
+            else:
+                full = host(image)
+                shown = draw_metrics(full, self.metrics.snapshot()) if s.overlay else full  # recordings stay clean
+                video = self._frames(shown) if self._frames else None
         now = time.monotonic()
         with self._cond:
             m = self.metrics
@@ -263,14 +303,13 @@ class SessionPipeline:
             m.outputs.append(now)
             m.latencies.append(now - work.arrived)
             m.dropped, m.failed = self.lane.dropped, self.lane.failed
-            shown = draw_metrics(out, m.snapshot()) if self.settings.overlay else out  # recordings stay clean
-            self._output, self.seq = shown, self.seq + 1
+            self._output, self._video, self.seq = shown, video, self.seq + 1
             self._cond.notify_all()
         if self.on_output:
             self.on_output()
-        if rec := self.recorder:  # after the frame is out: a failing recording must not freeze the live view
+        if rec is not None:  # after the frame is out: a failing recording must not freeze the live view
             try:
-                rec.write(out)
+                rec.write(full)
             except Exception as e:
                 log.exception("recording failed")
                 self._abort_recording(rec, e)
@@ -301,6 +340,10 @@ class SessionPipeline:
             self.animator.close()
             if self.on_output:  # wake whoever waits for output, so they see the end
                 self.on_output()
+
+
+def host(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    return image.cpu().numpy() if isinstance(image, torch.Tensor) else image
 
 
 def draw_metrics(rgb: np.ndarray, m: dict) -> np.ndarray:

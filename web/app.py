@@ -30,6 +30,7 @@ from fastapi.routing import APIRoute
 
 from model.editing import SLIDERS, Edits
 from model.engine import Engine, load_networks
+from stream import encode
 from stream.face import NoFaceError, prepare_source
 from stream.render import MAX_BYTES, MAX_SIDE, InputError
 from stream.scheduler import Scheduler, ServerFull
@@ -75,7 +76,7 @@ class LiveApp:
 
     def __init__(self, engine: Engine, ice_servers: list[dict] | None = None, untrained: bool = False,
                  workdir: str | Path | None = None, max_sessions: int | None = None, limits: Limits | None = None,
-                 max_renders: int = 1, step_s: float | None = None):
+                 max_renders: int = 1, step_s: float | None = None, codec: str = "h264", stream_max: int = 720):
         self.untrained, self.max_renders = untrained, max_renders
         self.ice_servers = ice_servers or []
         self.engine_info = f"{engine.device}, {engine.precision}. {' · '.join(engine.notes)}"
@@ -83,7 +84,7 @@ class LiveApp:
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="liveportrait-"))
         self.worker = Worker(engine, prepare_source(skimage.data.astronaut()),  # NASA, public domain
                              max_sessions or DEFAULT_MAX_SESSIONS.get(engine.device.type, 1), self.ice_servers,
-                             self.limits, self.dir, step_s)
+                             self.limits, self.dir, step_s, codec, stream_max)
         self.pages: dict[str, Page] = {}
         self.closed: dict[str, float] = {}  # session hashes of closed tabs -> when (they expire: see reap)
 
@@ -242,7 +243,8 @@ class LiveApp:
         recording = (" · ● recording" if m["recording"] else
                      f" · ■ recording stopped at the {self.limits.record_max_s:g} s limit: press Stop recording to "
                      "get it" if m["recording_full"] else f" · ⚠️ {m['record_error']}" if m["record_error"] else "")
-        return (f"**Live via {m['transport']}** · in {m['fps_in']} fps · out {m['fps_out']} fps · "
+        codec = f" ({m['codec']})" if m["codec"] else ""
+        return (f"**Live via {m['transport']}{codec}** · in {m['fps_in']} fps · out {m['fps_out']} fps · "
                 f"dropped {m['dropped']} · latency p50 {m['latency_p50_ms']:.0f} ms / p95 {m['latency_p95_ms']:.0f} ms"
                 f" · {size}{recording}")
 
@@ -323,7 +325,7 @@ class LiveApp:
                         with gr.Tab("Live (WebRTC)"):
                             live = gr.HTML("", html_template=LIVE_HTML, css_template=LIVE_CSS, elem_id="lp-live",
                                            js_on_load=(STATIC / "live.js").read_text(),
-                                           ice_servers=self.ice_servers)
+                                           ice_servers=self.ice_servers, codec=self.worker.codec)
                         with gr.Tab("Live (HTTP streaming)"):
                             gr.Markdown("Fallback transport: frames go through Gradio's HTTP streaming, so it works "
                                         "through share links without a TURN server (higher latency).")
@@ -433,6 +435,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=positive(int), default=8, help="most sessions animated in one engine call")
     parser.add_argument("--max-renders", type=positive(int), default=1,
                         help="video-file renders run at once; more wait in a queue whose position the page shows")
+    parser.add_argument("--codec", choices=encode.CODECS, default="h264",
+                        help="WebRTC video codec: h264 (x264 tuned for live video; VP8 for a browser without "
+                             "H.264) or vp8 (default: h264; docs/benchmarks.md has the trade-off)")
+    parser.add_argument("--stream-max", type=positive(int), default=720,
+                        help="longer side in pixels of the video sent to the browser (recordings keep the "
+                             "portrait's full size; default: 720)")
     add_limit_arguments(parser)
 
 
@@ -461,7 +469,8 @@ def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = N
     took = engine.warmup()  # compile and capture now, not in a user's first frame (minutes cold on CUDA, cached after)
     step = took.get(1) if engine.device.type == "cpu" else None  # CUDA's first call compiles: the worker measures
     app = LiveApp(engine, ice_servers, untrained=str(args.weights) == "recipe", max_sessions=args.max_sessions,
-                  limits=Limits.from_args(args), max_renders=args.max_renders, step_s=step)
+                  limits=Limits.from_args(args), max_renders=args.max_renders, step_s=step, codec=args.codec,
+                  stream_max=args.stream_max)
     if on_start:
         on_start(app)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop` / systemd: shut down like Ctrl-C

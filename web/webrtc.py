@@ -20,6 +20,7 @@ from aiortc import (MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerCon
                     VideoStreamTrack)
 from aiortc.mediastreams import MediaStreamError
 
+from stream import encode
 from stream.pipeline import SessionPipeline
 
 log = logging.getLogger("liveportrait.webrtc")
@@ -63,8 +64,9 @@ def turn_server(url: str | None, user: str | None, password: str | None) -> list
 
 
 class AnimatedTrack(VideoStreamTrack):
-    """A session's output as a video track: each new output frame once, timestamped by wall clock. It sends
-    nothing until `bind` gives it the pipeline (the answer is made before the pipeline exists)."""
+    """A session's output as a video track: each new output frame once, timestamped by wall clock, as the yuv420p
+    frame at the streamed size the pipeline made on its pool (the event loop converts nothing). It sends nothing
+    until `bind` gives it the pipeline (the answer is made before the pipeline exists)."""
 
     def __init__(self):
         super().__init__()
@@ -83,13 +85,13 @@ class AnimatedTrack(VideoStreamTrack):
         while True:
             if self.readyState != "live":
                 raise MediaStreamError
-            seq, image = self.pipeline.latest() if self.pipeline else (0, None)
-            if seq > self._seq:
+            seq, video = self.pipeline.latest_video() if self.pipeline else (0, None)
+            if seq > self._seq and video is not None:
                 break
             self._fresh.clear()
             await self._fresh.wait()
         self._seq = seq
-        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        frame = av.VideoFrame.from_ndarray(video.to_ndarray(), format="yuv420p")  # a frame of its own: its pts
         frame.pts, frame.time_base = int((time.monotonic() - self._t0) / CLOCK), CLOCK
         return frame
 
@@ -106,18 +108,22 @@ class Peer:
 
     def __init__(self, pc: RTCPeerConnection, webcam: MediaStreamTrack, output: AnimatedTrack):
         self.pc, self.webcam, self.output = pc, webcam, output
+        self.codec = encode.negotiated_codec(pc.localDescription.sdp)  # what the page's metrics line names
         self.closed = False
         self._tasks: set[asyncio.Task] = set()  # held here: the event loop keeps only weak references to tasks
         self._on_end: Callable[[], None] | None = None
 
     @classmethod
-    async def accept(cls, offer: dict, ice_servers: list[dict]) -> Peer:
-        """A peer that has answered `offer`; raises (ValueError or aiortc's error) if aiortc refuses it."""
+    async def accept(cls, offer: dict, ice_servers: list[dict], codec: str = "h264") -> Peer:
+        """A peer that has answered `offer`, sending in `codec` where the offer has it (stream/encode.py); raises
+        (ValueError or aiortc's error) if aiortc refuses it."""
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(**s) for s in ice_servers]))
         webcam: list[MediaStreamTrack] = []
         pc.on("track", lambda track: track.kind == "video" and webcam.append(track))
         output = AnimatedTrack()
         try:
+            # aiortc picks the codec inside setRemoteDescription: the offer's video takes this transceiver
+            encode.prefer_codec(pc.addTransceiver("video", direction="sendrecv"), codec)
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type=offer["type"]))
             if not webcam:
                 raise ValueError("the offer has no video track")

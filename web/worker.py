@@ -24,6 +24,7 @@ import numpy as np
 
 from model.editing import Edits
 from model.engine import Engine
+from stream import encode
 from stream.editor import PortraitEditor
 from stream.face import SourceFace, prepare_source
 from stream.pipeline import RecordingRunning, SessionPipeline, Settings, draw_text
@@ -116,11 +117,15 @@ class Tab:
 
 class Worker:
     """One engine and its live sessions (see the module docstring). `max_sessions` live connections at once; more
-    get ServerFull. `step_s`: the engine's measured time per frame (measured here when not given)."""
+    get ServerFull. WebRTC sends in `codec` where the browser has it, at most `stream_max` pixels on the longer
+    side. `step_s`: the engine's measured time per frame (measured here when not given)."""
 
     def __init__(self, engine: Engine, sample: SourceFace, max_sessions: int, ice_servers: list[dict] | None = None,
-                 limits: Limits | None = None, workdir: Path | None = None, step_s: float | None = None):
+                 limits: Limits | None = None, workdir: Path | None = None, step_s: float | None = None,
+                 codec: str = "h264", stream_max: int = 720):
         self.engine, self.sample, self.max_sessions = engine, sample, max_sessions
+        self.codec, self.stream_max = codec, stream_max
+        encode.install()  # aiortc's senders and receivers use the tuned encoders and decoders
         self.ice_servers = ice_servers or []
         self.limits = limits or Limits()
         self.work = WorkDir(workdir, self.limits)
@@ -178,7 +183,8 @@ class Worker:
         t.refused = None
 
     def _pipeline(self, t: Tab, transport: str) -> SessionPipeline:
-        return SessionPipeline(self.engine, t.source, t.settings, transport)
+        return SessionPipeline(self.engine, t.source, t.settings, transport,
+                               self.stream_max if transport == WEBRTC else None)
 
     # ---- live connections ----
 
@@ -192,7 +198,7 @@ class Worker:
         self._admit(t)
         t.admitting += 1
         try:
-            peer = await Peer.accept(offer, self.ice_servers)
+            peer = await Peer.accept(offer, self.ice_servers, self.codec)
             try:
                 pipeline = await asyncio.to_thread(self._pipeline, t, WEBRTC)
             except BaseException:
@@ -393,7 +399,7 @@ class Worker:
         conn = t.conn
         if conn is None:
             return dict(live=False, refused=t.refused)
-        return dict(conn.pipeline.stats(), live=True)
+        return dict(conn.pipeline.stats(), live=True, codec=conn.peer.codec if conn.peer else None)
 
     def counts(self) -> dict:
         """What is allocated now: tabs, live connections, WebRTC peers, engine sessions, scheduler lanes (all

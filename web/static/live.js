@@ -9,6 +9,7 @@
 const $ = (sel) => element.querySelector(sel);
 const live = (window.lpLive = {
   frames: 0, width: 0, height: 0, state: "idle", route: "", transport: "WebRTC", fallback: "", firstFrameMs: 0,
+  codec: "", // what the browser decodes, from its stats ("video/H264", "video/VP8")
 });
 const GATHER_MS = 2000; // the longest wait for our ICE candidates: an unreachable STUN server must not stall the offer
 const FIRST_FRAME_MS = 10000; // no frame this long after the answer, and no connection: use HTTP streaming
@@ -106,9 +107,25 @@ function gathered(pc) {
   });
 }
 
+function preferCodec(transceiver, codec) {
+  // the server's --codec first where this browser has it (H.264: constrained baseline first), VP8 as the fall-back;
+  // a browser without setCodecPreferences offers its defaults and the server's order decides
+  if (!transceiver.setCodecPreferences || !RTCRtpReceiver.getCapabilities) return;
+  const rank = (c) => {
+    const name = c.mimeType.toLowerCase();
+    if (name === "video/h264" && codec === "h264") return /profile-level-id=42e01f/.test(c.sdpFmtpLine || "") ? 0 : 1;
+    if (name === "video/vp8") return 2;
+    return ["video/rtx", "video/red", "video/ulpfec"].includes(name) ? 3 : -1;
+  };
+  const codecs = RTCRtpReceiver.getCapabilities("video").codecs.filter((c) => rank(c) >= 0);
+  transceiver.setCodecPreferences(codecs.sort((a, b) => rank(a) - rank(b)));
+}
+
 async function showRoute(own) {
-  // which path ICE chose: host/srflx/prflx = direct, relay = through the TURN server
+  // which path ICE chose: host/srflx/prflx = direct, relay = through the TURN server; and the codec received
   const stats = await own.getStats();
+  const inbound = [...stats.values()].find((s) => s.type === "inbound-rtp" && s.kind === "video" && s.codecId);
+  if (inbound && own === pc) live.codec = stats.get(inbound.codecId)?.mimeType || "";
   const transport = [...stats.values()].find((s) => s.type === "transport" && s.selectedCandidatePairId);
   const pair = transport && stats.get(transport.selectedCandidatePairId);
   const local = pair && stats.get(pair.localCandidateId);
@@ -137,6 +154,7 @@ async function start() {
   pc = new RTCPeerConnection({ iceServers: props.ice_servers || [] });
   const own = pc;
   stream.getTracks().forEach((t) => own.addTrack(t, stream));
+  own.getTransceivers().forEach((t) => t.sender.track?.kind === "video" && preferCodec(t, props.codec));
   own.ontrack = (e) => {
     const video = $("video");
     video.srcObject = new MediaStream([e.track]);
