@@ -1,7 +1,9 @@
 """The frame scheduler: every live session on one engine, in batched calls, with the CPU stages pipelined around it.
 
 One `Scheduler` per engine (`Scheduler.of(engine)`). It owns the only thread that touches the engine, so nothing
-else needs a lock around engine calls, and a small thread pool for the CPU work around the network:
+else needs a lock around engine calls, and a small thread pool for the CPU work around the network. It holds its
+engine weakly: the engine's owner decides how long both live, and an engine that is dropped stops its scheduler's
+threads (`close()` stops them at once):
 
     submit(frame) -> [inbox: 1 slot, newest wins] -> prepare (pool) -> [ready: 1 slot] -> engine loop (one thread,
     one Engine.animate call for up to max_batch sessions) -> [finish: 1 slot, newest wins] -> finish (pool)
@@ -95,6 +97,8 @@ class Lane:
         self.prepare_at = 0.0  # don't start preparing before this (monotonic): just in time for the next batch
         self.prepare_ms = 0.0  # recent preparation time (moving average)
         self.dropped = self.failed = 0
+        self.ready_mark = 0  # engine calls ended when its ready work became ready
+        self.waited_max = 0  # the most engine calls that ended while one of its frames was ready and waiting
 
     def submit(self, item: Any, arrived: float | None = None) -> bool:
         """Hand over a frame; never blocks. True if it replaced one still waiting (that one is dropped)."""
@@ -113,10 +117,12 @@ class Scheduler:
     """Batches every session of one engine; see the module docstring."""
 
     def __init__(self, engine, max_batch: int = 8, workers: int = 4):
-        self.engine, self.max_batch = engine, max_batch
+        self._engine = weakref.ref(engine)  # weak: the engine's life decides the scheduler's, never the reverse
+        self.max_batch = max_batch
         self.lanes: list[Lane] = []
         self.steps: deque[float] = deque(maxlen=200)  # ms per engine call, recent
         self.batch_sizes: Counter[int] = Counter()
+        self._ended = 0  # engine calls (batches and `call`s) ended, for Lane.waited_max
         self._cond = threading.Condition()
         self._calls: deque[tuple[Callable, Future]] = deque()  # one per waiting caller
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="scheduler-pool")
@@ -129,8 +135,18 @@ class Scheduler:
         self.overlap = device != "cpu"  # prepare the next batch during the engine step (module docstring)
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="scheduler-engine", daemon=True)
+        self._clock_thread = threading.Thread(target=self._clock, name="scheduler-clock", daemon=True)
         self._thread.start()
-        threading.Thread(target=self._clock, name="scheduler-clock", daemon=True).start()
+        self._clock_thread.start()
+        self._stop = weakref.finalize(engine, self._signal_stop)  # a dropped engine ends its threads
+
+    @property
+    def engine(self):
+        """The engine this scheduler drives (RuntimeError once it is gone: the scheduler has stopped then)."""
+        engine = self._engine()
+        if engine is None:
+            raise RuntimeError("the scheduler's engine is gone")
+        return engine
 
     @classmethod
     def of(cls, engine) -> Scheduler:
@@ -176,20 +192,30 @@ class Scheduler:
         return future.result()
 
     def stats(self) -> dict:
-        """Engine step p50/p95 (ms per call), the batch-size histogram and the live sessions."""
+        """Engine step p50/p95 (ms per call), the batch-size histogram, the live sessions, and per live session
+        `waited_max`: the most engine calls that ended while one of its frames was ready and waiting for the
+        engine (1: it never waited for more than the call in flight)."""
         with self._cond:
             steps = np.array(self.steps) if self.steps else np.zeros(1)
             return dict(sessions=len(self.lanes), engine_step_p50_ms=round(float(np.percentile(steps, 50)), 1),
                         engine_step_p95_ms=round(float(np.percentile(steps, 95)), 1),
-                        batch_sizes=dict(sorted(self.batch_sizes.items())))
+                        batch_sizes=dict(sorted(self.batch_sizes.items())),
+                        waited_max=[lane.waited_max for lane in self.lanes])
 
     def close(self) -> None:
-        """Stop the engine thread and the pool (sessions still open are dropped)."""
+        """Stop the engine thread, the clock and the pool, and wait for them (sessions still open are dropped)."""
+        self._stop()  # runs _signal_stop once, and releases the finalizer's hold on this scheduler
+        for t in (self._thread, self._clock_thread):
+            if t is not threading.current_thread():
+                t.join()
+        self._pool.shutdown(wait=True)
+
+    def _signal_stop(self) -> None:
+        """Tell every thread to end, without waiting: the engine may be freed on one of them (then it runs here)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join()
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=False)
 
     # ---- the stages (lane state changes under self._cond) ----
 
@@ -205,7 +231,7 @@ class Scheduler:
 
     def _kick(self, lane: Lane) -> None:
         """Start preparing the lane's newest frame if nothing of it is being prepared or waits for the engine."""
-        if lane.inbox is not None and not (lane.preparing or lane.ready or lane.closed) and \
+        if lane.inbox is not None and not (lane.preparing or lane.ready or lane.closed or self._closed) and \
                 time.monotonic() >= lane.prepare_at:
             (item, arrived), lane.inbox = lane.inbox, None
             lane.preparing = True
@@ -228,12 +254,12 @@ class Scheduler:
                 if work.crop is None:
                     self._to_finish(lane, work, None)
                 else:
-                    lane.ready = work
+                    lane.ready, lane.ready_mark = work, self._ended
             self._kick(lane)
             self._cond.notify_all()
 
     def _to_finish(self, lane: Lane, work: Work, face: Any) -> None:
-        if lane.closed:
+        if lane.closed or self._closed:
             return
         if lane.finishing:  # the previous output is still being finished: wait in the one slot
             lane.dropped += lane.waiting is not None
@@ -250,7 +276,7 @@ class Scheduler:
             with self._cond:
                 lane.failed += 1
         with self._cond:
-            if lane.waiting is not None and not lane.closed:
+            if lane.waiting is not None and not (lane.closed or self._closed):
                 (work, face), lane.waiting = lane.waiting, None
                 self._pool.submit(self._finish, lane, work, face)
             else:
@@ -272,36 +298,45 @@ class Scheduler:
                 self._cond.wait(min(due) - now if due else None)
 
     def _loop(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._closed or self._calls or any(l.ready for l in self.lanes))
-                preparing = [l.prepare_ms for l in self.lanes if l.preparing]
-                if preparing and not self._calls:  # preparations in flight join this batch (module docstring)
-                    self._cond.wait_for(lambda: self._closed or not any(l.preparing for l in self.lanes) or
-                                        sum(1 for l in self.lanes if l.ready) >= self.max_batch,
-                                        1.5 * max(preparing) / 1000)
-                if self._closed:
-                    for _, future in self._calls:
-                        future.set_exception(RuntimeError("the scheduler is closed"))
-                    return
-                calls, batch = list(self._calls), []
+        while self._round():
+            pass
+
+    def _round(self) -> bool:
+        """Wait for work, run the calls waiting, then one batch; False once closed. A method of its own so that
+        nothing of a round (a call's result, a batch's works) outlives it and keeps an engine alive."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._closed or self._calls or any(l.ready for l in self.lanes))
+            preparing = [l.prepare_ms for l in self.lanes if l.preparing]
+            if preparing and not self._calls:  # preparations in flight join this batch (module docstring)
+                self._cond.wait_for(lambda: self._closed or not any(l.preparing for l in self.lanes) or
+                                    sum(1 for l in self.lanes if l.ready) >= self.max_batch,
+                                    1.5 * max(preparing) / 1000)
+            if self._closed:
+                for _, future in self._calls:
+                    future.set_exception(RuntimeError("the scheduler is closed"))
                 self._calls.clear()
-                now = time.monotonic()
-                step = float(np.median(list(self.steps)[-5:])) if self.steps else 0.0
-                for lane in sorted((l for l in self.lanes if l.ready), key=lambda l: l.served)[:self.max_batch]:
-                    batch.append((lane, lane.ready))
-                    lane.ready, lane.in_engine, lane.served = None, True, now
-                    # its next frame is prepared while this batch runs, to be ready when the batch ends
-                    lead = max(0.0, step - 1.5 * lane.prepare_ms - 2.0) / 1000 if self.overlap else float("inf")
-                    lane.prepare_at = now + lead
-                self._cond.notify_all()  # the clock
-            for fn, future in calls:
-                try:
-                    future.set_result(fn())
-                except BaseException as e:
-                    future.set_exception(e)
-            if batch:
-                self._run(batch)
+                return False
+            calls, batch = list(self._calls), []
+            self._calls.clear()
+            now = time.monotonic()
+            step = float(np.median(list(self.steps)[-5:])) if self.steps else 0.0
+            for lane in sorted((l for l in self.lanes if l.ready), key=lambda l: l.served)[:self.max_batch]:
+                batch.append((lane, lane.ready))
+                lane.ready, lane.in_engine, lane.served = None, True, now
+                # its next frame is prepared while this batch runs, to be ready when the batch ends
+                lead = max(0.0, step - 1.5 * lane.prepare_ms - 2.0) / 1000 if self.overlap else float("inf")
+                lane.prepare_at = now + lead
+            self._cond.notify_all()  # the clock
+        for fn, future in calls:
+            try:
+                future.set_result(fn())
+            except BaseException as e:
+                future.set_exception(e)
+            with self._cond:
+                self._ended += 1
+        if batch:
+            self._run(batch)
+        return True
 
     def _run(self, batch: list[tuple[Lane, Work]]) -> None:
         """Set up each item (a failure drops that item only), one engine call, outputs to the finish stage."""
@@ -326,6 +361,9 @@ class Scheduler:
                 failed += [lane for lane, _ in ok]
             ms = (time.perf_counter() - t) * 1000
         with self._cond:
+            for lane, _ in batch:  # the calls that ended between its frame's readiness and this batch
+                lane.waited_max = max(lane.waited_max, self._ended - lane.ready_mark)
+            self._ended += 1
             if ok:
                 self.steps.append(ms)
                 self.batch_sizes[len(ok)] += 1

@@ -8,8 +8,10 @@ of pixels, as tests/test_engine.py also allows). So "the session animated alone"
 this session's data, at the size of the batch it shared and read at its position there: bit-identical means no
 other session's portrait, controls, reference or crop leaks into its output."""
 import contextlib
+import gc
 import threading
 import time
+import weakref
 
 import httpx
 import numpy as np
@@ -297,3 +299,26 @@ def test_server_full_over_http_and_webrtc_then_admitted(server):
     app.close_page(second)
     health = httpx.get(url + "healthz")
     assert health.status_code == 200 and health.json()["live_sessions"] == 0
+
+
+def test_schedulers_free_their_threads_and_engines(engine):
+    """20 engines in a row, each with its scheduler: closing one, or dropping its engine, ends its 6 threads and
+    frees the engine (a scheduler once held its engine for ever, and with it its threads)."""
+    gc.collect()
+    before = threading.active_count()
+    freed = []
+    for i in range(20):
+        e = Engine(engine.nets, device="cpu", threads=2)
+        sched = Scheduler.of(e)
+        assert sched.call(lambda: sched.engine) is e
+        freed.append(weakref.ref(e))
+        if i % 2:
+            sched.close()
+        del e, sched
+    gc.collect()  # an Engine is in a reference cycle (its bound step function): the cycle collector frees it
+    end = time.monotonic() + 30  # the threads end on their own once told to
+    while threading.active_count() > before and time.monotonic() < end:
+        time.sleep(0.05)
+    assert threading.active_count() == before
+    assert all(ref() is None for ref in freed)
+
