@@ -322,3 +322,58 @@ def test_schedulers_free_their_threads_and_engines(engine):
     assert threading.active_count() == before
     assert all(ref() is None for ref in freed)
 
+
+def test_renders_and_edits_never_hold_up_a_live_session(engine, images):
+    """A live session fed continuously while two renders (Animator.__call__, as stream/render.py calls it) and
+    the portrait editor run in loops: each of the live session's frames waits for at most the engine call in
+    flight, because render and editor frames join the live batches instead of running before them."""
+    from stream.editor import PortraitEditor
+    from stream.face import prepare_source
+    from stream.pipeline import Animator, Settings
+    from stream.serve_bench import moving_face
+    sched = Scheduler.of(engine)
+    source, clip = prepare_source(skimage.data.astronaut()), moving_face(10)
+    made = [0, 0, 0]  # frames per render, then the editor's
+    done = threading.Event()
+    end = time.monotonic() + 120
+
+    def render(k: int) -> None:
+        animator = Animator(engine, source)
+        try:
+            for i in range(400):
+                if done.is_set() or time.monotonic() > end:
+                    break
+                assert animator(clip[i % len(clip)], i / 30).shape == source.image.shape
+                made[k] += 1
+        finally:
+            animator.close()
+
+    def edit() -> None:
+        editor = PortraitEditor(engine)
+        try:
+            for i in range(400):
+                if done.is_set() or time.monotonic() > end:
+                    break
+                assert editor(source, Settings()).shape == source.image.shape
+                made[2] += 1
+        finally:
+            editor.close()
+    feed, lane = start(sched, engine, "live", images["src"], images["ref"])
+    others = [threading.Thread(target=render, args=(k,)) for k in (0, 1)] + [threading.Thread(target=edit)]
+    for t in others:
+        t.start()
+    try:
+        for i in range(30 * 120):  # 30 fps, until enough of everything ran side by side
+            if (len(feed.outputs) >= 8 and min(made) >= 3) or time.monotonic() > end:
+                break
+            lane.submit(images["drv"] if i % 2 else images["ref"])
+            time.sleep(1 / 30)
+        stats = sched.stats()
+    finally:
+        done.set()
+        for t in others:
+            t.join(60)
+        stop(sched, engine, lane)
+    assert len(feed.outputs) >= 8 and min(made) >= 3, (len(feed.outputs), made)
+    assert len(stats["waited_max"]) == 1 and stats["waited_max"][0] <= 1, stats  # the one live session
+    assert max(stats["batch_sizes"]) >= 2 and stats["oneshots"] >= 9, stats  # render frames joined its batches
