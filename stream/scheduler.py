@@ -29,7 +29,7 @@ threads (`close()` stops them at once):
   next batch.
 - Every slot holds one item. A newer frame replaces one still waiting (counted in `Lane.dropped`); nothing queues.
 - A failure in one session's prepare, engine setup or finish is logged and counted (`Lane.failed`); the other
-  sessions of the batch keep their outputs.
+  sessions of the batch keep their outputs. A one-shot's setup or engine error is raised to its `run` caller.
 
 The API needs only torch, numpy and OpenCV (no face stack), so a GPU check can feed ready crops:
 
