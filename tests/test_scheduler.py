@@ -377,3 +377,21 @@ def test_renders_and_edits_never_hold_up_a_live_session(engine, images):
     assert len(feed.outputs) >= 8 and min(made) >= 3, (len(feed.outputs), made)
     assert len(stats["waited_max"]) == 1 and stats["waited_max"][0] <= 1, stats  # the one live session
     assert max(stats["batch_sizes"]) >= 2 and stats["oneshots"] >= 9, stats  # render frames joined its batches
+
+
+def test_a_one_shot_error_goes_to_its_caller(engine, images):
+    """A render's bad frame raises in the render, not in the engine loop, which keeps serving."""
+    sched = Scheduler.of(engine)
+    sched.call(lambda: engine.set_source(images["src"], "one"))
+
+    def broken() -> None:
+        raise RuntimeError("setup failed on purpose")
+    try:
+        with pytest.raises(RuntimeError, match="on purpose"):
+            sched.run(Work(images["drv"], "one", broken))
+        with pytest.raises(ValueError, match="a driving crop must be"):
+            sched.run(Work(images["drv"][:128], "one"))
+        face = sched.run(Work(images["drv"], "one"))
+        assert np.array_equal(face, sched.call(lambda: engine.animate(images["drv"][None], ["one"])[0]))
+    finally:
+        sched.call(lambda: engine.close("one"))
