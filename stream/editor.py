@@ -11,12 +11,13 @@ import threading
 import uuid
 
 import numpy as np
+import torch
 
 from model.engine import Engine
 from stream.face import SourceFace
 from stream.paste import PasteBack
 from stream.pipeline import Settings
-from stream.scheduler import Scheduler
+from stream.scheduler import Scheduler, Work
 
 
 class PortraitEditor:
@@ -38,14 +39,15 @@ class PortraitEditor:
         with self._lock:
             if self._closed:
                 return None
-            def step() -> np.ndarray:  # on the engine thread, between live batches
+            def setup() -> None:  # on the engine thread, right before the batch this frame joins
                 if source is not self._source:
                     self.engine.set_source(crop, self.name, ratios=[*source.eye, *source.lip])
                     self.engine.set_reference(crop, self.name)
                     self._source, self._paste = source, None
                 self.engine.set_controls(self.name, **still.engine_controls(1.0))
-                return self.engine.animate(crop[None], [self.name])[0]
-            face = Scheduler.of(self.engine).call(step)
+            face = Scheduler.of(self.engine).run(Work(crop, self.name, setup))  # an item of the live batches
+            if isinstance(face, torch.Tensor):  # CUDA: the paste-back here is the host one
+                face = face.cpu().numpy()
             if self._paste is None:
                 self._paste = PasteBack(source.image, source.crop.m_c2o, len(face))
             return self._paste(face)

@@ -141,12 +141,7 @@ class Animator:
         work = self.prepare(rgb, t)
         if work.crop is None:
             return host(self.finish(work, None))
-        scheduler = Scheduler.of(self.engine)
-
-        def step():
-            work.setup()
-            return scheduler.animate([work])[0]
-        return host(self.finish(work, scheduler.call(step)))
+        return host(self.finish(work, Scheduler.of(self.engine).run(work)))  # joins the live batches: starves none
 
     def close(self) -> None:
         """Free the engine session and the tracker."""

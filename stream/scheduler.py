@@ -1,7 +1,9 @@
 """The frame scheduler: every live session on one engine, in batched calls, with the CPU stages pipelined around it.
 
 One `Scheduler` per engine (`Scheduler.of(engine)`). It owns the only thread that touches the engine, so nothing
-else needs a lock around engine calls, and a small thread pool for the CPU work around the network:
+else needs a lock around engine calls, and a small thread pool for the CPU work around the network. It holds its
+engine weakly: the engine's owner decides how long both live, and an engine that is dropped stops its scheduler's
+threads (`close()` stops them at once):
 
     submit(frame) -> [inbox: 1 slot, newest wins] -> prepare (pool) -> [ready: 1 slot] -> engine loop (one thread,
     one Engine.animate call for up to max_batch sessions) -> [finish: 1 slot, newest wins] -> finish (pool)
@@ -14,14 +16,20 @@ else needs a lock around engine calls, and a small thread pool for the CPU work 
   whole engine step to the latency of every frame). If the step ends earlier, preparation starts then. On a CPU
   engine (`overlap` False) preparation waits for the step to end: the engine uses every core, and measured on 2
   cores, tracking faces during the step made the step itself up to ~50% slower (2 of 3 runs), far more than the
-  ~25 ms of tracking it hid (docs/benchmarks.md). The engine never waits to fill a batch: it takes whatever is ready, up to max_batch, longest-waiting
-  sessions first. The one wait: preparations already running when the engine is free join its batch if they end
+  ~25 ms of tracking it hid (docs/benchmarks.md). The engine never waits to fill a batch: it takes whatever is
+  ready, up to max_batch, longest-waiting first (a lane by when the engine last took its frame, a one-shot by
+  when it was handed in). The one wait: preparations already running when the engine is free join its batch if they end
   within 1.5x their sessions' recent preparation time (~20-70 ms per frame measured on 2 busy cores);
   without it, sessions prepared a few ms apart fall into alternating batches of 1 (measured: 2 sessions on CPU
   ran 15 batches of 1 and no batch of 2 in 6 s).
+- Frames that belong to no live session (a file render, the portrait editor: `run(work)`, synchronous) join the
+  batch selection as one-shot items, longest-waiting first with the lanes' frames, and are no session for
+  admission. So a live session's frame waits for at most the engine call in flight however many renders run
+  (`stats()["waited_max"]`); `call(fn)` is for short housekeeping, since every waiting call runs before the
+  next batch.
 - Every slot holds one item. A newer frame replaces one still waiting (counted in `Lane.dropped`); nothing queues.
 - A failure in one session's prepare, engine setup or finish is logged and counted (`Lane.failed`); the other
-  sessions of the batch keep their outputs.
+  sessions of the batch keep their outputs. A one-shot's setup or engine error is raised to its `run` caller.
 
 The API needs only torch, numpy and OpenCV (no face stack), so a GPU check can feed ready crops:
 
@@ -32,8 +40,9 @@ The API needs only torch, numpy and OpenCV (no face stack), so a GPU check can f
     lane = sched.add(client, limit=None)       # raises ServerFull when `limit` sessions are live
     lane.submit(item)                          # any thread, never blocks; True if it replaced a waiting item
     sched.remove(lane)                         # waits for the lane's frames in flight
+    face = sched.run(work)                     # one frame of no session (render, editor), in the next batch
     sched.call(fn)                             # fn() on the engine thread between batches (set_source, close...)
-    sched.stats()                              # engine step p50/p95 ms, batch-size histogram, sessions
+    sched.stats()                              # engine step p50/p95 ms, batch sizes, sessions, waited_max
 
 `Work(crop, session, setup, arrived, data)`: crop = the (256,256,3) uint8 driving crop for engine session `session`,
 or None when the frame needs no engine (finish then gets face=None); `setup()` runs on the engine thread right
@@ -95,6 +104,8 @@ class Lane:
         self.prepare_at = 0.0  # don't start preparing before this (monotonic): just in time for the next batch
         self.prepare_ms = 0.0  # recent preparation time (moving average)
         self.dropped = self.failed = 0
+        self.ready_mark = 0  # engine calls ended when its ready work became ready
+        self.waited_max = 0  # the most engine calls that ended while one of its frames was ready and waiting
 
     def submit(self, item: Any, arrived: float | None = None) -> bool:
         """Hand over a frame; never blocks. True if it replaced one still waiting (that one is dropped)."""
@@ -105,6 +116,14 @@ class Lane:
         return self.preparing or self.in_engine or self.finishing
 
 
+class OneShot:
+    """A frame outside the live sessions (a file render's, the editor's) waiting for a batch: one `Work`, handed in
+    at `served`, its face (or error) in `future`. Not a session: nothing of it outlives its batch."""
+
+    def __init__(self, work: Work, served: float):
+        self.work, self.served, self.future = work, served, Future()
+
+
 _schedulers: "weakref.WeakKeyDictionary[Any, Scheduler]" = weakref.WeakKeyDictionary()
 _schedulers_lock = threading.Lock()
 
@@ -113,12 +132,16 @@ class Scheduler:
     """Batches every session of one engine; see the module docstring."""
 
     def __init__(self, engine, max_batch: int = 8, workers: int = 4):
-        self.engine, self.max_batch = engine, max_batch
+        self._engine = weakref.ref(engine)  # weak: the engine's life decides the scheduler's, never the reverse
+        self.max_batch = max_batch
         self.lanes: list[Lane] = []
         self.steps: deque[float] = deque(maxlen=200)  # ms per engine call, recent
         self.batch_sizes: Counter[int] = Counter()
+        self._ended = 0  # engine calls (batches and `call`s) ended, for Lane.waited_max
         self._cond = threading.Condition()
         self._calls: deque[tuple[Callable, Future]] = deque()  # one per waiting caller
+        self._oneshots: list[OneShot] = []  # frames of `run` callers, waiting for a batch
+        self.oneshots = 0  # one-shot frames animated
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="scheduler-pool")
         started = threading.Barrier(workers + 1)  # start every worker now: the thread count is a constant of the
         for _ in range(workers):                  # server, not of its load history (and no burst waits for one)
@@ -129,8 +152,18 @@ class Scheduler:
         self.overlap = device != "cpu"  # prepare the next batch during the engine step (module docstring)
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="scheduler-engine", daemon=True)
+        self._clock_thread = threading.Thread(target=self._clock, name="scheduler-clock", daemon=True)
         self._thread.start()
-        threading.Thread(target=self._clock, name="scheduler-clock", daemon=True).start()
+        self._clock_thread.start()
+        self._stop = weakref.finalize(engine, self._signal_stop)  # a dropped engine ends its threads
+
+    @property
+    def engine(self):
+        """The engine this scheduler drives (RuntimeError once it is gone: the scheduler has stopped then)."""
+        engine = self._engine()
+        if engine is None:
+            raise RuntimeError("the scheduler's engine is gone")
+        return engine
 
     @classmethod
     def of(cls, engine) -> Scheduler:
@@ -163,8 +196,27 @@ class Scheduler:
             if not self._cond.wait_for(lambda: not lane.busy, timeout):
                 log.warning("a closed session still had work in flight after %.0f s", timeout)
 
+    def run(self, work: Work) -> Any:
+        """Animate one frame that belongs to no live session (a file render, the portrait editor) and return its
+        face as `finish` would get it (host array on CPU, device tensor on CUDA); raises its setup's or the
+        engine's error. It joins the next batch as one more item, longest-waiting first like a lane's frame, so a
+        live session waits for at most one engine call however many run at once; it is no session for admission."""
+        if threading.current_thread() is self._thread:
+            if work.setup:
+                work.setup()
+            return self.animate([work])[0]
+        item = OneShot(work, time.monotonic())
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            self._oneshots.append(item)
+            self._cond.notify_all()
+        return item.future.result()
+
     def call(self, fn: Callable[[], T]) -> T:
-        """Run fn() on the engine thread, between two batches, and return its result (or raise its error)."""
+        """Run fn() on the engine thread, between two batches, and return its result (or raise its error). For
+        short housekeeping (a portrait swap, closing a session): every waiting call runs before the next batch, so
+        frames go through `run` instead."""
         if threading.current_thread() is self._thread:
             return fn()
         future: Future = Future()
@@ -176,20 +228,30 @@ class Scheduler:
         return future.result()
 
     def stats(self) -> dict:
-        """Engine step p50/p95 (ms per call), the batch-size histogram and the live sessions."""
+        """Engine step p50/p95 (ms per call), the batch-size histogram, the live sessions, and per live session
+        `waited_max`: the most engine calls that ended while one of its frames was ready and waiting for the
+        engine (1: it never waited for more than the call in flight); `oneshots`: frames animated for `run`."""
         with self._cond:
             steps = np.array(self.steps) if self.steps else np.zeros(1)
             return dict(sessions=len(self.lanes), engine_step_p50_ms=round(float(np.percentile(steps, 50)), 1),
                         engine_step_p95_ms=round(float(np.percentile(steps, 95)), 1),
-                        batch_sizes=dict(sorted(self.batch_sizes.items())))
+                        batch_sizes=dict(sorted(self.batch_sizes.items())), oneshots=self.oneshots,
+                        waited_max=[lane.waited_max for lane in self.lanes])
 
     def close(self) -> None:
-        """Stop the engine thread and the pool (sessions still open are dropped)."""
+        """Stop the engine thread, the clock and the pool, and wait for them (sessions still open are dropped)."""
+        self._stop()  # runs _signal_stop once, and releases the finalizer's hold on this scheduler
+        for t in (self._thread, self._clock_thread):
+            if t is not threading.current_thread():
+                t.join()
+        self._pool.shutdown(wait=True)
+
+    def _signal_stop(self) -> None:
+        """Tell every thread to end, without waiting: the engine may be freed on one of them (then it runs here)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join()
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=False)
 
     # ---- the stages (lane state changes under self._cond) ----
 
@@ -205,7 +267,7 @@ class Scheduler:
 
     def _kick(self, lane: Lane) -> None:
         """Start preparing the lane's newest frame if nothing of it is being prepared or waits for the engine."""
-        if lane.inbox is not None and not (lane.preparing or lane.ready or lane.closed) and \
+        if lane.inbox is not None and not (lane.preparing or lane.ready or lane.closed or self._closed) and \
                 time.monotonic() >= lane.prepare_at:
             (item, arrived), lane.inbox = lane.inbox, None
             lane.preparing = True
@@ -228,12 +290,12 @@ class Scheduler:
                 if work.crop is None:
                     self._to_finish(lane, work, None)
                 else:
-                    lane.ready = work
+                    lane.ready, lane.ready_mark = work, self._ended
             self._kick(lane)
             self._cond.notify_all()
 
     def _to_finish(self, lane: Lane, work: Work, face: Any) -> None:
-        if lane.closed:
+        if lane.closed or self._closed:
             return
         if lane.finishing:  # the previous output is still being finished: wait in the one slot
             lane.dropped += lane.waiting is not None
@@ -250,7 +312,7 @@ class Scheduler:
             with self._cond:
                 lane.failed += 1
         with self._cond:
-            if lane.waiting is not None and not lane.closed:
+            if lane.waiting is not None and not (lane.closed or self._closed):
                 (work, face), lane.waiting = lane.waiting, None
                 self._pool.submit(self._finish, lane, work, face)
             else:
@@ -272,68 +334,100 @@ class Scheduler:
                 self._cond.wait(min(due) - now if due else None)
 
     def _loop(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._closed or self._calls or any(l.ready for l in self.lanes))
-                preparing = [l.prepare_ms for l in self.lanes if l.preparing]
-                if preparing and not self._calls:  # preparations in flight join this batch (module docstring)
-                    self._cond.wait_for(lambda: self._closed or not any(l.preparing for l in self.lanes) or
-                                        sum(1 for l in self.lanes if l.ready) >= self.max_batch,
-                                        1.5 * max(preparing) / 1000)
-                if self._closed:
-                    for _, future in self._calls:
-                        future.set_exception(RuntimeError("the scheduler is closed"))
-                    return
-                calls, batch = list(self._calls), []
-                self._calls.clear()
-                now = time.monotonic()
-                step = float(np.median(list(self.steps)[-5:])) if self.steps else 0.0
-                for lane in sorted((l for l in self.lanes if l.ready), key=lambda l: l.served)[:self.max_batch]:
-                    batch.append((lane, lane.ready))
-                    lane.ready, lane.in_engine, lane.served = None, True, now
-                    # its next frame is prepared while this batch runs, to be ready when the batch ends
-                    lead = max(0.0, step - 1.5 * lane.prepare_ms - 2.0) / 1000 if self.overlap else float("inf")
-                    lane.prepare_at = now + lead
-                self._cond.notify_all()  # the clock
-            for fn, future in calls:
-                try:
-                    future.set_result(fn())
-                except BaseException as e:
-                    future.set_exception(e)
-            if batch:
-                self._run(batch)
+        while self._round():
+            pass
 
-    def _run(self, batch: list[tuple[Lane, Work]]) -> None:
-        """Set up each item (a failure drops that item only), one engine call, outputs to the finish stage."""
+    def _round(self) -> bool:
+        """Wait for work, run the calls waiting, then one batch; False once closed. A method of its own so that
+        nothing of a round (a call's result, a batch's works) outlives it and keeps an engine alive."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._closed or self._calls or self._oneshots or
+                                any(l.ready for l in self.lanes))
+            preparing = [l.prepare_ms for l in self.lanes if l.preparing]
+            if preparing and not self._calls:  # preparations in flight join this batch (module docstring)
+                self._cond.wait_for(lambda: self._closed or not any(l.preparing for l in self.lanes) or
+                                    sum(1 for l in self.lanes if l.ready) + len(self._oneshots) >= self.max_batch,
+                                    1.5 * max(preparing) / 1000)
+            if self._closed:
+                for future in [f for _, f in self._calls] + [o.future for o in self._oneshots]:
+                    future.set_exception(RuntimeError("the scheduler is closed"))
+                self._calls.clear()
+                self._oneshots.clear()
+                return False
+            calls, batch = list(self._calls), []
+            self._calls.clear()
+            now = time.monotonic()
+            step = float(np.median(list(self.steps)[-5:])) if self.steps else 0.0
+            waiting = [l for l in self.lanes if l.ready] + self._oneshots
+            for item in sorted(waiting, key=lambda x: x.served)[:self.max_batch]:
+                if isinstance(item, OneShot):
+                    self._oneshots.remove(item)
+                    batch.append((item, item.work))
+                    continue
+                batch.append((item, item.ready))
+                item.ready, item.in_engine, item.served = None, True, now
+                # its next frame is prepared while this batch runs, to be ready when the batch ends
+                lead = max(0.0, step - 1.5 * item.prepare_ms - 2.0) / 1000 if self.overlap else float("inf")
+                item.prepare_at = now + lead
+            self._cond.notify_all()  # the clock
+        for fn, future in calls:
+            try:
+                future.set_result(fn())
+            except BaseException as e:
+                future.set_exception(e)
+            with self._cond:
+                self._ended += 1
+        if batch:
+            self._run(batch)
+        return True
+
+    def _run(self, batch: list[tuple[Lane | OneShot, Work]]) -> None:
+        """Set up each item (a failure drops that item only), one engine call, outputs to the finish stage (a
+        one-shot's to its caller)."""
         ok, failed = [], []
-        for lane, work in batch:
+        for who, work in batch:
             try:
                 if work.crop.shape != (256, 256, 3) or work.crop.dtype != np.uint8:
                     raise ValueError(f"a driving crop must be (256,256,3) uint8, got {work.crop.shape} {work.crop.dtype}")
                 if work.setup:
                     work.setup()
-                ok.append((lane, work))
-            except Exception:
-                log.exception("engine setup failed")
-                failed.append(lane)
+                ok.append((who, work))
+            except Exception as e:
+                if isinstance(who, OneShot):
+                    who.future.set_exception(e)
+                else:
+                    log.exception("engine setup failed")
+                    failed.append(who)
         faces = None
         if ok:
             t = time.perf_counter()
             try:
                 faces = self.animate([w for _, w in ok])
-            except Exception:
+            except Exception as e:
                 log.exception("engine call failed (batch of %d)", len(ok))
-                failed += [lane for lane, _ in ok]
+                for who, _ in ok:
+                    if isinstance(who, OneShot):
+                        who.future.set_exception(e)
+                    else:
+                        failed.append(who)
             ms = (time.perf_counter() - t) * 1000
+        lanes = [who for who, _ in batch if isinstance(who, Lane)]
         with self._cond:
+            for lane in lanes:  # the calls that ended between its frame's readiness and this batch
+                lane.waited_max = max(lane.waited_max, self._ended - lane.ready_mark)
+            self._ended += 1
             if ok:
                 self.steps.append(ms)
                 self.batch_sizes[len(ok)] += 1
             for lane in failed:
                 lane.failed += 1
-            for i, (lane, work) in enumerate(ok if faces is not None else []):
-                self._to_finish(lane, work, faces[i])
-            for lane, _ in batch:
+            for i, (who, work) in enumerate(ok if faces is not None else []):
+                if isinstance(who, OneShot):
+                    self.oneshots += 1
+                    who.future.set_result(faces[i])
+                else:
+                    self._to_finish(who, work, faces[i])
+            for lane in lanes:
                 lane.in_engine, lane.prepare_at = False, 0.0  # the engine is free: prepare now if not started
                 self._kick(lane)
             self._cond.notify_all()

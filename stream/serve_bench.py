@@ -2,11 +2,13 @@
 
     python launch.py bench serve --config tiny --device cpu            # ~2 min on 2 CPU cores
     python launch.py bench serve --sessions 1,2,4,8 --json serve.json  # on a GPU (full config)
+    python launch.py bench serve --config tiny --device cpu --repeat 3  # a shared machine: modes interleaved
 
 In one process, N simulated sessions each feed a 640x480 moving-face stream at 30 fps through the real path (face
 tracking and crop, engine, paste-back, and the VP8 encode aiortc would do, on a thread per session as aiortc does),
 first with `LockReference` (the pre-scheduler path, kept only as this benchmark's reference), then with the
-scheduler (`SessionPipeline`). Each row: aggregate and per-session output fps, latency from a frame's arrival to
+scheduler (`SessionPipeline`); with `--repeat N` the two alternate N times per session count and each row pools its
+N runs, so a burst of other load on a shared machine falls on both modes alike. Each row: aggregate and per-session output fps, latency from a frame's arrival to
 its output (p50/p95), the engine's batch-size histogram and the mean ms of each stage.
 
 `simulate()` needs no face stack (torch, numpy, OpenCV only): sessions fed ready 256x256 crops straight into the
@@ -37,7 +39,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sessions", default="1,2,4,8", help="session counts to run, e.g. 1,2,4,8")
     p.add_argument("--seconds", type=float, default=None,
                    help="measured seconds per row, after 2 s of warm-up (default: 6 on CPU, 15 on CUDA)")
+    p.add_argument("--repeat", type=_positive, default=1,
+                   help="run lock and batched alternately this many times per session count, pooled per row")
     p.add_argument("--json", type=Path, default=None, help="also write {\"serve\": [rows]} to this file")
+
+
+def _positive(text: str) -> int:
+    if (n := int(text)) < 1:
+        raise argparse.ArgumentTypeError(f"{n} is not a positive count")
+    return n
 
 
 class Tally:
@@ -61,13 +71,13 @@ class Tally:
             with self.lock:
                 self.ms[stage].append((time.perf_counter() - t) * 1000)
 
-    def row(self, start: float, end: float) -> dict:
-        """fps and latency of the outputs made in [start, end)."""
+    def row(self, windows: list[tuple[float, float]]) -> dict:
+        """fps and latency of the outputs made in the [start, end) windows."""
         with self.lock:
-            inside = [[lat for t, lat in o if start <= t < end] for o in self.outputs]
+            inside = [[lat for t, lat in o if any(a <= t < b for a, b in windows)] for o in self.outputs]
             ms = {k: round(float(np.mean(v)), 2) for k, v in self.ms.items() if v}
         lat = np.array([x for o in inside for x in o]) * 1000 if any(inside) else np.zeros(1)
-        fps = [round(len(o) / (end - start), 2) for o in inside]
+        fps = [round(len(o) / sum(b - a for a, b in windows), 2) for o in inside]
         return dict(aggregate_fps=round(sum(fps), 2), session_fps=fps,
                     latency_p50_ms=round(float(np.percentile(lat, 50)), 1),
                     latency_p95_ms=round(float(np.percentile(lat, 95)), 1), cpu_ms=ms)
@@ -83,8 +93,8 @@ def feed(submit: list[Callable[[np.ndarray], None]], frames: list[np.ndarray], s
         time.sleep(max(0.0, start + i / FPS - time.monotonic()))
 
 
-def summarise(mode: str, sessions: int, tally: Tally, start: float, end: float, batch_sizes: dict) -> dict:
-    r = tally.row(start, end)
+def summarise(mode: str, sessions: int, tally: Tally, windows: list[tuple[float, float]], batch_sizes: dict) -> dict:
+    r = tally.row(windows)
     return {"mode": mode, "sessions": sessions, "aggregate_fps": r["aggregate_fps"], "session_fps": r["session_fps"],
             "latency_p50_ms": r["latency_p50_ms"], "latency_p95_ms": r["latency_p95_ms"],
             "batch_sizes": {str(k): v for k, v in sorted(batch_sizes.items())}, "cpu_ms": r["cpu_ms"]}
@@ -132,7 +142,7 @@ def simulate(engine, sessions: int, seconds: float = 10.0, crops: list[np.ndarra
             sched.remove(lane)
         for c in clients:
             sched.call(lambda c=c: engine.close(c.name))
-    row = summarise("batched", sessions, tally, start, end, sched.batch_sizes - before)
+    row = summarise("batched", sessions, tally, [(start, end)], sched.batch_sizes - before)
     return {**row, "engine_step_p50_ms": sched.stats()["engine_step_p50_ms"]}
 
 
@@ -249,16 +259,31 @@ def _batched(engine, source, index: int, tally: Tally, encoder: Encoder):
     return Timed(engine, source)
 
 
-def serve(engine, source, mode: str, sessions: int, seconds: float, frames: list[np.ndarray],
-          warmup: float = 2.0) -> dict:
-    """One row: `sessions` live sessions in `mode` ("lock" or "batched") for warmup + seconds."""
-    tally, sched, sizes = Tally(sessions), Scheduler.of(engine), Counter()
+class Row:
+    """What the runs of one mode and session count collect: one Tally, the measured windows, the batch sizes."""
+
+    def __init__(self, mode: str, sessions: int):
+        self.mode, self.sessions = mode, sessions
+        self.tally, self.windows, self.sizes = Tally(sessions), [], Counter()
+
+    def summary(self) -> dict:
+        batch_sizes = self.sizes if self.mode == "batched" else {1: len(self.tally.ms.get("engine", []))}
+        row = summarise(self.mode, self.sessions, self.tally, self.windows, batch_sizes)
+        frames_per_call = sum(k * v for k, v in batch_sizes.items()) / max(1, sum(batch_sizes.values()))
+        row["cpu_ms"]["engine_per_frame"] = round(row["cpu_ms"].get("engine", 0.0) / max(frames_per_call, 1), 2)
+        return row
+
+
+def serve(engine, source, row: Row, seconds: float, frames: list[np.ndarray], warmup: float = 2.0) -> None:
+    """One run of `row.sessions` live sessions in `row.mode` ("lock" or "batched") for warmup + seconds, new
+    sessions each time, into `row`."""
+    tally, sched, sizes, sessions = row.tally, Scheduler.of(engine), row.sizes, row.sessions
     encoders = [Encoder(tally) for _ in range(sessions)]
 
     def animate(works, call=sched.animate):  # the scheduler's engine call, timed
         sizes[len(works)] += 1
         return tally.timed("engine", call, works)
-    if mode == "lock":
+    if row.mode == "lock":
         lock = threading.Lock()
         live = [LockReference(engine, source, lock, i, tally, e) for i, e in enumerate(encoders)]
     else:
@@ -268,15 +293,10 @@ def serve(engine, source, mode: str, sessions: int, seconds: float, frames: list
     try:
         feed([s.submit for s in live], frames, warmup + seconds)
     finally:
-        end = time.monotonic()
+        row.windows.append((start, time.monotonic()))
         for s in live + encoders:
             s.close()
         vars(sched).pop("animate", None)
-    batch_sizes = sizes if mode == "batched" else {1: len(tally.ms.get("engine", []))}
-    row = summarise(mode, sessions, tally, start, end, batch_sizes)
-    frames_per_call = sum(k * v for k, v in batch_sizes.items()) / max(1, sum(batch_sizes.values()))
-    row["cpu_ms"]["engine_per_frame"] = round(row["cpu_ms"].get("engine", 0.0) / max(frames_per_call, 1), 2)
-    return row
 
 
 def markdown(rows: list[dict]) -> str:
@@ -313,14 +333,21 @@ def run(args: argparse.Namespace) -> int:
                 engine.animate(np.stack([source.crop.image_256] * b), ["warm"] * b)
         engine.close("warm")
     Scheduler.of(engine).call(warm_up)
-    rows = []
+    rows, load = [], [os.getloadavg()[0]]
     for n in counts:
-        for mode in ("lock", "batched"):
-            rows.append(serve(engine, source, mode, n, seconds, frames))
+        pair = [Row("lock", n), Row("batched", n)]
+        for _ in range(args.repeat):
+            for row in pair:
+                serve(engine, source, row, seconds, frames)
+        for row in pair:
+            rows.append(row.summary())
             log.info("%s", rows[-1])
+        load.append(os.getloadavg()[0])
+    runs = f"{args.repeat} runs of {seconds:g} s (modes alternating)" if args.repeat > 1 else f"{seconds:g} s"
     header = (f"device {torch.cuda.get_device_name(engine.device) if cuda else 'cpu'} · {engine.precision} · config "
               f"{args.config} · weights {'recipe (untrained)' if weights == 'recipe' else 'official'} · "
-              f"{seconds:g} s per row after 2 s warm-up · 1-min load average {os.getloadavg()[0]:.1f}")
+              f"{runs} per row after 2 s warm-up each · 1-min load average "
+              f"{' / '.join(f'{x:.1f}' for x in load)} (start / after each session count)")
     print(header + "\n\n" + markdown(rows))
     report = {"serve": rows}
     if args.json:

@@ -8,9 +8,11 @@ of pixels, as tests/test_engine.py also allows). So "the session animated alone"
 this session's data, at the size of the batch it shared and read at its position there: bit-identical means no
 other session's portrait, controls, reference or crop leaks into its output."""
 import contextlib
+import gc
 import json
 import threading
 import time
+import weakref
 
 import httpx
 import numpy as np
@@ -300,3 +302,99 @@ def test_server_full_over_http_and_webrtc_then_admitted(server):
     app.close_page(second)
     health = httpx.get(url + "healthz")
     assert health.status_code == 200 and health.json()["live_sessions"] == 0
+
+
+def test_schedulers_free_their_threads_and_engines(engine):
+    """20 engines in a row, each with its scheduler: closing one, or dropping its engine, ends its 6 threads and
+    frees the engine (a scheduler once held its engine for ever, and with it its threads)."""
+    gc.collect()
+    before = threading.active_count()
+    freed = []
+    for i in range(20):
+        e = Engine(engine.nets, device="cpu", threads=2)
+        sched = Scheduler.of(e)
+        assert sched.call(lambda: sched.engine) is e
+        freed.append(weakref.ref(e))
+        if i % 2:
+            sched.close()
+        del e, sched
+    gc.collect()  # an Engine is in a reference cycle (its bound step function): the cycle collector frees it
+    end = time.monotonic() + 30  # the threads end on their own once told to
+    while threading.active_count() > before and time.monotonic() < end:
+        time.sleep(0.05)
+    assert threading.active_count() == before
+    assert all(ref() is None for ref in freed)
+
+
+def test_renders_and_edits_never_hold_up_a_live_session(engine, images):
+    """A live session fed continuously while two renders (Animator.__call__, as stream/render.py calls it) and
+    the portrait editor run in loops: each of the live session's frames waits for at most the engine call in
+    flight, because render and editor frames join the live batches instead of running before them."""
+    from stream.editor import PortraitEditor
+    from stream.face import prepare_source
+    from stream.pipeline import Animator, Settings
+    from stream.serve_bench import moving_face
+    sched = Scheduler.of(engine)
+    source, clip = prepare_source(skimage.data.astronaut()), moving_face(10)
+    made = [0, 0, 0]  # frames per render, then the editor's
+    done = threading.Event()
+    end = time.monotonic() + 120
+
+    def render(k: int) -> None:
+        animator = Animator(engine, source)
+        try:
+            for i in range(400):
+                if done.is_set() or time.monotonic() > end:
+                    break
+                assert animator(clip[i % len(clip)], i / 30).shape == source.image.shape
+                made[k] += 1
+        finally:
+            animator.close()
+
+    def edit() -> None:
+        editor = PortraitEditor(engine)
+        try:
+            for i in range(400):
+                if done.is_set() or time.monotonic() > end:
+                    break
+                assert editor(source, Settings()).shape == source.image.shape
+                made[2] += 1
+        finally:
+            editor.close()
+    feed, lane = start(sched, engine, "live", images["src"], images["ref"])
+    others = [threading.Thread(target=render, args=(k,)) for k in (0, 1)] + [threading.Thread(target=edit)]
+    for t in others:
+        t.start()
+    try:
+        for i in range(30 * 120):  # 30 fps, until enough of everything ran side by side
+            if (len(feed.outputs) >= 8 and min(made) >= 3) or time.monotonic() > end:
+                break
+            lane.submit(images["drv"] if i % 2 else images["ref"])
+            time.sleep(1 / 30)
+        stats = sched.stats()
+    finally:
+        done.set()
+        for t in others:
+            t.join(60)
+        stop(sched, engine, lane)
+    assert len(feed.outputs) >= 8 and min(made) >= 3, (len(feed.outputs), made)
+    assert len(stats["waited_max"]) == 1 and stats["waited_max"][0] <= 1, stats  # the one live session
+    assert max(stats["batch_sizes"]) >= 2 and stats["oneshots"] >= 9, stats  # render frames joined its batches
+
+
+def test_a_one_shot_error_goes_to_its_caller(engine, images):
+    """A render's bad frame raises in the render, not in the engine loop, which keeps serving."""
+    sched = Scheduler.of(engine)
+    sched.call(lambda: engine.set_source(images["src"], "one"))
+
+    def broken() -> None:
+        raise RuntimeError("setup failed on purpose")
+    try:
+        with pytest.raises(RuntimeError, match="on purpose"):
+            sched.run(Work(images["drv"], "one", broken))
+        with pytest.raises(ValueError, match="a driving crop must be"):
+            sched.run(Work(images["drv"][:128], "one"))
+        face = sched.run(Work(images["drv"], "one"))
+        assert np.array_equal(face, sched.call(lambda: engine.animate(images["drv"][None], ["one"])[0]))
+    finally:
+        sched.call(lambda: engine.close("one"))
