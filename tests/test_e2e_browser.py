@@ -147,6 +147,7 @@ def test_webrtc_in_chromium(server, browser, cam):
     pipeline = tab.pipeline
     m = pipeline.stats()
     assert live["state"] == "connected" and m["transport"] == "WebRTC"
+    assert live["codec"] == "video/H264" and tab.conn.peer.codec == "H264"  # the fast codec, from the browser's stats
     assert m["frames_out"] >= 50 and m["frames_in"] >= m["frames_out"]  # the server made what the browser got
     out = pipeline.latest()[1]
     assert (live["width"], live["height"]) == (out.shape[1], out.shape[0]) == (512, 512) != (W, H)
@@ -159,7 +160,7 @@ def test_webrtc_in_chromium(server, browser, cam):
     face = slice(8, 32), slice(20, 44)  # the generated face differs from the portrait at rest
     assert np.abs(shown[face] - small(tab.source.image)[face]).mean() > 10
 
-    page.wait_for_function("() => document.querySelector('#lp-metrics').textContent.includes('Live via WebRTC')")
+    page.wait_for_function("() => document.querySelector('#lp-metrics').textContent.includes('Live via WebRTC (H264)')")
     (ROOT / "docs").mkdir(exist_ok=True)
     page.screenshot(path=str(ROOT / "docs" / "screenshot.png"))
 
@@ -208,6 +209,22 @@ def test_http_streaming_in_chromium(server, browser):
     assert time.monotonic() - stopped < 10 and pipeline.closed and session in app.pages
     page.close()
     wait_closed(app)
+
+
+def test_webrtc_with_vp8_forced(server, browser):
+    """--codec vp8: the server offers VP8 alone, whatever the page prefers, and frames arrive."""
+    app, url = server
+    app.worker.codec = "vp8"
+    try:
+        page, session, tab = open_tab(browser, app, url)
+        page.click(".lp-start")
+        page.wait_for_function("() => window.lpLive.frames >= 5 && window.lpLive.codec", timeout=120_000, polling=250)
+        assert page.evaluate("window.lpLive.codec") == "video/VP8" and tab.conn.peer.codec == "VP8"
+        page.wait_for_function("() => document.querySelector('#lp-metrics').textContent.includes('(VP8)')")
+        page.close()
+        wait_closed(app)
+    finally:
+        app.worker.codec = "h264"
 
 
 CAMERAS = """{  // every camera stream the page opens, so the test can check that each one is ended

@@ -223,16 +223,6 @@ def test_codec_preferences():
         encode.codec_preferences("av1")
 
 
-def test_codec_flags():
-    import argparse
-    p = argparse.ArgumentParser()
-    encode.add_arguments(p)
-    assert vars(p.parse_args([])) == {"codec": "h264", "stream_max": 720}
-    assert p.parse_args(["--codec", "vp8", "--stream-max", "480"]).codec == "vp8"
-    with pytest.raises(SystemExit):
-        p.parse_args(["--codec", "av1"])
-
-
 # ---- a real aiortc peer pair over loopback ----
 
 class Frames(VideoStreamTrack):

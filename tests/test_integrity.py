@@ -353,6 +353,8 @@ def launch(*args: str) -> subprocess.CompletedProcess:
     (["--port", "99999"], "argument --port: '99999' is not a port number"),
     (["--ice-servers", "stun.l.google.com:19302"], "bad ICE server URL 'stun.l.google.com:19302'"),
     (["--ice-servers", "https://x"], "bad ICE server URL 'https://x'"),
+    (["--codec", "av1"], "argument --codec: invalid choice: 'av1'"),
+    (["--stream-max", "0"], "argument --stream-max: 0 must be above 0"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, message):
     proc = launch(*args)

@@ -184,3 +184,27 @@ def test_recordings_are_finalised_at_exit(tmp_path):
     subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=60)
     n, codec, size = count_frames(tmp_path / "exit.mp4")
     assert n == 7 and size == (96, 64)
+
+
+@pytest.mark.parametrize("recording", [False, True])
+def test_a_large_portrait_streams_at_stream_max_and_records_at_full_size(engine, tmp_path, recording):
+    """The encoder gets the output at --stream-max on the longer side (pasted straight into the streamed frame
+    when nothing needs the full size); a recording keeps the portrait's full size."""
+    import cv2
+    big = prepare_source(cv2.resize(ASTRONAUT, (1280, 1280)))
+    pipe = SessionPipeline(engine, big, transport="WebRTC", stream_max=720)
+    if recording:
+        pipe.start_recording(tmp_path / "take.mp4")
+    for i, frame in enumerate(frames(3)):
+        pipe.submit(frame)
+        drain(pipe, i + 1)
+    seq, video = pipe.latest_video()
+    assert (video.width, video.height) == (720, 720) and video.format.name == "yuv420p"
+    assert pipe.stats()["size"] == [720, 720]
+    assert pipe.latest()[1].shape == ((1280, 1280, 3) if recording else (720, 720, 3))  # what was made
+    path = pipe.close()
+    if recording:
+        with av.open(str(path)) as c:
+            assert (c.streams.video[0].width, c.streams.video[0].height) == (1280, 1280)
+    else:
+        assert path is None

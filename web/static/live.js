@@ -31,7 +31,10 @@ function say(state) {
 
 function count(video) {
   const tick = () => {
-    if (!live.frames++) live.firstFrameMs = Math.round(performance.now() - clicked);
+    if (!live.frames++) {
+      live.firstFrameMs = Math.round(performance.now() - clicked);
+      if (pc) showRoute(pc); // the codec shows in the stats once a frame is decoded
+    }
     [live.width, live.height] = [video.videoWidth, video.videoHeight];
     $(".lp-frames").textContent =
       `${live.frames} frames, ${live.width}×${live.height}, the first ${(live.firstFrameMs / 1000).toFixed(1)} s after start`;
