@@ -70,13 +70,14 @@ class AnimatedTrack(VideoStreamTrack):
         super().__init__()
         self.pipeline: SessionPipeline | None = None
         self._fresh = asyncio.Event()
+        self._unlisten: Callable[[], None] = lambda: None
         self._seq = 0
         self._t0 = time.monotonic()
 
     def bind(self, pipeline: SessionPipeline) -> None:
         loop = asyncio.get_running_loop()
         self.pipeline = pipeline
-        pipeline.on_output = lambda: loop.is_closed() or loop.call_soon_threadsafe(self._fresh.set)
+        self._unlisten = pipeline.listen(lambda: loop.is_closed() or loop.call_soon_threadsafe(self._fresh.set))
         self._fresh.set()
 
     async def recv(self) -> av.VideoFrame:
@@ -95,6 +96,7 @@ class AnimatedTrack(VideoStreamTrack):
 
     def stop(self) -> None:
         super().stop()
+        self._unlisten()
         self._fresh.set()
 
 
