@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import json
+import re
 import secrets
 import signal
 import sys
@@ -20,12 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urljoin
 
 import fastapi
 import gradio as gr
 import numpy as np
 import skimage.data
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
 
 from model.editing import SLIDERS, Edits
@@ -39,7 +41,7 @@ from web.guard import Refused, check_offer, gradio_user, login_required
 from web.limits import Limits, argument, positive
 from web.limits import add_arguments as add_limit_arguments
 from web.webrtc import parse_ice_servers, turn_server
-from web.worker import TabClosed, Worker
+from web.worker import MAX_VIEWERS, NotLive, TabClosed, UnknownView, ViewersFull, Worker
 
 log = logging.getLogger("liveportrait.app")
 STATIC = Path(__file__).parent / "static"
@@ -60,6 +62,9 @@ PAGE_CSS = """.lp-banner { background: #b71c1c; color: #fff; padding: .6em 1em; 
 .lp-notice button { font-size: .9em; padding: .2em .9em; margin-top: .3em; }
 #lp-http-cam button:disabled { opacity: .35; cursor: not-allowed; }"""
 MAX_GONE = 10_000  # closed-tab markers kept at most (each also expires after the idle timeout)
+VIEW_HTML = (STATIC / "view.html").read_text()
+VIEW_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Robots-Tag": "noindex"}
+NO_FACE_S = 1.0  # the page says "no face in view" once the tracker has found none for this long
 
 
 class Page:
@@ -75,7 +80,7 @@ class LiveApp:
 
     def __init__(self, engine: Engine, ice_servers: list[dict] | None = None, untrained: bool = False,
                  workdir: str | Path | None = None, max_sessions: int | None = None, limits: Limits | None = None,
-                 max_renders: int = 1, step_s: float | None = None):
+                 max_renders: int = 1, step_s: float | None = None, max_viewers: int = MAX_VIEWERS):
         self.untrained, self.max_renders = untrained, max_renders
         self.ice_servers = ice_servers or []
         self.engine_info = f"{engine.device}, {engine.precision}. {' · '.join(engine.notes)}"
@@ -83,7 +88,7 @@ class LiveApp:
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="liveportrait-"))
         self.worker = Worker(engine, prepare_source(skimage.data.astronaut()),  # NASA, public domain
                              max_sessions or DEFAULT_MAX_SESSIONS.get(engine.device.type, 1), self.ice_servers,
-                             self.limits, self.dir, step_s)
+                             self.limits, self.dir, step_s, max_viewers)
         self.pages: dict[str, Page] = {}
         self.closed: dict[str, float] = {}  # session hashes of closed tabs -> when (they expire: see reap)
 
@@ -229,6 +234,54 @@ class LiveApp:
             log.info("offer refused: %s: %s", type(e).__name__, e)
             return JSONResponse({"error": f"bad offer: {e}"}, status_code=400)
 
+    # ---- view-only links: the output for OBS, a call or a second screen ----
+
+    def share_output(self, page_url: str, request: gr.Request) -> str:
+        """Share output: a new view-only link for this tab (`page_url`: the page's address, from the browser, so
+        the link names the host the way the user reaches it); the previous link stops working."""
+        if self.gone(request):
+            return gr.skip()
+        return urljoin(page_url or "", f"view/{self.worker.share(request.session_hash)}")
+
+    async def view_page(self, request: fastapi.Request) -> HTMLResponse:
+        """GET /view/<token>[?bg=RRGGBB&fit=contain|cover]: the viewer page (web/static/view.html), not Gradio's; 404
+        for a wrong or revoked token, 400 for a bad option. No login: the unguessable token is the permission to
+        watch, and it grants nothing else."""
+        if not self.worker.viewing(request.path_params["token"]):
+            return HTMLResponse("<h1>404</h1><p>This view link is not valid: it was revoked, or its page closed.</p>",
+                                status_code=404, headers=VIEW_HEADERS)
+        bg, fit = request.query_params.get("bg", "000000"), request.query_params.get("fit", "contain")
+        if not re.fullmatch(r"[0-9a-fA-F]{6}", bg):
+            return HTMLResponse(f"<p>bg={bg[:20]!r}: expected six hex digits RRGGBB, e.g. ?bg=00ff00</p>",
+                                status_code=400, headers=VIEW_HEADERS)
+        if fit not in ("contain", "cover"):
+            return HTMLResponse("<p>fit: expected contain or cover</p>", status_code=400, headers=VIEW_HEADERS)
+        config = json.dumps(dict(ice=self.ice_servers, bg=f"#{bg}", fit=fit)).replace("<", "\\u003c")
+        return HTMLResponse(VIEW_HTML.replace("__CONFIG__", config), headers=VIEW_HEADERS)
+
+    async def view_offer(self, request: fastapi.Request) -> JSONResponse:
+        """POST /view/<token>/offer {sdp, type}: answer a viewer's receive-only offer. 404 for a wrong or revoked
+        token, 409 while the performer is not live (the page tries again), 429 beyond --max-viewers. A view offer
+        reaches no page route: it can change nothing of the session."""
+        token = request.path_params["token"]
+        if not self.worker.viewing(token):
+            return JSONResponse({"error": "this view link is not valid: it was revoked, or its page closed"}, 404)
+        try:
+            body = await check_offer(request, view=True)
+        except Refused as e:
+            return JSONResponse({"error": str(e)}, status_code=e.status)
+        try:
+            return JSONResponse(await self.worker.view_offer(token, body))
+        except UnknownView:
+            return JSONResponse({"error": "this view link is not valid: it was revoked, or its page closed"}, 404)
+        except NotLive as e:
+            return JSONResponse({"error": str(e)}, status_code=409)
+        except ViewersFull as e:
+            return JSONResponse({"error": str(e)}, status_code=429)
+        except Exception as e:  # aiortc refused the offer: nothing was created
+            log.info("view offer refused: %s: %s", type(e).__name__, e)
+            return JSONResponse({"error": f"bad offer: {e}"}, status_code=400)
+
     def stats(self, request: gr.Request) -> str:
         """The metrics line the page polls."""
         if self.gone(request):
@@ -242,9 +295,11 @@ class LiveApp:
         recording = (" · ● recording" if m["recording"] else
                      f" · ■ recording stopped at the {self.limits.record_max_s:g} s limit: press Stop recording to "
                      "get it" if m["recording_full"] else f" · ⚠️ {m['record_error']}" if m["record_error"] else "")
+        face = " · ⚠️ no face in view" if m["no_face_s"] >= NO_FACE_S else ""
+        viewers = f" · 🔗 {m['viewers']} viewer{'s' if m['viewers'] != 1 else ''}" if m["viewers"] else ""
         return (f"**Live via {m['transport']}** · in {m['fps_in']} fps · out {m['fps_out']} fps · "
                 f"dropped {m['dropped']} · latency p50 {m['latency_p50_ms']:.0f} ms / p95 {m['latency_p95_ms']:.0f} ms"
-                f" · {size}{recording}")
+                f" · {size}{recording}{face}{viewers}")
 
     async def healthz(self, request: fastapi.Request) -> JSONResponse:
         """GET /healthz: readiness and load for a load balancer; 503 while full. Under --auth, a request without
@@ -347,6 +402,11 @@ class LiveApp:
                         record = gr.Button("● Record", size="sm")
                         stop = gr.Button("■ Stop recording", size="sm")
                     record_status = gr.Markdown()
+                    with gr.Row(equal_height=True):
+                        share = gr.Button("🔗 Share output", size="sm", scale=0, elem_id="lp-share")
+                        link = gr.Textbox(label="View-only link (OBS Browser Source, 720×720: see docs/obs.md); a "
+                                                "new one revokes it", interactive=False, buttons=["copy"],
+                                          elem_id="lp-link", scale=4)
                     recording = gr.File(label="Recordings (MP4)", file_count="multiple", interactive=False)
 
             demo.load(self.open_page, None, live)
@@ -364,6 +424,7 @@ class LiveApp:
                        show_progress="hidden")
             go.click(self.render_video, driving, [rendered, render_status], concurrency_limit=self.max_renders,
                      concurrency_id="render")  # a bounded queue: the page shows its position
+            share.click(self.share_output, link, link, js="() => [document.baseURI]")  # js: the page's address
             record.click(self.start_recording, None, record_status)
             stop.click(self.stop_recording, None, [recording, record_status])
             gr.Timer(1.0).tick(self.stats, None, metrics, show_progress="hidden")
@@ -372,8 +433,8 @@ class LiveApp:
     def launch(self, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
                auth: tuple[str, str] | None = None, block: bool = True,
                ssl: tuple[str | Path, str | Path] | None = None) -> gr.Blocks:
-        """Serve the page plus POST /offer on one server (a share link tunnels both); HTTPS with `ssl` =
-        (certfile, keyfile)."""
+        """Serve the page, POST /offer and the view-only links on one server (a share link tunnels all); HTTPS
+        with `ssl` = (certfile, keyfile)."""
         @contextlib.asynccontextmanager
         async def lifespan(_app):
             reaper = asyncio.create_task(self._reap_forever())
@@ -389,7 +450,9 @@ class LiveApp:
                     prevent_thread_lock=not block, css=PAGE_CSS, footer_links=[],
                     ssl_certfile=certfile, ssl_keyfile=keyfile, ssl_verify=False,  # Gradio's check of its own URL
                     app_kwargs={"routes": [APIRoute("/offer", self.offer, methods=["POST"]),
-                                           APIRoute("/healthz", self.healthz, methods=["GET"])],
+                                           APIRoute("/healthz", self.healthz, methods=["GET"]),
+                                           APIRoute("/view/{token}", self.view_page, methods=["GET"]),
+                                           APIRoute("/view/{token}/offer", self.view_offer, methods=["POST"])],
                                 "lifespan": lifespan})
         return demo
 
@@ -431,6 +494,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="live sessions admitted at once; more get 'the server is full' (default per device: "
                              + ", ".join(f"{k} {v}" for k, v in DEFAULT_MAX_SESSIONS.items()) + ")")
     parser.add_argument("--max-batch", type=positive(int), default=8, help="most sessions animated in one engine call")
+    parser.add_argument("--max-viewers", type=positive(int), default=MAX_VIEWERS,
+                        help="viewers per live session on its view-only link (Share output); more are told "
+                             "'this output already has N viewers'")
     parser.add_argument("--max-renders", type=positive(int), default=1,
                         help="video-file renders run at once; more wait in a queue whose position the page shows")
     add_limit_arguments(parser)
@@ -461,7 +527,8 @@ def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = N
     took = engine.warmup()  # compile and capture now, not in a user's first frame (minutes cold on CUDA, cached after)
     step = took.get(1) if engine.device.type == "cpu" else None  # CUDA's first call compiles: the worker measures
     app = LiveApp(engine, ice_servers, untrained=str(args.weights) == "recipe", max_sessions=args.max_sessions,
-                  limits=Limits.from_args(args), max_renders=args.max_renders, step_s=step)
+                  limits=Limits.from_args(args), max_renders=args.max_renders, step_s=step,
+                  max_viewers=args.max_viewers)
     if on_start:
         on_start(app)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop` / systemd: shut down like Ctrl-C

@@ -106,7 +106,7 @@ class Peer:
     pipeline; `close` ends it (idempotent). `on_end` is called once if the connection ends by itself: it failed,
     the browser closed it or its webcam track, or it never connected."""
 
-    def __init__(self, pc: RTCPeerConnection, webcam: MediaStreamTrack, output: AnimatedTrack):
+    def __init__(self, pc: RTCPeerConnection, webcam: MediaStreamTrack | None, output: AnimatedTrack):
         self.pc, self.webcam, self.output = pc, webcam, output
         self.closed = False
         self._tasks: set[asyncio.Task] = set()  # held here: the event loop keeps only weak references to tasks
@@ -178,3 +178,28 @@ class Peer:
         for task in self._tasks - {asyncio.current_task()}:
             task.cancel()
         await self.pc.close()
+
+
+class Viewer(Peer):
+    """A receive-only peer: a session's output for someone who only watches (the /view/<token> page, OBS). It
+    sends no webcam and has no say over the session; its own AnimatedTrack, so aiortc encodes for it alone and
+    a slow viewer holds back nobody else."""
+
+    @classmethod
+    async def accept(cls, offer: dict, ice_servers: list[dict]) -> Viewer:
+        """A viewer that has answered `offer` (web.guard checked that it receives video); raises like
+        Peer.accept."""
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(**s) for s in ice_servers]))
+        output = AnimatedTrack()
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type=offer["type"]))
+            pc.addTrack(output)
+            await pc.setLocalDescription(await pc.createAnswer())
+        except BaseException:
+            output.stop()
+            await pc.close()
+            raise
+        return cls(pc, None, output)
+
+    async def _pump(self, pipeline: SessionPipeline) -> None:
+        """Nothing comes in from a viewer."""
