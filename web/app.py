@@ -45,10 +45,19 @@ from web.worker import MAX_VIEWERS, NotLive, TabClosed, UnknownView, ViewersFull
 
 log = logging.getLogger("liveportrait.app")
 STATIC = Path(__file__).parent / "static"
-LIVE_HTML = """<div class="lp-live"><div class="lp-notice" hidden></div><video autoplay playsinline muted></video>
+LIVE_HTML = """<div class="lp-live"><div class="lp-notice" hidden></div><div class="lp-stage">
+<video autoplay playsinline muted></video><video class="lp-self" autoplay playsinline muted hidden></video>
+<div class="lp-noface" hidden>no face in view</div></div>
 <div class="lp-bar"><button class="lp-start">▶ Start camera</button><button class="lp-stop">■ Stop</button>
+<button class="lp-self-toggle" aria-pressed="true">Hide self-view</button><button class="lp-pip">⧉ Picture-in-picture</button>
 <span class="lp-state">Transport: WebRTC (idle)</span><span class="lp-frames"></span></div></div>"""
 LIVE_CSS = """video { width: 100%; height: min(62vh, 560px); object-fit: contain; background: #111; border-radius: 8px; }
+.lp-stage { position: relative; }
+.lp-self { position: absolute; right: .6em; bottom: .6em; width: 22%; height: auto; transform: scaleX(-1);
+           border: 2px solid #fff; border-radius: 6px; }
+.lp-noface { position: absolute; top: .8em; left: 50%; transform: translateX(-50%); padding: .3em .9em;
+             border-radius: 6px; background: rgba(0, 0, 0, .75); color: #fff; font-weight: 600; }
+.lp-stage [hidden] { display: none; }
 .lp-bar { display: flex; gap: .6em; align-items: center; margin-top: .4em; flex-wrap: wrap; }
 button { padding: .35em 1em; border-radius: 6px; border: 1px solid #888; cursor: pointer; }
 .lp-frames { opacity: .7; font-size: .9em; }"""
