@@ -3,7 +3,9 @@ process with the tiny config; two kinds of aiortc client over loopback, inside a
 the performer (web/loadtest.py: sends the moving face, receives its animated track) and N viewers of its Share
 output link (receive-only, as the /view page is). Every decoded frame is logged with its arrival time; a viewer's
 frame is matched to the performer's frame with the nearest picture (32x32 grey), and the difference of their
-arrival times is the viewer's extra delay. Prints a markdown table and JSON (docs/benchmarks.md, "View-only link").
+arrival times is the viewer's extra delay. Also what one more viewer costs the server: aiortc's VP8 encoder (each
+viewer has its own) on the session's 512x512 output, ms per frame. Prints markdown tables and JSON
+(docs/benchmarks.md, "View-only link").
 
     python tests/bench_view.py --viewers 1,4 --seconds 40 [--json view.json]
 """
@@ -16,8 +18,11 @@ import sys
 import time
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
+import skimage.data
+from aiortc.codecs.vpx import Vp8Encoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import NETNS_UNAVAILABLE  # noqa: E402  (importing it moves this process into the namespace)
@@ -68,6 +73,21 @@ def delays(own: list, seen: list) -> tuple[list[float], int]:
         if best < 0.5 * second:
             out.append((t - tp) * 1000)
     return out, len(seen)
+
+
+def encode_ms(frames: int = 90) -> dict:
+    """ms per frame of one aiortc VP8 encoder on a moving 512x512 picture (the session's output size): what each
+    viewer adds to the server's work per output frame."""
+    face = cv2.resize(skimage.data.astronaut(), (512, 512))
+    encoder, took = Vp8Encoder(), []
+    for i in range(frames):
+        frame = av.VideoFrame.from_ndarray(np.roll(face, 4 * (i % 16), axis=1), format="rgb24")
+        frame.pts, frame.time_base = i * 3000, loadtest.CLOCK
+        start = time.perf_counter()
+        encoder.encode(frame)
+        took.append((time.perf_counter() - start) * 1000)
+    took = took[10:]  # the first frames (a key frame, the encoder's set-up) are not typical
+    return dict(median=round(statistics.median(took), 2), p95=round(float(np.percentile(took, 95)), 2))
 
 
 async def run(url: str, viewers: int, seconds: float, fps: float) -> dict:
@@ -128,13 +148,15 @@ def main() -> int:
         app.close()
     report = dict(when=time.strftime("%Y-%m-%dT%H:%M:%S%z"), machine=cpu_model(), config="tiny", weights="recipe",
                   webcam=f"640x480 VP8 at {args.fps:g} fps", seconds=args.seconds,
-                  load_avg_1min=[load, os.getloadavg()[0]], runs=runs)
+                  load_avg_1min=[load, os.getloadavg()[0]], runs=runs, vp8_encode_512_ms_per_frame=encode_ms())
     print("| viewers | performer frames | viewer frames matched | extra delay median ms | p95 | min | max |\n"
           "|---|---|---|---|---|---|---|")
     for r in runs:
         d = r["extra_delay_ms"] or dict(median="-", p95="-", min="-", max="-")
         print(f"| {r['viewers']} | {r['performer_frames']} | {sum(r['matched'])} of {sum(r['viewer_frames'])} | "
               f"{d['median']} | {d['p95']} | {d['min']} | {d['max']} |")
+    enc = report["vp8_encode_512_ms_per_frame"]
+    print(f"\none more viewer: VP8 encode of a 512x512 frame, median {enc['median']} ms, p95 {enc['p95']} ms")
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:

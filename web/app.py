@@ -3,7 +3,9 @@
 Two live transports: WebRTC (our POST /offer on the same server, aiortc on this side, a small JS client in the
 page) for the lowest latency, and Gradio's own webcam streaming over HTTP as the fallback that works through share
 links without a TURN server. One engine serves every browser tab; a tab is a `Page`, keyed by Gradio's session
-hash, which the page also hands to its WebRTC client so the signalling route finds the same tab.
+hash, which the page also hands to its WebRTC client so the signalling route finds the same tab. A tab can share
+its output as a view-only link: GET /view/<token> is a page of its own (web/static/view.html) whose receive-only
+offer goes to POST /view/<token>/offer; the worker finds the tab by the token.
 """
 from __future__ import annotations
 
