@@ -290,8 +290,6 @@ class Worker:
         """A new view token for the tab's output; the previous one is revoked and its viewers end."""
         async def run() -> str:
             t = self.tab(tab)
-            if t.closed:
-                raise TabClosed("this tab was closed; reload the page")
             await self._revoke(t)
             t.token = secrets.token_urlsafe(24)
             self.views[t.token] = t
