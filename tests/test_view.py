@@ -176,3 +176,27 @@ def test_view_page_options_are_checked(served):
     finally:
         app.worker.close_tab("options-tab")
     assert httpx.get(f"{url}view/{token}").status_code == 404
+
+
+def test_under_auth_the_link_is_the_permission_to_watch(tmp_path, loopback_only):
+    """With --auth the page and /offer need the login; the view link does not (OBS cannot log in), and it is still
+    404 without a valid token."""
+    from model.engine import Engine, load_networks
+    from web.app import LiveApp
+
+    loadtest.loopback_ice()
+    app = LiveApp(Engine(load_networks("recipe", "tiny")), untrained=True, workdir=tmp_path)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    demo = app.launch(port=port, auth=[("ada", "lovelace")], block=False)
+    try:
+        token = app.worker.share("ada-tab")
+        assert httpx.post(url + "offer", json={"sdp": "x", "type": "offer", "session": "ada-tab",
+                                               "secret": token}).status_code == 401
+        assert httpx.get(f"{url}view/{token}").status_code == 200
+        assert httpx.get(f"{url}view/{token[:-1]}").status_code == 404
+        r = httpx.post(f"{url}view/{token}/offer", json={"sdp": "x", "type": "offer"})
+        assert r.status_code == 400 and app.worker.counts()["viewers"] == 0  # checked like any offer, no login asked
+    finally:
+        demo.close()
+        app.close()
