@@ -170,9 +170,10 @@ def test_view_page_options_are_checked(served):
         page = httpx.get(f"{url}view/{token}?bg=00ff00&fit=cover")
         assert page.status_code == 200 and '"bg": "#00ff00"' in page.text and '"fit": "cover"' in page.text
         assert "gradio_api" not in page.text and "<script src" not in page.text and page.headers["referrer-policy"] == "no-referrer"
-        for bad in ("bg=00ff0", "bg=00ff001", "bg=gg0000", "bg=%2300ff00", "bg=00ff00%0a", "fit=fill",
+        for bad in ("bg=00ff0", "bg=00ff001", "bg=gg0000", "bg=%2300ff00", "bg=00ff00%0a", "bg=<b>x</b>", "fit=fill",
                     "fit=<script>"):
-            assert httpx.get(f"{url}view/{token}?{bad}").status_code == 400, bad
+            r = httpx.get(f"{url}view/{token}?{bad}")
+            assert r.status_code == 400 and r.headers["content-type"].startswith("text/plain"), bad
     finally:
         app.worker.close_tab("options-tab")
     assert httpx.get(f"{url}view/{token}").status_code == 404

@@ -29,7 +29,7 @@ import fastapi
 import gradio as gr
 import numpy as np
 import skimage.data
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
 
 from model.editing import SLIDERS, Edits
@@ -75,6 +75,7 @@ PAGE_CSS = """.lp-banner { background: #b71c1c; color: #fff; padding: .6em 1em; 
 MAX_GONE = 10_000  # closed-tab markers kept at most (each also expires after the idle timeout)
 VIEW_HTML = (STATIC / "view.html").read_text()
 VIEW_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Robots-Tag": "noindex"}
+INVALID_LINK = "this view link is not valid: it was revoked, or its page closed"
 NO_FACE_S = 1.0  # the page says "no face in view" once the tracker has found none for this long
 
 
@@ -254,19 +255,19 @@ class LiveApp:
             return gr.skip()
         return urljoin(page_url or "", f"view/{self.worker.share(request.session_hash)}")
 
-    async def view_page(self, request: fastapi.Request) -> HTMLResponse:
+    async def view_page(self, request: fastapi.Request) -> fastapi.Response:
         """GET /view/<token>[?bg=RRGGBB&fit=contain|cover]: the viewer page (web/static/view.html), not Gradio's; 404
         for a wrong or revoked token, 400 for a bad option. No login: the unguessable token is the permission to
         watch, and it grants nothing else."""
         if not self.worker.viewing(request.path_params["token"]):
-            return HTMLResponse("<h1>404</h1><p>This view link is not valid: it was revoked, or its page closed.</p>",
-                                status_code=404, headers=VIEW_HEADERS)
+            return PlainTextResponse(INVALID_LINK, status_code=404, headers=VIEW_HEADERS)
         bg, fit = request.query_params.get("bg", "000000"), request.query_params.get("fit", "contain")
         if not re.fullmatch(r"[0-9a-fA-F]{6}", bg):
-            return HTMLResponse(f"<p>bg={bg[:20]!r}: expected six hex digits RRGGBB, e.g. ?bg=00ff00</p>",
-                                status_code=400, headers=VIEW_HEADERS)
+            return PlainTextResponse(f"bg={bg[:20]!r}: expected six hex digits RRGGBB, e.g. ?bg=00ff00",
+                                     status_code=400, headers=VIEW_HEADERS)
         if fit not in ("contain", "cover"):
-            return HTMLResponse("<p>fit: expected contain or cover</p>", status_code=400, headers=VIEW_HEADERS)
+            return PlainTextResponse(f"fit={fit[:20]!r}: expected contain or cover", status_code=400,
+                                     headers=VIEW_HEADERS)
         config = json.dumps(dict(ice=self.ice_servers, bg=f"#{bg}", fit=fit)).replace("<", "\\u003c")
         return HTMLResponse(VIEW_HTML.replace("__CONFIG__", config), headers=VIEW_HEADERS)
 
@@ -276,7 +277,7 @@ class LiveApp:
         reaches no page route: it can change nothing of the session."""
         token = request.path_params["token"]
         if not self.worker.viewing(token):
-            return JSONResponse({"error": "this view link is not valid: it was revoked, or its page closed"}, 404)
+            return JSONResponse({"error": INVALID_LINK}, 404)
         try:
             body = await check_offer(request, view=True)
         except Refused as e:
@@ -284,7 +285,7 @@ class LiveApp:
         try:
             return JSONResponse(await self.worker.view_offer(token, body))
         except UnknownView:
-            return JSONResponse({"error": "this view link is not valid: it was revoked, or its page closed"}, 404)
+            return JSONResponse({"error": INVALID_LINK}, 404)
         except NotLive as e:
             return JSONResponse({"error": str(e)}, status_code=409)
         except ViewersFull as e:
