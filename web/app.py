@@ -51,7 +51,8 @@ LIVE_HTML = """<div class="lp-live"><div class="lp-notice" hidden></div><div cla
 <video autoplay playsinline muted></video><video class="lp-self" autoplay playsinline muted hidden></video>
 <div class="lp-noface" hidden>no face in view</div></div>
 <div class="lp-bar"><button class="lp-start">▶ Start camera</button><button class="lp-stop">■ Stop</button>
-<button class="lp-self-toggle" aria-pressed="true">Hide self-view</button><button class="lp-pip">Picture-in-picture</button>
+<button class="lp-self-toggle" aria-pressed="true">Hide self-view</button>
+<button class="lp-pip">Picture-in-picture</button>
 <span class="lp-state">Transport: WebRTC (idle)</span><span class="lp-frames"></span></div></div>"""
 LIVE_CSS = """video { width: 100%; height: min(62vh, 560px); object-fit: contain; background: #111; border-radius: 8px; }
 .lp-stage { position: relative; }
