@@ -202,3 +202,33 @@ def test_under_auth_the_link_is_the_permission_to_watch(tmp_path, loopback_only)
     finally:
         demo.close()
         app.close()
+
+
+def test_each_track_gets_the_newest_frame_and_a_slow_one_holds_back_nobody(served):
+    """Two output tracks on one session (the performer's and a viewer's): the one read at every output gets each
+    frame; the one not read meanwhile then gets only the newest, once (no backlog); stopping frees its listener."""
+    from stream.pipeline import SessionPipeline
+
+    app, _ = served
+    sample = app.worker.sample
+
+    async def run() -> None:
+        pipe = SessionPipeline(app.worker.engine, sample)
+        fast, slow = AnimatedTrack(), AnimatedTrack()
+        fast.bind(pipe)
+        slow.bind(pipe)
+        try:
+            for i in range(4):
+                pipe.submit(sample.image)
+                await asyncio.wait_for(fast.recv(), 60)
+                assert fast._seq == pipe.seq == i + 1
+            await asyncio.wait_for(slow.recv(), 5)
+            assert slow._seq == pipe.seq == 4  # the newest output, not the first of a queue
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(slow.recv(), 0.5)  # nothing older is left to send
+        finally:
+            fast.stop()
+            slow.stop()
+            assert pipe._listeners == []
+            await asyncio.to_thread(pipe.close)
+    asyncio.run(run())
