@@ -71,6 +71,7 @@ class Animator:
         self._paste: tuple[SourceFace, int, Callable] | None = None  # (source, face size, its paste-back)
         self._stream: tuple | None = None  # (source, face size, stream_max, its StreamPaste)
         self._crop: np.ndarray | None = None  # last driving crop seen
+        self.faceless_since: float | None = None  # when the frames lost the face (monotonic); None: it is seen
         self._reset = False
         self._lock = threading.Lock()
 
@@ -91,7 +92,9 @@ class Animator:
             self.driver.box_filter.min_cutoff = smoothing_cutoff(s.smoothing)
         f = self.driver.process(rgb, t)
         if f.crop is not None:
-            self._crop = f.crop.image_256
+            self._crop, self.faceless_since = f.crop.image_256, None
+        elif self.faceless_since is None:
+            self.faceless_since = time.monotonic()
         with self._lock:
             if self._crop is None:
                 return Work(None, self.name, arrived=t or 0.0, data=self._new_source or self.source)
@@ -178,9 +181,10 @@ class RecordingRunning(RuntimeError):
 
 class SessionPipeline:
     """One live connection: frames in (`submit`, any thread), animated frames out (`latest`/`wait`, or the
-    `on_output` callback, called on a scheduler thread). With `stream_max`, each output is also the yuv420p frame a
-    video encoder takes (`latest_video`), its longer side at most `stream_max`; recordings keep the full size.
-    Admission is its owner's job (web/worker.py); `close` frees everything."""
+    callbacks given to `listen`, called on a scheduler thread: the performer's track and its viewers' each have
+    one). With `stream_max`, each output is also the yuv420p frame a video encoder takes (`latest_video`), its
+    longer side at most `stream_max`; recordings keep the full size. Admission is its owner's job
+    (web/worker.py); `close` frees everything."""
 
     def __init__(self, engine: Engine, source: SourceFace, settings: Settings | None = None, transport: str = "",
                  stream_max: int | None = None):
@@ -188,7 +192,7 @@ class SessionPipeline:
         self.animator = Animator(engine, source, settings)
         self.lane = self.scheduler.add(self)
         self.settings, self.transport = self.animator.settings, transport
-        self.on_output: Callable[[], None] | None = None
+        self._listeners: list[Callable[[], None]] = []
         self.metrics = Metrics()
         self.recorder: Recorder | None = None
         self.record_error: str | None = None  # why the last recording stopped early (the page says so)
@@ -218,6 +222,24 @@ class SessionPipeline:
             self.metrics.frames_in += 1
             self.metrics.arrivals.append(now)
         self.lane.submit(frame, now)
+
+    def listen(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Call `fn()` after every new output and once at close (on a scheduler thread; it must not block).
+        Returns the call that stops it."""
+        with self._cond:
+            self._listeners.append(fn)
+        return lambda: self._unlisten(fn)
+
+    def _unlisten(self, fn: Callable[[], None]) -> None:
+        with self._cond:
+            if fn in self._listeners:
+                self._listeners.remove(fn)
+
+    def _notify(self) -> None:
+        with self._cond:
+            listeners = list(self._listeners)
+        for fn in listeners:
+            fn()
 
     def latest(self) -> tuple[int, np.ndarray | None]:
         """(sequence number, RGB image) of the newest output: the streamed frame's pixels when only that was made."""
@@ -263,11 +285,14 @@ class SessionPipeline:
         return rec.close() if rec else None
 
     def stats(self) -> dict:
-        """Metrics for the page: rates, drops, latency (arrival -> output), transport, recording state."""
+        """Metrics for the page: rates, drops, latency (arrival -> output), transport, recording state, and
+        `no_face_s`: how long the frames have had no face in them (0 while one is seen)."""
+        since = self.animator.faceless_since
         with self._cond:
             self.metrics.dropped, self.metrics.failed = self.lane.dropped, self.lane.failed
             rec = self.recorder
             return dict(self.metrics.snapshot(), transport=self.transport, recording=bool(rec and rec.active),
+                        no_face_s=round(time.monotonic() - since, 1) if since is not None else 0.0,
                         recording_full=bool(rec and rec.full), record_error=self.record_error,
                         size=[self._video.width, self._video.height] if self._video is not None else
                         None if self._output is None else list(self._output.shape[1::-1]))
@@ -300,8 +325,7 @@ class SessionPipeline:
             m.dropped, m.failed = self.lane.dropped, self.lane.failed
             self._output, self._video, self.seq = shown, video, self.seq + 1
             self._cond.notify_all()
-        if self.on_output:
-            self.on_output()
+        self._notify()
         if rec is not None:  # after the frame is out: a failing recording must not freeze the live view
             try:
                 rec.write(full)
@@ -333,8 +357,7 @@ class SessionPipeline:
             return self.stop_recording()
         finally:
             self.animator.close()
-            if self.on_output:  # wake whoever waits for output, so they see the end
-                self.on_output()
+            self._notify()  # wake whoever waits for output, so they see the end
 
 
 def host(image: np.ndarray | torch.Tensor) -> np.ndarray:

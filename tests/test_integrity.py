@@ -350,6 +350,8 @@ def launch(*args: str) -> subprocess.CompletedProcess:
     (["--max-sessions", "0"], "argument --max-sessions: 0 must be above 0"),
     (["--idle-timeout", "0"], "argument --idle-timeout: 0 must be above 0"),
     (["--max-renders", "-1"], "argument --max-renders: -1 must be above 0"),
+    (["--max-viewers", "0"], "argument --max-viewers: 0 must be above 0"),
+    (["--max-viewers", "two"], "argument --max-viewers: 'two' is not an integer"),
     (["--port", "99999"], "argument --port: '99999' is not a port number"),
     (["--ice-servers", "stun.l.google.com:19302"], "bad ICE server URL 'stun.l.google.com:19302'"),
     (["--ice-servers", "https://x"], "bad ICE server URL 'https://x'"),

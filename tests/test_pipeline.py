@@ -208,3 +208,29 @@ def test_a_large_portrait_streams_at_stream_max_and_records_at_full_size(engine,
             assert (c.streams.video[0].width, c.streams.video[0].height) == (1280, 1280)
     else:
         assert path is None
+
+
+def test_no_face_seconds_and_every_listener_hears_each_output(engine, source):
+    """stats()["no_face_s"] grows while frames have no face and is 0 once one is seen again; each listener (the
+    performer's track and its viewers') is called for every output, and none after it stopped listening."""
+    pipe = SessionPipeline(engine, source)
+    heard = [0, 0]
+    stop = [pipe.listen(lambda i=i: heard.__setitem__(i, heard[i] + 1)) for i in range(2)]
+    try:
+        assert pipe.stats()["no_face_s"] == 0.0  # no frame yet: nothing to say
+        blank = np.full_like(ASTRONAUT, 90)
+        pipe.submit(blank)
+        drain(pipe, 1)
+        time.sleep(1.2)
+        pipe.submit(blank)
+        drain(pipe, 2)
+        assert pipe.stats()["no_face_s"] >= 1.0
+        assert heard == [2, 2]
+        stop[1]()
+        pipe.submit(ASTRONAUT)
+        drain(pipe, 3)
+        assert pipe.stats()["no_face_s"] == 0.0
+        assert heard == [3, 2]
+    finally:
+        pipe.close()
+    assert heard == [4, 2]  # the close wakes the listeners still there

@@ -3,7 +3,9 @@
 Two live transports: WebRTC (our POST /offer on the same server, aiortc on this side, a small JS client in the
 page) for the lowest latency, and Gradio's own webcam streaming over HTTP as the fallback that works through share
 links without a TURN server. One engine serves every browser tab; a tab is a `Page`, keyed by Gradio's session
-hash, which the page also hands to its WebRTC client so the signalling route finds the same tab.
+hash, which the page also hands to its WebRTC client so the signalling route finds the same tab. A tab can share
+its output as a view-only link: GET /view/<token> is a page of its own (web/static/view.html) whose receive-only
+offer goes to POST /view/<token>/offer; the worker finds the tab by the token.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import contextlib
 import logging
 import os
 import json
+import re
 import secrets
 import signal
 import sys
@@ -20,12 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urljoin
 
 import fastapi
 import gradio as gr
 import numpy as np
 import skimage.data
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
 
 from model.editing import SLIDERS, Edits
@@ -40,14 +44,24 @@ from web.guard import Refused, check_offer, gradio_user, login_required
 from web.limits import Limits, argument, positive
 from web.limits import add_arguments as add_limit_arguments
 from web.webrtc import parse_ice_servers, turn_server
-from web.worker import TabClosed, Worker
+from web.worker import MAX_VIEWERS, NotLive, TabClosed, UnknownView, ViewersFull, Worker
 
 log = logging.getLogger("liveportrait.app")
 STATIC = Path(__file__).parent / "static"
-LIVE_HTML = """<div class="lp-live"><div class="lp-notice" hidden></div><video autoplay playsinline muted></video>
+LIVE_HTML = """<div class="lp-live"><div class="lp-notice" hidden></div><div class="lp-stage">
+<video autoplay playsinline muted></video><video class="lp-self" autoplay playsinline muted hidden></video>
+<div class="lp-noface" hidden>no face in view</div></div>
 <div class="lp-bar"><button class="lp-start">▶ Start camera</button><button class="lp-stop">■ Stop</button>
+<button class="lp-self-toggle" aria-pressed="true">Hide self-view</button>
+<button class="lp-pip">Picture-in-picture</button>
 <span class="lp-state">Transport: WebRTC (idle)</span><span class="lp-frames"></span></div></div>"""
 LIVE_CSS = """video { width: 100%; height: min(62vh, 560px); object-fit: contain; background: #111; border-radius: 8px; }
+.lp-stage { position: relative; }
+.lp-self { position: absolute; right: .6em; bottom: .6em; width: 22%; height: auto; transform: scaleX(-1);
+           border: 2px solid #fff; border-radius: 6px; }
+.lp-noface { position: absolute; top: .8em; left: 50%; transform: translateX(-50%); padding: .3em .9em;
+             border-radius: 6px; background: rgba(0, 0, 0, .75); color: #fff; font-weight: 600; }
+.lp-stage [hidden] { display: none; }
 .lp-bar { display: flex; gap: .6em; align-items: center; margin-top: .4em; flex-wrap: wrap; }
 button { padding: .35em 1em; border-radius: 6px; border: 1px solid #888; cursor: pointer; }
 .lp-frames { opacity: .7; font-size: .9em; }"""
@@ -61,6 +75,10 @@ PAGE_CSS = """.lp-banner { background: #b71c1c; color: #fff; padding: .6em 1em; 
 .lp-notice button { font-size: .9em; padding: .2em .9em; margin-top: .3em; }
 #lp-http-cam button:disabled { opacity: .35; cursor: not-allowed; }"""
 MAX_GONE = 10_000  # closed-tab markers kept at most (each also expires after the idle timeout)
+VIEW_HTML = (STATIC / "view.html").read_text()
+VIEW_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Robots-Tag": "noindex"}
+INVALID_LINK = "this view link is not valid: it was revoked, or its page closed"
+NO_FACE_S = 1.0  # the page says "no face in view" once the tracker has found none for this long
 
 
 class Page:
@@ -76,7 +94,8 @@ class LiveApp:
 
     def __init__(self, engine: Engine, ice_servers: list[dict] | None = None, untrained: bool = False,
                  workdir: str | Path | None = None, max_sessions: int | None = None, limits: Limits | None = None,
-                 max_renders: int = 1, step_s: float | None = None, codec: str = "h264", stream_max: int = 720):
+                 max_renders: int = 1, step_s: float | None = None, codec: str = "h264", stream_max: int = 720,
+                 max_viewers: int = MAX_VIEWERS):
         self.untrained, self.max_renders = untrained, max_renders
         self.ice_servers = ice_servers or []
         self.engine_info = f"{engine.device}, {engine.precision}. {' · '.join(engine.notes)}"
@@ -84,7 +103,7 @@ class LiveApp:
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="liveportrait-"))
         self.worker = Worker(engine, prepare_source(skimage.data.astronaut()),  # NASA, public domain
                              max_sessions or DEFAULT_MAX_SESSIONS.get(engine.device.type, 1), self.ice_servers,
-                             self.limits, self.dir, step_s, codec, stream_max)
+                             self.limits, self.dir, step_s, codec, stream_max, max_viewers)
         self.pages: dict[str, Page] = {}
         self.closed: dict[str, float] = {}  # session hashes of closed tabs -> when (they expire: see reap)
 
@@ -230,6 +249,54 @@ class LiveApp:
             log.info("offer refused: %s: %s", type(e).__name__, e)
             return JSONResponse({"error": f"bad offer: {e}"}, status_code=400)
 
+    # ---- view-only links: the output for OBS, a call or a second screen ----
+
+    def share_output(self, page_url: str, request: gr.Request) -> str:
+        """Share output: a new view-only link for this tab (`page_url`: the page's address, from the browser, so
+        the link names the host the way the user reaches it); the previous link stops working."""
+        if self.gone(request):
+            return gr.skip()
+        return urljoin(page_url or "", f"view/{self.worker.share(request.session_hash)}")
+
+    async def view_page(self, request: fastapi.Request) -> fastapi.Response:
+        """GET /view/<token>[?bg=RRGGBB&fit=contain|cover]: the viewer page (web/static/view.html), not Gradio's; 404
+        for a wrong or revoked token, 400 for a bad option. No login: the unguessable token is the permission to
+        watch, and it grants nothing else."""
+        if not self.worker.viewing(request.path_params["token"]):
+            return PlainTextResponse(INVALID_LINK, status_code=404, headers=VIEW_HEADERS)
+        bg, fit = request.query_params.get("bg", "000000"), request.query_params.get("fit", "contain")
+        if not re.fullmatch(r"[0-9a-fA-F]{6}", bg):
+            return PlainTextResponse(f"bg={bg[:20]!r}: expected six hex digits RRGGBB, e.g. ?bg=00ff00",
+                                     status_code=400, headers=VIEW_HEADERS)
+        if fit not in ("contain", "cover"):
+            return PlainTextResponse(f"fit={fit[:20]!r}: expected contain or cover", status_code=400,
+                                     headers=VIEW_HEADERS)
+        config = json.dumps(dict(ice=self.ice_servers, bg=f"#{bg}", fit=fit)).replace("<", "\\u003c")
+        return HTMLResponse(VIEW_HTML.replace("__CONFIG__", config), headers=VIEW_HEADERS)
+
+    async def view_offer(self, request: fastapi.Request) -> JSONResponse:
+        """POST /view/<token>/offer {sdp, type}: answer a viewer's receive-only offer. 404 for a wrong or revoked
+        token, 409 while the performer is not live (the page tries again), 429 beyond --max-viewers. A view offer
+        reaches no page route: it can change nothing of the session."""
+        token = request.path_params["token"]
+        if not self.worker.viewing(token):
+            return JSONResponse({"error": INVALID_LINK}, 404)
+        try:
+            body = await check_offer(request, view=True)
+        except Refused as e:
+            return JSONResponse({"error": str(e)}, status_code=e.status)
+        try:
+            return JSONResponse(await self.worker.view_offer(token, body))
+        except UnknownView:
+            return JSONResponse({"error": INVALID_LINK}, 404)
+        except NotLive as e:
+            return JSONResponse({"error": str(e)}, status_code=409)
+        except ViewersFull as e:
+            return JSONResponse({"error": str(e)}, status_code=429)
+        except Exception as e:  # aiortc refused the offer: nothing was created
+            log.info("view offer refused: %s: %s", type(e).__name__, e)
+            return JSONResponse({"error": f"bad offer: {e}"}, status_code=400)
+
     def stats(self, request: gr.Request) -> str:
         """The metrics line the page polls."""
         if self.gone(request):
@@ -244,9 +311,11 @@ class LiveApp:
                      f" · ■ recording stopped at the {self.limits.record_max_s:g} s limit: press Stop recording to "
                      "get it" if m["recording_full"] else f" · ⚠️ {m['record_error']}" if m["record_error"] else "")
         codec = f" ({m['codec']})" if m["codec"] else ""
+        face = " · ⚠️ no face in view" if m["no_face_s"] >= NO_FACE_S else ""
+        viewers = f" · 🔗 {m['viewers']} viewer{'s' if m['viewers'] != 1 else ''}" if m["viewers"] else ""
         return (f"**Live via {m['transport']}{codec}** · in {m['fps_in']} fps · out {m['fps_out']} fps · "
                 f"dropped {m['dropped']} · latency p50 {m['latency_p50_ms']:.0f} ms / p95 {m['latency_p95_ms']:.0f} ms"
-                f" · {size}{recording}")
+                f" · {size}{recording}{face}{viewers}")
 
     async def healthz(self, request: fastapi.Request) -> JSONResponse:
         """GET /healthz: readiness and load for a load balancer; 503 while full. Under --auth, a request without
@@ -349,6 +418,11 @@ class LiveApp:
                         record = gr.Button("● Record", size="sm")
                         stop = gr.Button("■ Stop recording", size="sm")
                     record_status = gr.Markdown()
+                    with gr.Row(equal_height=True):
+                        share = gr.Button("🔗 Share output", size="sm", scale=0, elem_id="lp-share")
+                        link = gr.Textbox(label="View-only link (OBS Browser Source, 720×720: see docs/obs.md); a "
+                                                "new one revokes it", interactive=False, buttons=["copy"],
+                                          elem_id="lp-link", scale=4)
                     recording = gr.File(label="Recordings (MP4)", file_count="multiple", interactive=False)
 
             demo.load(self.open_page, None, live)
@@ -366,6 +440,7 @@ class LiveApp:
                        show_progress="hidden")
             go.click(self.render_video, driving, [rendered, render_status], concurrency_limit=self.max_renders,
                      concurrency_id="render")  # a bounded queue: the page shows its position
+            share.click(self.share_output, link, link, js="() => [document.baseURI]")  # js: the page's address
             record.click(self.start_recording, None, record_status)
             stop.click(self.stop_recording, None, [recording, record_status])
             gr.Timer(1.0).tick(self.stats, None, metrics, show_progress="hidden")
@@ -374,8 +449,8 @@ class LiveApp:
     def launch(self, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
                auth: tuple[str, str] | None = None, block: bool = True,
                ssl: tuple[str | Path, str | Path] | None = None) -> gr.Blocks:
-        """Serve the page plus POST /offer on one server (a share link tunnels both); HTTPS with `ssl` =
-        (certfile, keyfile)."""
+        """Serve the page, POST /offer and the view-only links on one server (a share link tunnels all); HTTPS
+        with `ssl` = (certfile, keyfile)."""
         @contextlib.asynccontextmanager
         async def lifespan(_app):
             reaper = asyncio.create_task(self._reap_forever())
@@ -391,7 +466,9 @@ class LiveApp:
                     prevent_thread_lock=not block, css=PAGE_CSS, footer_links=[],
                     ssl_certfile=certfile, ssl_keyfile=keyfile, ssl_verify=False,  # Gradio's check of its own URL
                     app_kwargs={"routes": [APIRoute("/offer", self.offer, methods=["POST"]),
-                                           APIRoute("/healthz", self.healthz, methods=["GET"])],
+                                           APIRoute("/healthz", self.healthz, methods=["GET"]),
+                                           APIRoute("/view/{token}", self.view_page, methods=["GET"]),
+                                           APIRoute("/view/{token}/offer", self.view_offer, methods=["POST"])],
                                 "lifespan": lifespan})
         return demo
 
@@ -433,6 +510,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="live sessions admitted at once; more get 'the server is full' (default per device: "
                              + ", ".join(f"{k} {v}" for k, v in DEFAULT_MAX_SESSIONS.items()) + ")")
     parser.add_argument("--max-batch", type=positive(int), default=8, help="most sessions animated in one engine call")
+    parser.add_argument("--max-viewers", type=positive(int), default=MAX_VIEWERS,
+                        help="viewers per live session on its view-only link (Share output); more are told "
+                             "'this output already has N viewers'")
     parser.add_argument("--max-renders", type=positive(int), default=1,
                         help="video-file renders run at once; more wait in a queue whose position the page shows")
     parser.add_argument("--codec", choices=encode.CODECS, default="h264",
@@ -470,7 +550,7 @@ def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = N
     step = took.get(1) if engine.device.type == "cpu" else None  # CUDA's first call compiles: the worker measures
     app = LiveApp(engine, ice_servers, untrained=str(args.weights) == "recipe", max_sessions=args.max_sessions,
                   limits=Limits.from_args(args), max_renders=args.max_renders, step_s=step, codec=args.codec,
-                  stream_max=args.stream_max)
+                  stream_max=args.stream_max, max_viewers=args.max_viewers)
     if on_start:
         on_start(app)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop` / systemd: shut down like Ctrl-C

@@ -20,6 +20,7 @@ MAX_OFFER_BYTES = 64 * 1024  # a browser's offer with every ICE candidate is ~3-
 MAX_MEDIA_SECTIONS = 8  # the page sends one video section; room for a browser that adds audio/data
 MAX_SESSION_CHARS = 128  # Gradio's session hashes are ~11 characters, page secrets 32
 FIELDS = ("sdp", "type", "session", "secret")
+VIEW_FIELDS = ("sdp", "type")  # a viewer's offer: the token is in its URL
 
 
 class Refused(Exception):
@@ -67,18 +68,22 @@ async def read_body(request: fastapi.Request, limit: int = MAX_OFFER_BYTES) -> b
     return bytes(body)
 
 
-def parse_offer(body: bytes) -> dict:
+def parse_offer(body: bytes, view: bool = False) -> dict:
     """{sdp, type, session, secret} with an SDP aiortc can answer: a video section the browser sends on, in a codec we
-    decode, with ICE credentials and RTCP mux. Raises Refused(400) saying what is wrong."""
+    decode, with ICE credentials and RTCP mux. A viewer's offer (`view`) is {sdp, type} with a video section it
+    receives on instead. Raises Refused(400) saying what is wrong."""
+    fields = VIEW_FIELDS if view else FIELDS
+    shape = "{" + ", ".join(fields) + "}"
     try:
         offer = json.loads(body)
     except (ValueError, RecursionError):
-        raise Refused(400, "expected JSON {sdp, type, session, secret}") from None
-    if not isinstance(offer, dict) or not all(isinstance(offer.get(k), str) for k in FIELDS):
-        raise Refused(400, "expected JSON {sdp, type, session, secret} (four strings)")
+        raise Refused(400, f"expected JSON {shape}") from None
+    if not isinstance(offer, dict) or not all(isinstance(offer.get(k), str) for k in fields):
+        raise Refused(400, f"expected JSON {shape} ({'four' if len(fields) == 4 else 'two'} strings)")
     if offer["type"] != "offer":
         raise Refused(400, f"expected type 'offer', got {offer['type'][:20]!r}")
-    if not (0 < len(offer["session"]) <= MAX_SESSION_CHARS and 0 < len(offer["secret"]) <= MAX_SESSION_CHARS):
+    if not view and not (0 < len(offer["session"]) <= MAX_SESSION_CHARS
+                         and 0 < len(offer["secret"]) <= MAX_SESSION_CHARS):
         raise Refused(400, "bad session id or secret")
     try:
         description = sdp.SessionDescription.parse(offer["sdp"])
@@ -94,18 +99,21 @@ def parse_offer(body: bytes) -> dict:
             raise Refused(400, "bad offer: RTCP mux is not enabled")
         if not m.dtls or not m.dtls.fingerprints:
             raise Refused(400, "bad offer: no DTLS fingerprint")
-    if not any(m.kind == "video" and m.direction in ("sendrecv", "sendonly")
+    directions, wanted = ((("recvonly",), "no video to receive only (a recvonly video section") if view else
+                          (("sendrecv", "sendonly"), "no webcam video (a sendrecv video section"))
+    if not any(m.kind == "video" and m.direction in directions
                and find_common_codecs(CODECS["video"], m.rtp.codecs) for m in media):
-        raise Refused(400, "bad offer: no webcam video (a sendrecv video section in VP8 or H.264)")
+        raise Refused(400, f"bad offer: {wanted} in VP8 or H.264)")
     return offer
 
 
-async def check_offer(request: fastapi.Request) -> dict:
-    """Every check, cheapest first; the validated offer, or Refused."""
-    if login_required(request) and await gradio_user(request) is None:
+async def check_offer(request: fastapi.Request, view: bool = False) -> dict:
+    """Every check, cheapest first; the validated offer, or Refused. A viewer's offer (`view`) needs no login:
+    its link's token is the permission to watch (and grants nothing else)."""
+    if not view and login_required(request) and await gradio_user(request) is None:
         raise Refused(401, "log in first")
     if not same_origin(request):
         raise Refused(403, "cross-origin request refused")
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
         raise Refused(415, "expected Content-Type: application/json")
-    return parse_offer(await read_body(request))
+    return parse_offer(await read_body(request), view)

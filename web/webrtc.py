@@ -72,13 +72,14 @@ class AnimatedTrack(VideoStreamTrack):
         super().__init__()
         self.pipeline: SessionPipeline | None = None
         self._fresh = asyncio.Event()
+        self._unlisten: Callable[[], None] = lambda: None
         self._seq = 0
         self._t0 = time.monotonic()
 
     def bind(self, pipeline: SessionPipeline) -> None:
         loop = asyncio.get_running_loop()
         self.pipeline = pipeline
-        pipeline.on_output = lambda: loop.is_closed() or loop.call_soon_threadsafe(self._fresh.set)
+        self._unlisten = pipeline.listen(lambda: loop.is_closed() or loop.call_soon_threadsafe(self._fresh.set))
         self._fresh.set()
 
     async def recv(self) -> av.VideoFrame:
@@ -97,6 +98,7 @@ class AnimatedTrack(VideoStreamTrack):
 
     def stop(self) -> None:
         super().stop()
+        self._unlisten()
         self._fresh.set()
 
 
@@ -106,7 +108,9 @@ class Peer:
     pipeline; `close` ends it (idempotent). `on_end` is called once if the connection ends by itself: it failed,
     the browser closed it or its webcam track, or it never connected."""
 
-    def __init__(self, pc: RTCPeerConnection, webcam: MediaStreamTrack, output: AnimatedTrack):
+    WEBCAM = True  # the offer must send a webcam
+
+    def __init__(self, pc: RTCPeerConnection, webcam: MediaStreamTrack | None, output: AnimatedTrack):
         self.pc, self.webcam, self.output = pc, webcam, output
         self.codec = encode.negotiated_codec(pc.localDescription.sdp)  # what the page's metrics line names
         self.closed = False
@@ -125,7 +129,7 @@ class Peer:
             # aiortc picks the codec inside setRemoteDescription: the offer's video takes this transceiver
             encode.prefer_codec(pc.addTransceiver("video", direction="sendrecv"), codec)
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type=offer["type"]))
-            if not webcam:
+            if cls.WEBCAM and not webcam:
                 raise ValueError("the offer has no video track")
             pc.addTrack(output)
             await pc.setLocalDescription(await pc.createAnswer())
@@ -133,7 +137,7 @@ class Peer:
             output.stop()
             await pc.close()
             raise
-        return cls(pc, webcam[0], output)
+        return cls(pc, webcam[0] if webcam else None, output)
 
     @property
     def answer(self) -> dict:
@@ -182,3 +186,14 @@ class Peer:
         for task in self._tasks - {asyncio.current_task()}:
             task.cancel()
         await self.pc.close()
+
+
+class Viewer(Peer):
+    """A receive-only peer: a session's output for someone who only watches (the /view/<token> page, OBS). It
+    sends no webcam and has no say over the session; its own AnimatedTrack, so aiortc encodes for it alone and
+    a slow viewer holds back nobody else."""
+
+    WEBCAM = False
+
+    async def _pump(self, pipeline: SessionPipeline) -> None:
+        """Nothing comes in from a viewer."""

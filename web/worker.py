@@ -7,6 +7,11 @@ own event loop thread, where aiortc's peers live too. Every way a connection end
 connection, Stop, the peer failing or the webcam track ending, an HTTP-streaming webcam going quiet, the tab
 closing or being reaped, and server shutdown.
 
+A tab may also share its output: `share` gives it a view token (a new one revokes the old), and `view_offer` admits
+up to `max_viewers` receive-only peers that watch whatever connection the tab has live. The token -> tab lookup is
+the worker's, so a front that spreads tabs over several workers only has to route a view offer to the worker that
+holds the token. The tab owns its viewers: they end with the connection they watch, with the token and with the tab.
+
 Calls come from any thread: the sync methods run their state changes on the loop (`_on_loop`) and their slow parts
 (face detection, waiting for a frame) in the caller's thread; `offer` is a coroutine for the front's event loop.
 Everything a method returns is plain data (images, numbers, text), never a pipeline or a tensor.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -31,13 +37,29 @@ from stream.pipeline import RecordingRunning, SessionPipeline, Settings, draw_te
 from stream.render import read_image, render
 from stream.scheduler import Scheduler, ServerFull
 from web.limits import Limits, WorkDir, release_memory
-from web.webrtc import Peer
+from web.webrtc import Peer, Viewer
 
 log = logging.getLogger("liveportrait.worker")
 T = TypeVar("T")
 WEBRTC, HTTP = "WebRTC", "HTTP streaming"
 HTTP_QUIET_S = 5.0  # an HTTP-streaming connection without a webcam frame this long has stopped: its slot frees
 CALL_TIMEOUT_S = 120.0  # no call into the loop waits longer (closing a connection waits for its frames in flight)
+MAX_VIEWERS = 4  # receive-only viewers per tab unless --max-viewers says otherwise
+
+
+class UnknownView(LookupError):
+    """A view token that is wrong, revoked, or whose tab has closed."""
+
+
+class NotLive(RuntimeError):
+    """A view offer while the tab that shares its output has no live connection (the viewer page retries)."""
+
+
+class ViewersFull(RuntimeError):
+    """A view offer beyond --max-viewers; the message is meant for the viewer."""
+
+    def __init__(self, n: int):
+        super().__init__(f"this output already has {n} viewer{'s' if n != 1 else ''}")
 
 
 class TabClosed(RuntimeError):
@@ -86,6 +108,9 @@ class Tab:
         self.editing = False  # that tab is shown: control changes re-render the edited portrait
         self.seen = time.monotonic()  # the tab's last call or webcam frame decides when it is reaped
         self.closed = False  # forgotten by the worker: a connection made meanwhile must not stay
+        self.token: str | None = None  # its view link's token, once shared
+        self.viewers: set[Viewer] = set()  # watching `conn`'s output
+        self.joining = 0  # view offers being accepted: they hold a viewer slot meanwhile
 
     @property
     def pipeline(self) -> SessionPipeline | None:
@@ -100,12 +125,26 @@ class Tab:
             raise TabClosed("this tab was closed; reload the page")
         old, self.conn = self.conn, conn
         if old is not None:
+            await self.end_viewers()  # they watched `old`; their pages connect again to the new one
             await self._retire(old)
 
     async def end(self, conn: Connection | None = None) -> None:
         """End `conn` (default: the live one); one already replaced is being closed by `replace`: nothing to do."""
         if conn is None or conn is self.conn:
             await self.replace(None)
+
+    def watch(self, viewer: Viewer, on_end: Callable[[], None]) -> None:
+        """`viewer` watches the live connection from now on, until it ends."""
+        self.viewers.add(viewer)
+        viewer.start(self.conn.pipeline, on_end)
+
+    async def end_viewer(self, viewer: Viewer) -> None:
+        self.viewers.discard(viewer)
+        await viewer.close()
+
+    async def end_viewers(self) -> None:
+        viewers, self.viewers = self.viewers, set()
+        await asyncio.gather(*(v.close() for v in viewers), return_exceptions=True)
 
     async def _retire(self, conn: Connection) -> None:
         if path := await conn.close():
@@ -122,14 +161,15 @@ class Worker:
 
     def __init__(self, engine: Engine, sample: SourceFace, max_sessions: int, ice_servers: list[dict] | None = None,
                  limits: Limits | None = None, workdir: Path | None = None, step_s: float | None = None,
-                 codec: str = "h264", stream_max: int = 720):
-        self.engine, self.sample, self.max_sessions = engine, sample, max_sessions
+                 codec: str = "h264", stream_max: int = 720, max_viewers: int = MAX_VIEWERS):
+        self.engine, self.sample, self.max_sessions, self.max_viewers = engine, sample, max_sessions, max_viewers
         self.codec, self.stream_max = codec, stream_max
         encode.install()  # aiortc's senders and receivers use the tuned encoders and decoders
         self.ice_servers = ice_servers or []
         self.limits = limits or Limits()
         self.work = WorkDir(workdir, self.limits)
         self.tabs: dict[str, Tab] = {}
+        self.views: dict[str, Tab] = {}  # view token -> the tab that shared its output
         self.step_s = step_s if step_s is not None else self._measure_step()
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="worker-loop", daemon=True)
@@ -254,6 +294,53 @@ class Worker:
             except Exception:  # the watch must outlive any one failure
                 log.exception("HTTP-streaming watch failed")
 
+    # ---- view-only links ----
+
+    def share(self, tab: str) -> str:
+        """A new view token for the tab's output; the previous one is revoked and its viewers end."""
+        async def run() -> str:
+            t = self.tab(tab)
+            await self._revoke(t)
+            t.token = secrets.token_urlsafe(24)
+            self.views[t.token] = t
+            return t.token
+        return self._on_loop(run)
+
+    async def _revoke(self, t: Tab) -> None:
+        if t.token:
+            self.views.pop(t.token, None)
+            t.token = None
+        await t.end_viewers()
+
+    def viewing(self, token: str) -> bool:
+        """Whether `token` is a view token in use (its page exists; live or not)."""
+        return token in self.views
+
+    async def view_offer(self, token: str, offer: dict) -> dict:
+        """Answer a viewer's receive-only offer from the front's loop: UnknownView, NotLive, ViewersFull, or
+        ValueError (or aiortc's error) when aiortc refuses the offer. Nothing else of the tab is touched."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._view_offer(token, offer), self.loop))
+
+    async def _view_offer(self, token: str, offer: dict) -> dict:
+        t = self.views.get(token)
+        if t is None:
+            raise UnknownView(token)
+        if t.conn is None:
+            raise NotLive("the performer is not live")
+        if len(t.viewers) + t.joining >= self.max_viewers:
+            raise ViewersFull(len(t.viewers) + t.joining)
+        conn = t.conn
+        t.joining += 1
+        try:
+            viewer = await Viewer.accept(offer, self.ice_servers, self.codec)
+        finally:
+            t.joining -= 1
+        if t.conn is not conn or self.views.get(token) is not t:  # it ended, or the link was revoked, meanwhile
+            await viewer.close()
+            raise NotLive("the performer is not live") if self.views.get(token) is t else UnknownView(token)
+        t.watch(viewer, lambda: self._spawn(t.end_viewer(viewer)))
+        return viewer.answer
+
     def disconnect(self, tab: str) -> None:
         """The page's Stop: end the tab's live connection (a recording it had is kept as a take)."""
         async def run() -> None:
@@ -266,6 +353,7 @@ class Worker:
         async def run() -> None:
             if t := self.tabs.pop(tab, None):
                 t.closed = True
+                await self._revoke(t)
                 await t.end()
                 if t.editor:
                     await asyncio.to_thread(t.editor.close)
@@ -399,18 +487,24 @@ class Worker:
         conn = t.conn
         if conn is None:
             return dict(live=False, refused=t.refused)
-        return dict(conn.pipeline.stats(), live=True, codec=conn.peer.codec if conn.peer else None)
+        return dict(conn.pipeline.stats(), live=True, codec=conn.peer.codec if conn.peer else None,
+                    viewers=len(t.viewers))
 
     def counts(self) -> dict:
-        """What is allocated now: tabs, live connections, WebRTC peers, engine sessions, scheduler lanes (all
-        back to 0 when every tab has gone)."""
+        """What is allocated now: tabs, live connections, WebRTC peers, viewers' peers, view tokens, engine
+        sessions, scheduler lanes (all back to 0 when every tab has gone)."""
         conns = [t.conn for t in list(self.tabs.values()) if t.conn]
         return dict(tabs=len(self.tabs), live=self.live(), peers=sum(1 for c in conns if c.peer),
+                    viewers=self.viewers(), views=len(self.views),
                     engine_sessions=len(self.engine.sessions), lanes=len(Scheduler.of(self.engine).lanes))
+
+    def viewers(self) -> int:
+        return sum(len(t.viewers) for t in list(self.tabs.values()))
 
     def health(self) -> dict:
         sched = Scheduler.of(self.engine).stats()
         conns = [c for t in list(self.tabs.values()) if (c := t.conn)]
         return dict(live_sessions=self.live(), capacity=self.max_sessions, device=str(self.engine.device),
+                    viewers=self.viewers(), max_viewers_per_session=self.max_viewers,
                     engine_step_p50_ms=sched["engine_step_p50_ms"], batch_sizes=sched["batch_sizes"],
                     session_fps=[c.pipeline.stats()["fps_out"] for c in conns])

@@ -6,6 +6,8 @@
 // --turn-url. One start at a time: a newer click supersedes an older one still waiting for the camera or the server,
 // and whatever the older one opened is closed.
 // window.lpLive counts the decoded output frames and their size (shown on the page, read by the browser tests).
+// Also here: the self-view (the local camera, mirrored, no server work), the "no face in view" overlay (from the
+// metrics line the page polls), and picture-in-picture of the animated video.
 const $ = (sel) => element.querySelector(sel);
 const live = (window.lpLive = {
   frames: 0, width: 0, height: 0, state: "idle", route: "", transport: "WebRTC", fallback: "", firstFrameMs: 0,
@@ -49,6 +51,8 @@ function stop(state = "stopped") {
   if (cam) {
     cam.getTracks().forEach((t) => t.stop());
     cam = null;
+    $(".lp-self").srcObject = null;
+    showSelf();
   }
   if (pc) {
     pc.getSenders().forEach((s) => s.track && s.track.stop());
@@ -154,6 +158,8 @@ async function start() {
     return;
   }
   cam = stream;
+  $(".lp-self").srcObject = stream;
+  showSelf();
   pc = new RTCPeerConnection({ iceServers: props.ice_servers || [] });
   const own = pc;
   stream.getTracks().forEach((t) => own.addTrack(t, stream));
@@ -224,6 +230,29 @@ function blockCamera() {
   new MutationObserver(guard).observe(document.body, { childList: true, subtree: true });
   guard();
 }
+
+// ---- self-view, "no face in view", picture-in-picture ----
+
+let selfView = true; // shown while the camera runs, unless hidden with its toggle
+
+function showSelf() {
+  $(".lp-self").hidden = !(selfView && cam);
+  $(".lp-self-toggle").textContent = selfView ? "Hide self-view" : "Show self-view";
+  $(".lp-self-toggle").setAttribute("aria-pressed", String(selfView));
+}
+
+function noFace() {
+  // the server's tracker found no face for a second: web/app.py LiveApp.stats says so in the metrics line
+  const metrics = document.querySelector("#lp-metrics");
+  $(".lp-noface").hidden = !(pc && metrics && metrics.textContent.includes("no face in view"));
+}
+
+new MutationObserver(noFace).observe(document.body, { childList: true, subtree: true, characterData: true });
+element.addEventListener("click", (e) => {
+  if (e.target.closest(".lp-self-toggle")) (selfView = !selfView), showSelf();
+  if (e.target.closest(".lp-pip"))
+    $("video").requestPictureInPicture().catch((err) => say(`picture-in-picture refused: ${err.message}`));
+});
 
 if (window.isSecureContext && navigator.mediaDevices) {
   element.addEventListener("click", (e) => {
