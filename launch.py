@@ -21,6 +21,8 @@ def common(p: argparse.ArgumentParser) -> None:
                    help="network size; 'tiny' (same classes, few channels) only with --weights recipe")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--no-download", action="store_true", help="never try to download missing weights")
+    from stream.face import add_face_arguments  # numpy and OpenCV only; mediapipe loads when a face is tracked
+    add_face_arguments(p)
 
 
 # Sub-command -> (module, one-line help). A module gives add_arguments(parser) and run(args), and is imported only

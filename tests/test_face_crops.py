@@ -123,3 +123,21 @@ def test_face_stack_imports_without_portaudio_or_display():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "ok 2." in proc.stdout, proc.stderr[-2000:]
+
+
+def test_launch_takes_face_model_for_every_command(tmp_path):
+    import launch
+    parser = argparse.ArgumentParser()
+    launch.common(parser)
+    try:
+        assert parser.parse_args(["--face-model", str(tmp_path / "x.task")]).face_model == str(tmp_path / "x.task")
+        assert face._model_source == str(tmp_path / "x.task")
+    finally:
+        face.use_face_model(None)
+
+
+def test_face_bench_times_the_live_step():
+    from stream.face_bench import bench_tracking
+    r = bench_tracking(moving_face(4), loops=2)
+    assert r["frames"] == 8 and r["found"] == 8 and len(r["ms"]) == 8
+    assert 0 < r["median_ms"] <= r["p90_ms"] and r["mediapipe"].startswith("1.") and r["numpy"].startswith("2.")
