@@ -141,3 +141,11 @@ def test_face_bench_times_the_live_step():
     r = bench_tracking(moving_face(4), loops=2)
     assert r["frames"] == 8 and r["found"] == 8 and len(r["ms"]) == 8
     assert 0 < r["median_ms"] <= r["p90_ms"] and r["mediapipe"].startswith("1.") and r["numpy"].startswith("2.")
+
+
+def test_package_data_carries_the_model_and_its_licence():
+    """setuptools installs only .py files unless package-data names the rest: a wheel would track no face."""
+    import tomllib
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["stream"]
+    shipped = {p for g in globs for p in (ROOT / "stream").glob(g)}
+    assert {face.MODEL_PATH, face.MODEL_PATH.parent / "LICENSE.face_landmarker.txt"} <= shipped
