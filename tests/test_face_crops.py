@@ -104,6 +104,10 @@ def test_face_model_option_loads_another_file(tmp_path):
         parser.parse_args(["--face-model", str(tmp_path / "missing.task")])
         with pytest.raises(FaceModelError, match="missing.task.*--face-model"):
             FaceTracker(live=False)
+        (tmp_path / "garbage.task").write_bytes(b"not a model")
+        parser.parse_args(["--face-model", str(tmp_path / "garbage.task")])
+        with pytest.raises(FaceModelError, match="could not be loaded"):
+            FaceTracker(live=False)
         parser.parse_args(["--face-model", str(copy)])
         t = FaceTracker(live=False)
         assert t.landmarks(STILLS["astronaut"]).shape == (478, 2)
