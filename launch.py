@@ -32,6 +32,8 @@ def common(p: argparse.ArgumentParser, sub: bool = False) -> None:
                    help="network size; 'tiny' (same classes, few channels) only with --weights recipe")
     p.add_argument("--device", **({"default": None} | d), help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--no-download", action="store_true", **d, help="never try to download missing weights")
+    from stream.face import add_face_arguments  # numpy and OpenCV only; mediapipe loads when a face is tracked
+    add_face_arguments(p, **d)
 
 
 # Sub-command -> (module, one-line help). A module gives add_arguments(parser) and run(args), and is imported only

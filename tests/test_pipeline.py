@@ -83,7 +83,9 @@ def test_sessions_share_the_engine_and_clean_up(engine, source):
     SessionPipeline(engine, source).close()  # the engine's scheduler threads start with its first session
     before = set(threading.enumerate())
     pipes = [SessionPipeline(engine, source, transport=f"test{i}") for i in range(3)]
-    assert set(threading.enumerate()) == before  # no thread per session
+    # no pipeline thread per session: the one new thread each is its face tracker's (mediapipe 1.x runs each task's
+    # C calls on a dispatcher thread of its own), and it ends with the session (checked below)
+    assert len(set(threading.enumerate()) - before) == len(pipes)
     for rgb in frames(6):
         for p in pipes:
             p.submit(rgb)
