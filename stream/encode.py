@@ -14,8 +14,9 @@ encodes at the portrait's full size with a general-purpose x264 ("medium") or li
     prefer_codec(transceiver, codec)        # per peer, on a transceiver made before setRemoteDescription
     negotiated_codec(pc.localDescription.sdp)    # "H264" / "VP8": what the page's metrics line names
 
-The recording keeps the full-size image: only the encoder's copy is resized, here. web/static/live.js's preferCodec is the
-browser half of the codec choice. The measured trade-offs behind the settings are in docs/benchmarks.md.
+The recording keeps the full-size image: only the encoder's copy is resized, here. preferCodec in
+web/static/live.js is the browser half of the codec choice. The measured trade-offs behind the settings are in
+docs/benchmarks.md.
 """
 from __future__ import annotations
 

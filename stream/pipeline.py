@@ -182,12 +182,13 @@ class RecordingRunning(RuntimeError):
 class SessionPipeline:
     """One live connection: frames in (`submit`, any thread), animated frames out (`latest`/`wait`, or the
     callbacks given to `listen`, called on a scheduler thread: the performer's track and its viewers' each have
-    one). With `stream_max`, each output is also the yuv420p frame a video encoder takes (`latest_video`), its
-    longer side at most `stream_max`; recordings keep the full size. Admission is its owner's job
-    (web/worker.py); `close` frees everything."""
+    one). With `stream_max`, while anyone listens, each output is also the yuv420p frame a video encoder takes
+    (`latest_video`), its longer side at most `stream_max`; recordings keep the full size. `images`: keep each
+    output's full-size RGB image too (HTTP streaming answers with it); without, it is made only when a recording or
+    the overlay needs it. Admission is its owner's job (web/worker.py); `close` frees everything."""
 
     def __init__(self, engine: Engine, source: SourceFace, settings: Settings | None = None, transport: str = "",
-                 stream_max: int | None = None):
+                 stream_max: int | None = None, images: bool = True):
         self.scheduler = Scheduler.of(engine)
         self.animator = Animator(engine, source, settings)
         self.lane = self.scheduler.add(self)
@@ -198,7 +199,7 @@ class SessionPipeline:
         self.record_error: str | None = None  # why the last recording stopped early (the page says so)
         self.seq = 0  # number of the latest output
         self.started = time.monotonic()
-        self.stream_max = stream_max
+        self.stream_max, self.images = stream_max, images
         self._frames = StreamFrames(stream_max) if stream_max else None
         self._output: np.ndarray | None = None  # the newest output (None while only its video frame was made)
         self._video: av.VideoFrame | None = None
@@ -305,17 +306,20 @@ class SessionPipeline:
 
     def finish(self, work: Work, face: np.ndarray | torch.Tensor | None) -> None:
         rec, s = self.recorder, self.settings
-        full = None  # the clean full-size host image, made only when a recording or the overlay needs it
-        if self._frames and isinstance(face, np.ndarray) and s.paste and not (rec or s.overlay):
+        with self._cond:
+            stream = self._frames is not None and bool(self._listeners)  # a track sends it: a yuv420p frame
+        full = None  # the clean full-size host image, made only when it is kept, recorded or overlaid
+        only_stream = stream and not (rec or s.overlay or self.images)
+        if only_stream and isinstance(face, np.ndarray) and s.paste:
             shown, video = None, self.animator.stream(work, face, self.stream_max)  # pasted into the stream frame
         else:
             image = self.animator.finish(work, face)
-            if self._frames and not (rec or s.overlay):  # only the encoder needs it: on CUDA, converted there
+            if only_stream:  # on CUDA, resized and converted on the device
                 shown, video = (image if isinstance(image, np.ndarray) else None), self._frames(image)
             else:
                 full = host(image)
                 shown = draw_metrics(full, self.metrics.snapshot()) if s.overlay else full  # recordings stay clean
-                video = self._frames(shown) if self._frames else None
+                video = self._frames(shown) if stream else None
         now = time.monotonic()
         with self._cond:
             m = self.metrics

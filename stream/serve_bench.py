@@ -299,6 +299,14 @@ def serve(engine, source, row: Row, seconds: float, frames: list[np.ndarray], wa
         vars(sched).pop("animate", None)
 
 
+def publish(header: str, table: str, report: dict, path: Path | None) -> None:
+    """A benchmark's output: its header and markdown table, then its JSON (also written to `path`)."""
+    print(header + "\n\n" + table)
+    if path:
+        path.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report))
+
+
 def markdown(rows: list[dict]) -> str:
     out = ["| mode | sessions | aggregate fps | per-session fps | latency p50 ms | p95 ms | batch sizes | "
            "ms: prepare / engine per call / engine per frame / paste / VP8 |", "|" + "---|" * 8]
@@ -348,9 +356,5 @@ def run(args: argparse.Namespace) -> int:
               f"{args.config} · weights {'recipe (untrained)' if weights == 'recipe' else 'official'} · "
               f"{runs} per row after 2 s warm-up each · 1-min load average "
               f"{' / '.join(f'{x:.1f}' for x in load)} (start / after each session count)")
-    print(header + "\n\n" + markdown(rows))
-    report = {"serve": rows}
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps(report))
+    publish(header, markdown(rows), {"serve": rows}, args.json)
     return 0

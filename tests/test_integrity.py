@@ -14,7 +14,6 @@ import time
 import av
 import gradio as gr
 import httpx
-import numpy as np
 import pytest
 import skimage.data
 
@@ -394,3 +393,15 @@ def test_the_page_states_the_expected_time_per_frame(engine, tmp_path):
     measured = LiveApp(engine, untrained=True, workdir=tmp_path)  # one engine call at start-up
     assert measured.worker.step_s > 0
     measured.close()
+
+
+def test_renders_wait_in_a_bounded_queue(engine, tmp_path):
+    """--max-renders at once; the others wait in Gradio's queue, which shows each its position."""
+    from web.app import LiveApp
+    app = LiveApp(engine, untrained=True, workdir=tmp_path, max_renders=2, step_s=0.1)
+    try:
+        demo = app.blocks()
+        (fn,) = [f for f in demo.fns.values() if f.name == "render_video"]
+        assert fn.concurrency_limit == 2 and fn.concurrency_id == "render" and fn.show_progress == "full"
+    finally:
+        app.close()

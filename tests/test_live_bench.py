@@ -6,7 +6,7 @@ import sys
 
 from conftest import ROOT
 
-STAGES = {"decode", "face", "engine", "paste", "convert", "encode"}
+STAGES = {"decode", "face", "engine", "paste", "convert", "encode", "viewer"}
 
 
 def test_bench_live_smoke_writes_the_rows(tmp_path):
@@ -28,4 +28,5 @@ def test_bench_live_smoke_writes_the_rows(tmp_path):
             assert all(v >= 0 for v in r["stages"].values()) and r["stages"]["engine"] > 0
             assert 0 < r["total_ms"] < r["outside_engine_ms"]  # decode + paste + convert + encode, then + face
             assert r["kbps"] > 0 and r["psnr_y_db"] > 20 and r["natural_psnr_y_db"] > 30
+            assert r["viewer_ms"] == r["stages"]["viewer"] > 0  # what one more viewer costs per frame
         assert len({r["stages"]["face"] for r in mine}) == 1  # one face track per frame, shared by every row

@@ -194,7 +194,8 @@ def test_a_large_portrait_streams_at_stream_max_and_records_at_full_size(engine,
     when nothing needs the full size); a recording keeps the portrait's full size."""
     import cv2
     big = prepare_source(cv2.resize(ASTRONAUT, (1280, 1280)))
-    pipe = SessionPipeline(engine, big, transport="WebRTC", stream_max=720)
+    pipe = SessionPipeline(engine, big, transport="WebRTC", stream_max=720, images=False)
+    pipe.listen(lambda: None)  # a track that sends it
     if recording:
         pipe.start_recording(tmp_path / "take.mp4")
     for i, frame in enumerate(frames(3)):
@@ -236,3 +237,29 @@ def test_no_face_seconds_and_every_listener_hears_each_output(engine, source):
     finally:
         pipe.close()
     assert heard == [4, 2]  # the close wakes the listeners still there
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(),
+                    reason="needs CUDA: there the output is resized and colour-converted on the device")
+def test_on_cuda_only_the_streamed_planes_reach_the_host(source):
+    """A CUDA engine's output stays on the device through paste-back, resize and colour conversion: the pipeline
+    makes no full-size host image, and sends a yuv420p frame at the streamed size whose picture is the portrait's
+    (tests/test_encode.py checks the device conversion against the host one, numerically)."""
+    from stream.encode import stream_size
+    gpu = Engine(load_networks("recipe", "tiny"), device="cuda")
+    pipe = SessionPipeline(gpu, source, transport="WebRTC", stream_max=256, images=False)
+    pipe.listen(lambda: None)  # a track that sends it
+    try:
+        for i, frame in enumerate(frames(3)):
+            pipe.submit(frame)
+            drain(pipe, i + 1)
+        assert pipe._output is None  # no full-size host image was made
+        seq, video = pipe.latest_video()
+    finally:
+        pipe.close()
+    w, h = stream_size(*source.image.shape[1::-1], 256)
+    assert (video.width, video.height) == (w, h) and video.format.name == "yuv420p"
+    import cv2
+    small = cv2.resize(source.image, (w, h), interpolation=cv2.INTER_AREA)
+    sent = cv2.cvtColor(video.to_ndarray(), cv2.COLOR_YUV2RGB_I420)
+    assert np.abs(sent.astype(int) - small).mean() < 20  # the portrait, the face region animated

@@ -213,7 +213,7 @@ def test_each_track_gets_the_newest_frame_and_a_slow_one_holds_back_nobody(serve
     sample = app.worker.sample
 
     async def run() -> None:
-        pipe = SessionPipeline(app.worker.engine, sample, transport="WebRTC", stream_max=720)  # as a WebRTC one
+        pipe = SessionPipeline(app.worker.engine, sample, transport="WebRTC", stream_max=720, images=False)
         fast, slow = AnimatedTrack(), AnimatedTrack()
         fast.bind(pipe)
         slow.bind(pipe)

@@ -309,7 +309,8 @@ class LiveApp:
         size = "×".join(map(str, m["size"])) if m["size"] else "–"
         recording = (" · ● recording" if m["recording"] else
                      f" · ■ recording stopped at the {self.limits.record_max_s:g} s limit: press Stop recording to "
-                     "get it" if m["recording_full"] else f" · ⚠️ {m['record_error']}" if m["record_error"] else "")
+                     "get it" if m["recording_full"] else
+                     f" · ⚠️ {m['record_error']}" if m["record_error"] else "")
         codec = f" ({m['codec']})" if m["codec"] else ""
         face = " · ⚠️ no face in view" if m["no_face_s"] >= NO_FACE_S else ""
         viewers = f" · 🔗 {m['viewers']} viewer{'s' if m['viewers'] != 1 else ''}" if m["viewers"] else ""

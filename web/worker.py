@@ -223,8 +223,8 @@ class Worker:
         t.refused = None
 
     def _pipeline(self, t: Tab, transport: str) -> SessionPipeline:
-        return SessionPipeline(self.engine, t.source, t.settings, transport,
-                               self.stream_max if transport == WEBRTC else None)
+        return SessionPipeline(self.engine, t.source, t.settings, transport, self.stream_max,
+                               images=transport == HTTP)  # HTTP streaming answers with the image
 
     # ---- live connections ----
 
