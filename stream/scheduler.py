@@ -37,7 +37,7 @@ The API needs only torch, numpy and OpenCV (no face stack), so a GPU check can f
         def prepare(self, item, arrived: float) -> Work | None: ...   # pool thread; item = what submit got
         def finish(self, work: Work, face) -> None: ...               # pool thread; face = this item's output
     sched = Scheduler.of(engine)               # created on first use; .max_batch may be changed any time
-    lane = sched.add(client, limit=None)       # raises ServerFull when `limit` sessions are live
+    lane = sched.add(client)                   # a new session (admission is web/worker.py's)
     lane.submit(item)                          # any thread, never blocks; True if it replaced a waiting item
     sched.remove(lane)                         # waits for the lane's frames in flight
     face = sched.run(work)                     # one frame of no session (render, editor), in the next batch
@@ -65,14 +65,6 @@ import numpy as np
 
 log = logging.getLogger("liveportrait.scheduler")
 T = TypeVar("T")
-
-
-class ServerFull(RuntimeError):
-    """No room for another live session; the message is meant for the user."""
-
-    def __init__(self, live: int):
-        super().__init__(f"the server is full ({live} live session{'s' if live != 1 else ''}); try again shortly")
-        self.live = live
 
 
 @dataclass
@@ -175,11 +167,9 @@ class Scheduler:
 
     # ---- sessions ----
 
-    def add(self, client: Client, limit: int | None = None) -> Lane:
-        """A new session; ServerFull if `limit` sessions are live already."""
+    def add(self, client: Client) -> Lane:
+        """A new session (admission is its owner's: web/worker.py)."""
         with self._cond:
-            if limit is not None and len(self.lanes) >= limit:
-                raise ServerFull(len(self.lanes))
             lane = Lane(self, client)
             self.lanes.append(lane)
             return lane

@@ -37,14 +37,14 @@ from model.engine import Engine, load_networks
 from stream import encode
 from stream.face import NoFaceError, prepare_source
 from stream.render import MAX_BYTES, MAX_SIDE, InputError
-from stream.scheduler import Scheduler, ServerFull
+from stream.scheduler import Scheduler
 from web import controls as panel
 from web import tls
 from web.guard import Refused, check_offer, gradio_user, login_required
 from web.limits import Limits, argument, positive
 from web.limits import add_arguments as add_limit_arguments
 from web.webrtc import parse_ice_servers, turn_server
-from web.worker import MAX_VIEWERS, NotLive, TabClosed, UnknownView, ViewersFull, Worker
+from web.worker import MAX_VIEWERS, NotLive, ServerFull, TabClosed, UnknownView, ViewersFull, Worker
 
 log = logging.getLogger("liveportrait.app")
 STATIC = Path(__file__).parent / "static"

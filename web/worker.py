@@ -35,7 +35,7 @@ from stream.editor import PortraitEditor
 from stream.face import SourceFace, prepare_source
 from stream.pipeline import RecordingRunning, SessionPipeline, Settings, draw_text
 from stream.render import read_image, render
-from stream.scheduler import Scheduler, ServerFull
+from stream.scheduler import Scheduler
 from web.limits import Limits, WorkDir, release_memory
 from web.webrtc import Peer, Viewer
 
@@ -60,6 +60,13 @@ class ViewersFull(RuntimeError):
 
     def __init__(self, n: int):
         super().__init__(f"this output already has {n} viewer{'s' if n != 1 else ''}")
+
+
+class ServerFull(RuntimeError):
+    """No room for another live session; the message is meant for the user."""
+
+    def __init__(self, live: int):
+        super().__init__(f"the server is full ({live} live session{'s' if live != 1 else ''}); try again shortly")
 
 
 class TabClosed(RuntimeError):
@@ -218,8 +225,9 @@ class Worker:
     def _admit(self, t: Tab) -> None:
         """On the loop: room for `t`'s new connection (its own current one counts as its slot), or ServerFull."""
         if not (t.conn or t.admitting) and self.live() >= self.max_sessions:
-            t.refused = str(ServerFull(self.live()))
-            raise ServerFull(self.live())
+            full = ServerFull(self.live())
+            t.refused = str(full)
+            raise full
         t.refused = None
 
     def _pipeline(self, t: Tab, transport: str) -> SessionPipeline:
@@ -340,13 +348,6 @@ class Worker:
             raise NotLive("the performer is not live") if self.views.get(token) is t else UnknownView(token)
         t.watch(viewer, lambda: self._spawn(t.end_viewer(viewer)))
         return viewer.answer
-
-    def disconnect(self, tab: str) -> None:
-        """The page's Stop: end the tab's live connection (a recording it had is kept as a take)."""
-        async def run() -> None:
-            if t := self.tabs.get(tab):
-                await t.end()
-        self._on_loop(run)
 
     def close_tab(self, tab: str) -> None:
         """The tab is gone: end its connection, free its editor and forget it."""
