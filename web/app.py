@@ -98,7 +98,6 @@ class LiveApp:
                  max_viewers: int = MAX_VIEWERS):
         self.untrained, self.max_renders = untrained, max_renders
         self.ice_servers = ice_servers or []
-        self.engine_info = f"{engine.device}, {engine.precision}. {' · '.join(engine.notes)}"
         self.limits = limits or Limits()
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="liveportrait-"))
         self.worker = Worker(engine, prepare_source(skimage.data.astronaut()),  # NASA, public domain
@@ -367,7 +366,7 @@ class LiveApp:
             return f"Measured at start-up: {step * 1000:.0f} ms per frame for one live session."
         every = f"{step:.0f} s" if step >= 2 else f"{step:.1f} s"
         return (f"⏱ **This server animates about one frame every {every}** (measured at start-up on its "
-                f"{self.worker.engine.device.type.upper()}): the live view will update that slowly, not like a "
+                f"{self.worker.device.upper()}): the live view will update that slowly, not like a "
                 "video. A CUDA GPU makes it live; meanwhile the **Video file** tab renders a whole clip without "
                 "waiting on the webcam.")
 
@@ -380,7 +379,7 @@ class LiveApp:
             if self.untrained:
                 gr.HTML('<div class="lp-banner">⚠️ Untrained weights (<code>--weights recipe</code>): the networks '
                         'are deterministic random numbers, so the output is not a real animation.</div>')
-            gr.Markdown(f"{self.speed_note()}\n\n<small>Engine: {self.engine_info}</small>", elem_id="lp-speed")
+            gr.Markdown(f"{self.speed_note()}\n\n<small>Engine: {self.worker.about}</small>", elem_id="lp-speed")
             with gr.Row():
                 with gr.Column(scale=2):
                     portrait = gr.Image(self.worker.sample.image, label="Portrait", interactive=False, height=280)

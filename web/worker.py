@@ -171,6 +171,8 @@ class Worker:
                  codec: str = "h264", stream_max: int = 720, max_viewers: int = MAX_VIEWERS):
         self.engine, self.sample, self.max_sessions, self.max_viewers = engine, sample, max_sessions, max_viewers
         self.codec, self.stream_max = codec, stream_max
+        self.device = engine.device.type  # what the page says it runs on
+        self.about = f"{engine.device}, {engine.precision}. {' · '.join(engine.notes)}"
         encode.install()  # aiortc's senders and receivers use the tuned encoders and decoders
         self.ice_servers = ice_servers or []
         self.limits = limits or Limits()
