@@ -11,12 +11,11 @@ import threading
 import uuid
 
 import numpy as np
-import torch
 
 from model.engine import Engine
 from stream.face import SourceFace
 from stream.paste import PasteBack
-from stream.pipeline import Settings
+from stream.pipeline import Settings, host
 from stream.scheduler import Scheduler, Work
 
 
@@ -45,9 +44,8 @@ class PortraitEditor:
                     self.engine.set_reference(crop, self.name)
                     self._source, self._paste = source, None
                 self.engine.set_controls(self.name, **still.engine_controls(1.0))
-            face = Scheduler.of(self.engine).run(Work(crop, self.name, setup))  # an item of the live batches
-            if isinstance(face, torch.Tensor):  # CUDA: the paste-back here is the host one
-                face = face.cpu().numpy()
+            # an item of the live batches; on CUDA brought to the host, where this editor pastes
+            face = host(Scheduler.of(self.engine).run(Work(crop, self.name, setup)))
             if self._paste is None:
                 self._paste = PasteBack(source.image, source.crop.m_c2o, len(face))
             return self._paste(face)

@@ -207,6 +207,10 @@ class Worker:
             raise RuntimeError("a blocking worker call from the worker's own loop")
         return asyncio.run_coroutine_threadsafe(fn(), self.loop).result(timeout)
 
+    async def _from_other_loop(self, coro: Awaitable[T]) -> T:
+        """Await `coro`, run on the worker's loop, from another event loop (the front's)."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
     def _spawn(self, coro) -> None:
         """Fire and forget on the loop (errors are logged)."""
         task = asyncio.ensure_future(coro)
@@ -241,7 +245,7 @@ class Worker:
     async def offer(self, tab: str, offer: dict) -> dict:
         """Answer a WebRTC offer from the front's loop: ServerFull when full, ValueError (or aiortc's error) when
         aiortc refuses the offer. The tab's connection is replaced only once the new one is complete."""
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._offer(tab, offer), self.loop))
+        return await self._from_other_loop(self._offer(tab, offer))
 
     async def _offer(self, tab: str, offer: dict) -> dict:
         t = self.tab(tab)
@@ -329,7 +333,7 @@ class Worker:
     async def view_offer(self, token: str, offer: dict) -> dict:
         """Answer a viewer's receive-only offer from the front's loop: UnknownView, NotLive, ViewersFull, or
         ValueError (or aiortc's error) when aiortc refuses the offer. Nothing else of the tab is touched."""
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._view_offer(token, offer), self.loop))
+        return await self._from_other_loop(self._view_offer(token, offer))
 
     async def _view_offer(self, token: str, offer: dict) -> dict:
         t = self.views.get(token)
