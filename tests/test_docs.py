@@ -68,6 +68,7 @@ def test_the_docs_show_commands():
     assert len(COMMANDS) > 30 and all(argv for _, argv in COMMANDS)
 
 
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy on an imported module
 @pytest.mark.parametrize("argv", [argv for _, argv in COMMANDS], ids=[where for where, _ in COMMANDS])
 def test_a_command_in_the_docs_parses(argv, parse_only, monkeypatch, capsys):
     if argv[0] == "-m" and argv[1] in NOT_OURS:

@@ -421,8 +421,8 @@ class LiveApp:
                     record_status = gr.Markdown()
                     with gr.Row(equal_height=True):
                         share = gr.Button("🔗 Share output", size="sm", scale=0, elem_id="lp-share")
-                        link = gr.Textbox(label="View-only link (OBS Browser Source, 720×720: see docs/obs.md); a "
-                                                "new one revokes it", interactive=False, buttons=["copy"],
+                        link = gr.Textbox(label="View-only link (OBS Browser Source: see docs/obs.md); a new one "
+                                                "revokes it", interactive=False, buttons=["copy"],
                                           elem_id="lp-link", scale=4)
                     recording = gr.File(label="Recordings (MP4)", file_count="multiple", interactive=False)
 
