@@ -10,7 +10,8 @@ from conftest import ROOT
 
 
 def test_launch_without_weights_explains_and_exits(tmp_path):
-    env = {**os.environ, "LP_WEIGHTS": str(tmp_path / "nowhere"), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "LP_WEIGHTS": str(tmp_path / "nowhere"), "HF_HUB_OFFLINE": "1",
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}  # its work directory, not the user's
     proc = subprocess.run([sys.executable, "launch.py"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2
