@@ -19,7 +19,6 @@ import re
 import secrets
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,6 +30,8 @@ import numpy as np
 import skimage.data
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
+from gradio.processing_utils import save_file_to_cache
+from gradio.utils import get_upload_folder
 
 from model.editing import SLIDERS, Edits
 from model.engine import Engine, load_networks
@@ -41,7 +42,7 @@ from stream.scheduler import Scheduler
 from web import controls as panel
 from web import tls
 from web.guard import Refused, check_offer, gradio_user, login_required
-from web.limits import Limits, argument, positive
+from web.limits import Limits, argument, claim, default_work_dir, positive
 from web.limits import add_arguments as add_limit_arguments
 from web.webrtc import parse_ice_servers, turn_server
 from web.worker import MAX_VIEWERS, NotLive, ServerFull, TabClosed, UnknownView, ViewersFull, Worker
@@ -99,7 +100,7 @@ class LiveApp:
         self.untrained, self.max_renders = untrained, max_renders
         self.ice_servers = ice_servers or []
         self.limits = limits or Limits()
-        self.dir = Path(workdir or tempfile.mkdtemp(prefix="liveportrait-"))
+        self.dir = Path(workdir or default_work_dir())
         self.worker = Worker(engine, prepare_source(skimage.data.astronaut()),  # NASA, public domain
                              max_sessions or DEFAULT_MAX_SESSIONS.get(engine.device.type, 1), self.ice_servers,
                              self.limits, self.dir, step_s, codec, stream_max, max_viewers)
@@ -339,7 +340,7 @@ class LiveApp:
         takes = self.worker.stop_recording(request.session_hash) if not self.gone(request) else []
         if not takes:
             return gr.skip(), "Nothing recorded yet."
-        return [str(p) for p in takes], f"Saved {', '.join(p.name for p in takes)}."
+        return [handed(p) for p in takes], f"Saved {', '.join(p.name for p in takes)}."
 
     def render_video(self, driving: str | None, request: gr.Request,
                      progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple:
@@ -357,7 +358,7 @@ class LiveApp:
             return None, f"⚠️ {e}"
         if out is None:
             return None, info
-        return str(out), f"{info['frames']} frames at {info['fps']:g} fps{', with audio' if info['audio'] else ''}."
+        return handed(out), f"{info['frames']} frames at {info['fps']:g} fps{', with audio' if info['audio'] else ''}."
 
     def speed_note(self) -> str:
         """What to expect, measured at start-up, said before anyone starts the camera."""
@@ -420,8 +421,8 @@ class LiveApp:
                     record_status = gr.Markdown()
                     with gr.Row(equal_height=True):
                         share = gr.Button("🔗 Share output", size="sm", scale=0, elem_id="lp-share")
-                        link = gr.Textbox(label="View-only link (OBS Browser Source, 720×720: see docs/obs.md); a "
-                                                "new one revokes it", interactive=False, buttons=["copy"],
+                        link = gr.Textbox(label="View-only link (OBS Browser Source: see docs/obs.md); a new one "
+                                                "revokes it", interactive=False, buttons=["copy"],
                                           elem_id="lp-link", scale=4)
                     recording = gr.File(label="Recordings (MP4)", file_count="multiple", interactive=False)
 
@@ -473,6 +474,13 @@ class LiveApp:
         return demo
 
 
+def handed(path: Path) -> str:
+    """The page's copy of a recording or render: Gradio's, in its cache, which it serves and expires (delete_cache).
+    Gradio would copy the file there itself, but only from its temp or working directory, and --work-dir may be
+    anywhere; our work directory itself is never served."""
+    return save_file_to_cache(path, cache_dir=get_upload_folder())
+
+
 def _auth(text: str) -> tuple[str, str]:
     user, sep, password = text.partition(":")
     if not (user and sep and password):
@@ -521,6 +529,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream-max", type=positive(int), default=720,
                         help="longer side in pixels of the video sent to the browser (recordings keep the "
                              "portrait's full size; default: 720)")
+    parser.add_argument("--work-dir", type=Path, default=default_work_dir(),
+                        help="recordings and renders, kept across runs within --work-quota-mb and --work-max-age-h; "
+                             "one server per directory (default: %(default)s)")
     add_limit_arguments(parser)
 
 
@@ -536,6 +547,7 @@ def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = N
         for flag, path in (("--ssl-certfile", args.ssl_certfile), ("--ssl-keyfile", args.ssl_keyfile)):
             if path and not Path(path).is_file():
                 raise ValueError(f"{flag} {path}: no such file")
+        lock = claim(args.work_dir)  # this server's until it exits: another may not clean up our files
     except ValueError as e:
         print(f"launch.py: error: {e}", file=sys.stderr)
         return 2
@@ -548,14 +560,15 @@ def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = N
     Scheduler.of(engine).max_batch = args.max_batch
     took = engine.warmup()  # compile and capture now, not in a user's first frame (minutes cold on CUDA, cached after)
     step = took.get(1) if engine.device.type == "cpu" else None  # CUDA's first call compiles: the worker measures
-    app = LiveApp(engine, ice_servers, untrained=str(args.weights) == "recipe", max_sessions=args.max_sessions,
-                  limits=Limits.from_args(args), max_renders=args.max_renders, step_s=step, codec=args.codec,
-                  stream_max=args.stream_max, max_viewers=args.max_viewers)
+    app = LiveApp(engine, ice_servers, untrained=str(args.weights) == "recipe", workdir=args.work_dir,
+                  max_sessions=args.max_sessions, limits=Limits.from_args(args), max_renders=args.max_renders,
+                  step_s=step, codec=args.codec, stream_max=args.stream_max, max_viewers=args.max_viewers)
     if on_start:
         on_start(app)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop` / systemd: shut down like Ctrl-C
     try:
         app.launch(args.host, args.port, args.share, args.auth, ssl=ssl)
     finally:
-        app.close()
+        app.close()  # recordings finalised, then the work directory is free for the next server
+        lock.close()
     return 0

@@ -176,8 +176,8 @@ class Worker:
         encode.install()  # aiortc's senders and receivers use the tuned encoders and decoders
         self.ice_servers = ice_servers or []
         self.limits = limits or Limits()
-        self.work = WorkDir(workdir, self.limits)
         self.tabs: dict[str, Tab] = {}
+        self.work = WorkDir(workdir, self.limits, self._takes)
         self.views: dict[str, Tab] = {}  # view token -> the tab that shared its output
         self.step_s = step_s if step_s is not None else self._measure_step()
         self.loop = asyncio.new_event_loop()
@@ -224,6 +224,10 @@ class Worker:
             t = self.tabs.setdefault(tab, Tab(self.sample))
         t.seen = time.monotonic()
         return t
+
+    def _takes(self) -> set[Path]:
+        """Every open tab's finished recordings that its page has not been given yet (the clean-up keeps them)."""
+        return {p for t in list(self.tabs.values()) for p in list(t.takes)}
 
     def live(self) -> int:
         return sum(1 for t in list(self.tabs.values()) if t.conn or t.admitting)
