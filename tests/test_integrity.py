@@ -172,6 +172,78 @@ def test_an_offer_needs_its_pages_secret(served):
     assert idle(app)
 
 
+def test_a_stranger_with_only_the_session_hash_gets_nothing(served):
+    """Gradio lets a client choose its session hash (web/loadtest.py does, through its queue): a stranger who knows
+    only a tab's hash gets neither its secret from open_page, nor its connection by an offer, nor a view link, nor
+    its recordings; the tab's own page still gets its take."""
+    app, url = served
+    r = gr.Request(session_hash="victim-tab")
+    key = app.open_page(r)
+    app.http_frame(ASTRONAUT, r)
+    assert "Recording" in app.start_recording(r)
+    for _ in range(3):
+        app.http_frame(ASTRONAUT, r)
+    sdp = valid_offer_sdp()
+
+    async def stranger() -> dict:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            tab = loadtest.Tab(http)
+            tab.session = "victim-tab"
+            got = dict(page=(await tab.call("open_page"))[0])
+            secret = json.loads(got["page"])["secret"] if got["page"] else "guess"
+            got["offer"] = (await http.post("offer", json={"sdp": sdp, "type": "offer",
+                                                           "session": "victim-tab", "secret": secret})).status_code
+            got["share"] = (await tab.call("share_output", [url, got["page"]]))[0]
+            got["stop"] = await tab.call("stop_recording", [got["page"]])
+            return got
+    got = asyncio.run(stranger())
+    assert got["page"] == "" and got["offer"] == 403, got
+    assert "view/" not in json.dumps(got["share"]) and not app.worker.views, got
+    assert "Nothing recorded yet." in json.dumps(got["stop"]), got
+    takes, status = app.stop_recording(key, r)
+    assert len(takes) == 1 and decoded(takes[0]) >= 1, status
+    app.close_page(r)
+    assert wait_until(lambda: idle(app)), app.worker.counts()
+
+
+def test_under_auth_every_tab_handler_acts_only_for_its_login(engine, tmp_path, loopback_only):
+    """With --auth, another login that names a tab's session hash, even with its page's secret, acts on nothing:
+    no recording starts, no link is shared, no take is handed over, its controls stay, the tab stays open."""
+    from web.app import LiveApp
+    app = LiveApp(engine, untrained=True, workdir=tmp_path, step_s=0.1)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    demo = app.launch(port=port, auth=[("ada", "lovelace"), ("bob", "builder")], block=False)
+    try:
+        async def run() -> dict:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as ada, \
+                    httpx.AsyncClient(base_url=url, timeout=60) as bob:
+                for http, user, password in ((ada, "ada", "lovelace"), (bob, "bob", "builder")):
+                    assert (await http.post("login", data={"username": user, "password": password})).status_code == 200
+                mine = loadtest.Tab(ada)
+                page = await mine.open()
+                app.http_frame(ASTRONAUT, gr.Request(session_hash=mine.session, username="ada"))
+                theirs = loadtest.Tab(bob)
+                theirs.session = mine.session
+                key = json.dumps(page)
+                got = dict(record=(await theirs.call("start_recording"))[0],
+                           share=(await theirs.call("share_output", [url, key]))[0],
+                           stop=await theirs.call("stop_recording", [key]),
+                           stats=(await theirs.call("stats"))[0],
+                           reset=(await theirs.call("reset_reference"))[0])
+                got["own"] = (await mine.call("start_recording"))[0]
+                await mine.close()
+                return got
+        got = asyncio.run(run())
+        assert "Recording" not in json.dumps(got["record"]) and "view/" not in json.dumps(got["share"]), got
+        assert "Nothing recorded yet." in json.dumps(got["stop"]) and "Live via" not in json.dumps(got["stats"]), got
+        assert "Reference reset" not in json.dumps(got["reset"]) and not app.worker.views, got
+        assert "Recording" in got["own"]  # the tab's own login still can
+    finally:
+        demo.close()
+        app.close()
+
+
 def test_a_stopped_http_webcam_frees_its_slot(served):
     """Gradio tells the server nothing when its webcam stops: the connection ends once frames stop coming, with
     the tab still open (its metrics poll keeps it), and /healthz is ready again."""
@@ -241,6 +313,7 @@ def stop_webcam(app, monkeypatch) -> None:
 
 def test_record_twice_says_so_and_no_take_is_lost(app, monkeypatch):
     r = gr.Request(session_hash="rec")
+    key = app.open_page(r)
     app.http_frame(ASTRONAUT, r)
     assert "Recording" in app.start_recording(r)
     app.http_frame(ASTRONAUT, r)
@@ -254,9 +327,9 @@ def test_record_twice_says_so_and_no_take_is_lost(app, monkeypatch):
     assert "Recording" in app.start_recording(r)
     for _ in range(3):
         app.http_frame(ASTRONAUT, r)
-    takes, status = app.stop_recording(r)
+    takes, status = app.stop_recording(key, r)
     assert len(takes) == 3 and len(set(takes)) == 3 and all(decoded(t) >= 1 for t in takes), takes
-    assert app.stop_recording(r)[1] == "Nothing recorded yet."  # handed out once
+    assert app.stop_recording(key, r)[1] == "Nothing recorded yet."  # handed out once
 
 
 def test_a_failing_recorder_stops_only_the_recording(app, monkeypatch):

@@ -4,6 +4,7 @@ a wrong or revoked token gets 404, a view token at /offer 403; viewers end with 
 the link and with the tab, and leave no peer, track or encoder behind; a view offer controls nothing."""
 import asyncio
 import gc
+import json
 
 import httpx
 import pytest
@@ -87,7 +88,7 @@ def test_viewers_watch_bounded_revocable_and_leave_nothing(served):
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             tab = loadtest.Tab(http)
             page = await tab.open()
-            link = (await tab.call("share_output", [url]))[0]
+            link = (await tab.call("share_output", [url, json.dumps(page)]))[0]
             assert link.startswith(url + "view/")
             token = link.rsplit("/", 1)[1]
             assert len(token) >= 32 and worker.tabs[tab.session].token == token
@@ -144,7 +145,7 @@ def test_viewers_watch_bounded_revocable_and_leave_nothing(served):
             assert r.status_code == 200 and len(await frames(await asyncio.wait_for(track, 30), 2)) == 2
 
             # a new link revokes the old one: its viewer ends, it is 404; the new one works
-            link2 = (await tab.call("share_output", [url]))[0]
+            link2 = (await tab.call("share_output", [url, json.dumps(page)]))[0]
             assert link2 != link
             assert await until(lambda: again.connectionState == "closed", 10)
             assert (await http.get(f"view/{token}")).status_code == 404

@@ -40,7 +40,7 @@ from stream.render import MAX_BYTES, MAX_SIDE, InputError
 from stream.scheduler import Scheduler
 from web import controls as panel
 from web import tls
-from web.guard import Refused, check_offer, gradio_user, login_required
+from web.guard import Refused, check_offer, gradio_user, login_required, same_secret
 from web.limits import Limits, argument, positive
 from web.limits import add_arguments as add_limit_arguments
 from web.webrtc import parse_ice_servers, turn_server
@@ -105,23 +105,46 @@ class LiveApp:
                              self.limits, self.dir, step_s, codec, stream_max, max_viewers)
         self.pages: dict[str, Page] = {}
         self.closed: dict[str, float] = {}  # session hashes of closed tabs -> when (they expire: see reap)
+        self.auth = False  # under --auth every handler acts only for the login that opened its tab (launch sets it)
 
     def gone(self, request: gr.Request) -> bool:
-        """The tab was closed: a request that raced its unload must not bring it back."""
-        return request.session_hash in self.closed
+        """The tab is not the caller's to act on: it was closed (a request that raced its unload must not bring it
+        back) or, under --auth, the caller is not the login whose page load opened it."""
+        if request.session_hash in self.closed:
+            return True
+        if not self.auth:
+            return False
+        page = self.pages.get(request.session_hash)
+        return page is None or page.user != request.username
+
+    def holds_secret(self, request: gr.Request, key: str | None) -> bool:
+        """Whether `key` (the page's {session, secret}, as its load gave it) is this tab's. Gradio lets any client
+        name any session hash, so the handlers that hand something out (a view link, recordings) ask for it."""
+        page = self.pages.get(request.session_hash)
+        try:
+            secret = json.loads(key or "{}").get("secret")
+        except (ValueError, AttributeError, RecursionError):
+            return False
+        return page is not None and not self.gone(request) and same_secret(page.secret, secret)
 
     # ---- page lifecycle ----
 
     def open_page(self, request: gr.Request) -> str:
-        """Page load: register the tab; its id and secret go to the WebRTC client."""
-        if self.gone(request):
+        """Page load: register the tab; its id and secret go to the WebRTC client. Only the load that creates the
+        tab gets them: another call naming the same session hash (Gradio lets a client choose it) gets nothing."""
+        if request.session_hash in self.closed:
             return ""
-        page = self.pages.setdefault(request.session_hash, Page(request.username))
+        page = Page(request.username)
+        if self.pages.setdefault(request.session_hash, page) is not page:
+            log.warning("a second page load for an open tab: refused")
+            return ""
         self.worker.stats(request.session_hash)  # its idle clock starts
         return json.dumps({"session": request.session_hash, "secret": page.secret})
 
     def close_page(self, request: gr.Request) -> None:
         """Tab closed: end its live connection and forget it."""
+        if self.gone(request):
+            return
         self.closed[request.session_hash] = time.monotonic()
         while len(self.closed) > MAX_GONE:
             del self.closed[next(iter(self.closed))]
@@ -234,7 +257,7 @@ class LiveApp:
         except Refused as e:
             return JSONResponse({"error": str(e)}, status_code=e.status)
         page = self.pages.get(body["session"])
-        if page is None or not secrets.compare_digest(page.secret, body["secret"]):
+        if page is None or not same_secret(page.secret, body["secret"]):
             return JSONResponse({"error": "unknown page; reload it"}, status_code=403)
         if login_required(request) and await gradio_user(request) != page.user:
             return JSONResponse({"error": "this page belongs to another login"}, status_code=403)
@@ -250,10 +273,11 @@ class LiveApp:
 
     # ---- view-only links: the output for OBS, a call or a second screen ----
 
-    def share_output(self, page_url: str, request: gr.Request) -> str:
+    def share_output(self, page_url: str, key: str | None, request: gr.Request) -> str:
         """Share output: a new view-only link for this tab (`page_url`: the page's address, from the browser, so
-        the link names the host the way the user reaches it); the previous link stops working."""
-        if self.gone(request):
+        the link names the host the way the user reaches it; `key`: the page's secret); the previous link stops
+        working."""
+        if not self.holds_secret(request, key):
             return gr.skip()
         return urljoin(page_url or "", f"view/{self.worker.share(request.session_hash)}")
 
@@ -334,9 +358,10 @@ class LiveApp:
             return ""
         return self.worker.start_recording(request.session_hash)
 
-    def stop_recording(self, request: gr.Request) -> tuple:
-        """Every take not yet downloaded (a second Record keeps the first; so do Stop and the limit)."""
-        takes = self.worker.stop_recording(request.session_hash) if not self.gone(request) else []
+    def stop_recording(self, key: str | None, request: gr.Request) -> tuple:
+        """Every take not yet downloaded (a second Record keeps the first; so do Stop and the limit); `key`: the
+        page's secret."""
+        takes = self.worker.stop_recording(request.session_hash) if self.holds_secret(request, key) else []
         if not takes:
             return gr.skip(), "Nothing recorded yet."
         return [str(p) for p in takes], f"Saved {', '.join(p.name for p in takes)}."
@@ -440,9 +465,10 @@ class LiveApp:
                        show_progress="hidden")
             go.click(self.render_video, driving, [rendered, render_status], concurrency_limit=self.max_renders,
                      concurrency_id="render")  # a bounded queue: the page shows its position
-            share.click(self.share_output, link, link, js="() => [document.baseURI]")  # js: the page's address
+            share.click(self.share_output, [link, live], link,  # js: the page's address, and its secret
+                        js="(link, page) => [document.baseURI, page]")
             record.click(self.start_recording, None, record_status)
-            stop.click(self.stop_recording, None, [recording, record_status])
+            stop.click(self.stop_recording, live, [recording, record_status])
             gr.Timer(1.0).tick(self.stats, None, metrics, show_progress="hidden")
         return demo
 
@@ -458,6 +484,7 @@ class LiveApp:
             reaper.cancel()
             await asyncio.to_thread(self.close)
 
+        self.auth = auth is not None
         demo = self.blocks()
         demo.queue(default_concurrency_limit=None)
         certfile, keyfile = map(str, ssl) if ssl else (None, None)
