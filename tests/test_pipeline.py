@@ -146,6 +146,35 @@ def test_controls_apply_live(engine, source):
         pipe.close()
 
 
+def test_the_overlay_reads_the_metrics_while_frames_arrive(engine, source):
+    """With the overlay on, the output stage reads the metrics while the webcam's thread appends to them: a frame
+    that arrives mid-read waits for the lock instead of breaking the read (and with it the frame)."""
+    from collections import deque
+    pipe = SessionPipeline(engine, source, Settings(paste=False, overlay=True))
+
+    class Racing(deque):
+        race = True
+
+        def __iter__(self):
+            items = super().__iter__()
+            if self.race:
+                self.race = False
+                yield next(items)
+                webcam = threading.Thread(target=pipe.submit, args=(ASTRONAUT,))
+                webcam.start()
+                webcam.join(0.5)  # a frame arrives mid-read (with the lock held, it waits for it)
+            yield from items
+    try:
+        pipe.submit(ASTRONAUT)
+        drain(pipe, 1)
+        pipe.metrics.arrivals = Racing(pipe.metrics.arrivals, maxlen=100)
+        pipe.submit(ASTRONAUT)
+        drain(pipe, 2)
+        assert not pipe.metrics.arrivals.race and pipe.lane.failed == 0
+    finally:
+        pipe.close()
+
+
 def count_frames(path) -> tuple[int, str, tuple[int, int]]:
     with av.open(str(path)) as c:
         s = c.streams.video[0]
