@@ -349,19 +349,75 @@ def test_a_failing_recorder_stops_only_the_recording(app, monkeypatch):
     assert "the recording stopped: [Errno 28] No space left on device" in app.stats(r)
 
 
-def test_a_failing_recording_close_still_frees_the_engine_session(app, monkeypatch):
+def test_a_failing_recording_close_still_frees_everything(app, monkeypatch, caplog):
+    """The tab closes while its recording cannot be finalised (a full disk): the connection's engine session, its
+    scheduler lane and the portrait editor's engine session are freed all the same, and the error is logged."""
     from stream.recorder import Recorder
     r = gr.Request(session_hash="close")
+    app.open_page(r)
     app.http_frame(ASTRONAUT, r)
     app.start_recording(r)
     app.http_frame(ASTRONAUT, r)
-    name = app.worker.tabs["close"].pipeline.name
+    app.worker.set_editing("close", True)
+    assert app.worker.edited("close") is not None  # the Portrait editing tab holds an engine session too
+    t = app.worker.tabs["close"]
+    assert {t.pipeline.name, t.editor.name} <= set(app.worker.engine.sessions)
 
     def broken(self):
         raise OSError(5, "Input/output error")
     monkeypatch.setattr(Recorder, "close", broken)
-    stop_webcam(app, monkeypatch)  # the connection ends: its recording cannot be finalised
-    assert name not in app.worker.engine.sessions and not app.worker.counts()["lanes"]
+    app.close_page(r)  # returns once the tab is closed
+    assert not app.worker.engine.sessions and not app.worker.counts()["lanes"], app.worker.counts()
+    assert any("Input/output error" in str(rec.exc_info[1]) for rec in caplog.records if rec.exc_info)
+
+
+def test_a_failing_close_does_not_refuse_the_new_connection(served, monkeypatch):
+    """The webcam switches from HTTP streaming to WebRTC while the old connection's recording cannot be finalised:
+    the new connection is answered and live, the old one's engine session is freed, and the page says what was
+    lost."""
+    from stream.recorder import Recorder
+    app, url = served
+    r = gr.Request(session_hash="switch")
+    page = json.loads(app.open_page(r))
+    app.http_frame(ASTRONAUT, r)
+    app.start_recording(r)
+    app.http_frame(ASTRONAUT, r)
+    old = app.worker.tabs["switch"].pipeline.name
+
+    def broken(self):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Recorder, "close", broken)
+    answer = httpx.post(url + "offer", json={"sdp": valid_offer_sdp(), "type": "offer", **page}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    t = app.worker.tabs["switch"]
+    assert t.conn.peer is not None and old not in app.worker.engine.sessions
+    assert "its recording is lost: [Errno 28] No space left on device" in app.stats(r)
+    monkeypatch.undo()
+    app.close_page(r)
+    assert wait_until(lambda: idle(app)), app.worker.counts()
+
+
+def test_a_failing_flush_still_closes_the_recording_file(tmp_path):
+    """The encoder's flush fails (a full disk): the container is closed all the same (no file descriptor is left
+    open) and the file is no longer shielded from clean-up."""
+    from stream import recorder
+    path = tmp_path / "take.mp4"
+    fds = len(os.listdir("/proc/self/fd"))
+    rec = recorder.Recorder(path)
+    rec.write(ASTRONAUT[:64, :64])
+    real = rec._container
+
+    class FullDisk:
+        def mux(self, packets):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            real.close()
+    rec._container = FullDisk()
+    with pytest.raises(OSError, match="No space left"):
+        rec.close()
+    assert path not in recorder.recording_paths() and not rec.active
+    assert len(os.listdir("/proc/self/fd")) == fds
 
 
 # ---- clean-up survives faults ----

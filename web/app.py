@@ -325,10 +325,11 @@ class LiveApp:
         if self.gone(request):
             return gr.skip()
         m = self.worker.stats(request.session_hash)
+        error = f" · ⚠️ {m['error']}" if m["error"] else ""
         if not m["live"]:
             if m["refused"]:
-                return f"**Live:** {m['refused']}."
-            return "**Live:** not connected — start the camera (WebRTC) or the HTTP streaming webcam."
+                return f"**Live:** {m['refused']}.{error}"
+            return f"**Live:** not connected — start the camera (WebRTC) or the HTTP streaming webcam.{error}"
         size = "×".join(map(str, m["size"])) if m["size"] else "–"
         recording = (" · ● recording" if m["recording"] else
                      f" · ■ recording stopped at the {self.limits.record_max_s:g} s limit: press Stop recording to "
@@ -339,7 +340,7 @@ class LiveApp:
         viewers = f" · 🔗 {m['viewers']} viewer{'s' if m['viewers'] != 1 else ''}" if m["viewers"] else ""
         return (f"**Live via {m['transport']}{codec}** · in {m['fps_in']} fps · out {m['fps_out']} fps · "
                 f"dropped {m['dropped']} · latency p50 {m['latency_p50_ms']:.0f} ms / p95 {m['latency_p95_ms']:.0f} ms"
-                f" · {size}{recording}{face}{viewers}")
+                f" · {size}{recording}{face}{viewers}{error}")
 
     async def healthz(self, request: fastapi.Request) -> JSONResponse:
         """GET /healthz: readiness and load for a load balancer; 503 while full. Under --auth, a request without

@@ -118,6 +118,7 @@ class Tab:
         self.token: str | None = None  # its view link's token, once shared
         self.viewers: set[Viewer] = set()  # watching `conn`'s output
         self.joining = 0  # view offers being accepted: they hold a viewer slot meanwhile
+        self.error: str | None = None  # why the last connection did not end cleanly (the page's metrics line says)
 
     @property
     def pipeline(self) -> SessionPipeline | None:
@@ -154,8 +155,14 @@ class Tab:
         await asyncio.gather(*(v.close() for v in viewers), return_exceptions=True)
 
     async def _retire(self, conn: Connection) -> None:
-        if path := await conn.close():
-            self.takes.append(path)
+        """Close `conn` and keep its take. A close that fails (a recording that cannot be finalised on a full
+        disk, say) is logged and told to the page; what called it goes on."""
+        try:
+            if path := await conn.close():
+                self.takes.append(path)
+        except Exception as e:
+            log.exception("ending a connection failed")
+            self.error = f"the last connection did not end cleanly, its recording is lost: {e}"
 
     def last_seen(self) -> float:
         return max(self.seen, self.conn.last_frame() if self.conn else 0.0)
@@ -360,10 +367,14 @@ class Worker:
         async def run() -> None:
             if t := self.tabs.pop(tab, None):
                 t.closed = True
-                await self._revoke(t)
-                await t.end()
+                steps = [lambda: self._revoke(t), t.end]
                 if t.editor:
-                    await asyncio.to_thread(t.editor.close)
+                    steps.append(lambda: asyncio.to_thread(t.editor.close))
+                for step in steps:  # each runs whatever an earlier one raised
+                    try:
+                        await step()
+                    except Exception:
+                        log.exception("closing tab %s: a step failed", tab)
         self._on_loop(run)
 
     def reap(self) -> list[str]:
@@ -493,9 +504,9 @@ class Worker:
         t = self.tab(tab)
         conn = t.conn
         if conn is None:
-            return dict(live=False, refused=t.refused)
+            return dict(live=False, refused=t.refused, error=t.error)
         return dict(conn.pipeline.stats(), live=True, codec=conn.peer.codec if conn.peer else None,
-                    viewers=len(t.viewers))
+                    viewers=len(t.viewers), error=t.error)
 
     def counts(self) -> dict:
         """What is allocated now: tabs, live connections, WebRTC peers, viewers' peers, view tokens, engine
