@@ -262,7 +262,7 @@ def test_server_full_over_http_and_webrtc_then_admitted(server):
     app, url, Request = server
     astronaut = skimage.data.astronaut()
     first, second = Request(session_hash="first"), Request(session_hash="second")
-    app.open_page(second)
+    page = json.loads(app.open_page(second))
     app.http_frame(astronaut, first)
     wait_for(lambda: app.worker.tabs[first.session_hash].pipeline.metrics.frames_out >= 1)
     health = httpx.get(url + "healthz")
@@ -275,7 +275,7 @@ def test_server_full_over_http_and_webrtc_then_admitted(server):
     assert app.worker.tabs[second.session_hash].pipeline is None and refused.shape == astronaut.shape
     assert refused.mean() < astronaut.mean() / 2  # the dimmed webcam frame with the text on it
     assert "the server is full (1 live session); try again shortly" in app.stats(second)
-    offer = httpx.post(url + "offer", json={**json.loads(app.open_page(second)), "sdp": valid_offer_sdp(),
+    offer = httpx.post(url + "offer", json={**page, "sdp": valid_offer_sdp(),
                                             "type": "offer"})
     assert offer.status_code == 503
     assert offer.json()["error"] == "the server is full (1 live session); try again shortly"
