@@ -157,16 +157,19 @@ def test_two_concurrent_offers_for_the_last_slot(served, created):
 
 
 def test_an_offer_needs_its_pages_secret(served):
-    """Another tab's session hash is not enough: without its page's secret the offer is refused and the tab is
+    """Another tab's session hash is not enough: a second page load naming it gets no secret, and an offer with a
+    wrong secret (each one the parser accepts, so that the secret check itself refuses it) gets 403; the tab is
     untouched."""
     app, url = served
     victim = json.loads(app.open_page(gr.Request(session_hash="victim")))
+    assert app.open_page(gr.Request(session_hash="victim")) == ""  # the open_page route gives it only once
     app.http_frame(ASTRONAUT, gr.Request(session_hash="victim"))
     pipeline = app.worker.tabs["victim"].pipeline
-    for secret in ("", "guess", victim["secret"][::-1]):
-        r = httpx.post(url + "offer", json={"sdp": valid_offer_sdp(), "type": "offer", "session": "victim",
-                                            "secret": secret})
-        assert r.status_code in (400, 403), r.status_code
+    sdp = valid_offer_sdp()
+    secret = victim["secret"]
+    for wrong in ("guess", secret[::-1], secret[:-1], secret + "A", secret[:-1] + "é", "x" * 128):
+        r = httpx.post(url + "offer", json={"sdp": sdp, "type": "offer", "session": "victim", "secret": wrong})
+        assert r.status_code == 403 and r.json()["error"] == "unknown page; reload it", (wrong, r.text)
     assert app.worker.tabs["victim"].pipeline is pipeline and not pipeline.closed
     app.close_page(gr.Request(session_hash="victim"))
     assert idle(app)
@@ -531,13 +534,42 @@ def test_the_page_states_the_expected_time_per_frame(engine, tmp_path):
     measured.close()
 
 
-def test_renders_wait_in_a_bounded_queue(engine, tmp_path):
-    """--max-renders at once; the others wait in Gradio's queue, which shows each its position."""
+def test_renders_wait_in_a_bounded_queue(engine, tmp_path, loopback_only):
+    """--max-renders at once; the others wait in Gradio's queue, which tells each its position. Four users render
+    at once on a server with --max-renders 2 (each render held until the test lets it go): two run, two wait in
+    the queue with a rank, and each gets its answer once the ones before it are done."""
+    from gradio_client import Client, handle_file
+    from gradio_client.utils import Status
+    import threading
     from web.app import LiveApp
     app = LiveApp(engine, untrained=True, workdir=tmp_path, max_renders=2, step_s=0.1)
+    running, most, release, lock = [0], [0], threading.Event(), threading.Lock()
+
+    def render(tab: str, driving: str):  # the worker's render, held until released
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        release.wait(60)
+        with lock:
+            running[0] -= 1
+        return None, f"rendered for {tab}"
+    app.worker.render = render
+    port = free_port()
+    demo = app.launch(port=port, block=False)
+    video = tmp_path / "driving.mp4"
+    video.write_bytes(b"\0" * 1000)  # never decoded: the render is the test's
     try:
-        demo = app.blocks()
-        (fn,) = [f for f in demo.fns.values() if f.name == "render_video"]
-        assert fn.concurrency_limit == 2 and fn.concurrency_id == "render" and fn.show_progress == "full"
+        jobs = [Client(f"http://127.0.0.1:{port}/", verbose=False).submit(handle_file(str(video)),
+                                                                           api_name="/render_video")
+                for _ in range(4)]
+        queued = lambda: [j.status() for j in jobs if j.status().code == Status.IN_QUEUE]
+        assert wait_until(lambda: running[0] == 2 and len(queued()) == 2, 60), (running, [j.status() for j in jobs])
+        assert sorted(s.rank for s in queued()) == [0, 1], queued()
+        release.set()
+        results = [j.result(timeout=60) for j in jobs]
+        assert all(r[1].startswith("rendered for ") for r in results) and len({r[1] for r in results}) == 4
+        assert most[0] == 2
     finally:
+        release.set()
+        demo.close()
         app.close()
