@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import av
@@ -421,6 +422,96 @@ def test_a_failing_flush_still_closes_the_recording_file(tmp_path):
         rec.close()
     assert path not in recorder.recording_paths() and not rec.active
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+# ---- bounds a shared link needs ----
+
+def test_portrait_editors_are_bounded(engine, tmp_path):
+    """Each open Portrait editing tab holds an engine session: at most --max-sessions of them; past that, a clear
+    message, and a closed tab's editor frees its place."""
+    from web.app import LiveApp
+    from web.worker import EditorsFull
+    app = LiveApp(engine, untrained=True, workdir=tmp_path, max_sessions=1, step_s=0.1)
+    try:
+        w, before = app.worker, len(engine.sessions)
+        for tab in ("a", "b"):
+            w.set_editing(tab, True)
+        assert w.edited("a") is not None
+        with pytest.raises(EditorsFull, match="the server is editing 1 portrait already"):
+            w.edited("b")
+        assert len(engine.sessions) == before + 1
+        w.close_tab("a")
+        assert w.edited("b") is not None and len(engine.sessions) == before + 1
+        w.close_tab("b")
+    finally:
+        app.close()
+
+
+def test_a_take_waiting_for_its_page_survives_the_clean_up(app):
+    """A finished take is not deleted by the quota or the age limit before its page has it; once handed over,
+    the clean-up may."""
+    r = gr.Request(session_hash="keep")
+    key = app.open_page(r)
+    app.http_frame(ASTRONAUT, r)
+    app.start_recording(r)
+    for _ in range(2):
+        app.http_frame(ASTRONAUT, r)
+    t = app.worker.tabs["keep"]
+    app.worker._on_loop(t.end)  # the connection ends (Stop): its take waits in the tab
+    (take,) = t.takes
+    app.limits.work_quota_mb, app.limits.work_max_age_h = 1e-9, 1e-9  # every file is over both limits
+    time.sleep(0.01)
+    app.worker.work.clean()
+    assert take.exists()
+    takes, status = app.stop_recording(key, r)
+    assert takes == [str(take)] and take.exists()
+    app.worker.work.clean()
+    assert not take.exists()
+
+
+def test_a_replaced_connection_holds_its_slot_until_closed(engine, tmp_path):
+    """While a tab's ended connection is still closing (frames in flight, a recording being finalised), it still
+    counts: another tab is told the server is full, and is admitted once the close is done."""
+    from web.app import LiveApp
+    app = LiveApp(engine, untrained=True, workdir=tmp_path, max_sessions=1, step_s=0.1)
+    try:
+        a, b = gr.Request(session_hash="a"), gr.Request(session_hash="b")
+        app.http_frame(ASTRONAUT, a)
+        t = app.worker.tabs["a"]
+        pipeline, release = t.pipeline, threading.Event()
+        real = pipeline.close
+        pipeline.close = lambda: (release.wait(30), real())[1]
+        ending = asyncio.run_coroutine_threadsafe(t.end(), app.worker.loop)
+        assert wait_until(lambda: t.conn is None, 30)
+        app.http_frame(ASTRONAUT, b)
+        assert app.worker.tabs["b"].pipeline is None and "the server is full" in app.stats(b)
+        release.set()
+        ending.result(30)
+        app.http_frame(ASTRONAUT, b)
+        assert app.worker.tabs["b"].pipeline is not None
+    finally:
+        release.set()
+        app.close()
+
+
+def test_a_closed_tab_stays_closed(app):
+    """Calls that raced the page's unload reach the worker after it: none brings the tab back or makes anything
+    for it."""
+    from web.worker import TabClosed
+    r = gr.Request(session_hash="shut")
+    app.open_page(r)
+    app.http_frame(ASTRONAUT, r)
+    app.close_page(r)
+    w = app.worker
+    assert not w.stats("shut")["live"]
+    w.set_controls("shut", overlay=True)
+    w.set_editing("shut", True)
+    assert w.edited("shut") is None
+    with pytest.raises(TabClosed):
+        w.http_frame("shut", ASTRONAUT)
+    with pytest.raises(TabClosed):
+        w.share("shut")
+    assert "shut" not in w.tabs and not w.views and w.counts()["live"] == 0 and not w.engine.sessions
 
 
 # ---- clean-up survives faults ----

@@ -44,7 +44,7 @@ from web.guard import Refused, check_offer, gradio_user, login_required, same_se
 from web.limits import Limits, argument, positive
 from web.limits import add_arguments as add_limit_arguments
 from web.webrtc import parse_ice_servers, turn_server
-from web.worker import MAX_VIEWERS, NotLive, ServerFull, TabClosed, UnknownView, ViewersFull, Worker
+from web.worker import MAX_VIEWERS, EditorsFull, NotLive, ServerFull, TabClosed, UnknownView, ViewersFull, Worker
 
 log = logging.getLogger("liveportrait.app")
 STATIC = Path(__file__).parent / "static"
@@ -228,7 +228,11 @@ class LiveApp:
     def edited(self, request: gr.Request) -> np.ndarray | None:
         """The page's portrait with its sliders applied, pasted back (one engine call); skipped while the
         Portrait editing tab is not shown."""
-        image = self.worker.edited(request.session_hash) if not self.gone(request) else None
+        try:
+            image = self.worker.edited(request.session_hash) if not self.gone(request) else None
+        except EditorsFull as e:
+            gr.Warning(f"Portrait editing: {e}.")
+            return gr.skip()
         return gr.skip() if image is None else image
 
     def reset_reference(self, request: gr.Request) -> str:

@@ -88,6 +88,7 @@ class WorkDir:
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._rendering: set[Path] = set()  # renders being written (recordings: stream.recorder knows them)
+        self._held: set[Path] = set()  # finished recordings not yet handed to their page
 
     def reserve(self, kind: str) -> Path | None:
         """A fresh path for a `kind` ("recording", "render") file, or None when the disk quota is used up."""
@@ -107,6 +108,15 @@ class WorkDir:
         finally:
             with self._lock:
                 self._rendering.discard(path)
+
+    def hold(self, path: Path) -> None:
+        """Until `release`, the clean-up leaves `path` alone (a take waiting for its page)."""
+        with self._lock:
+            self._held.add(path)
+
+    def release(self, paths: list[Path]) -> None:
+        with self._lock:
+            self._held.difference_update(paths)
 
     def usage(self) -> int:
         total = 0
@@ -131,9 +141,10 @@ class WorkDir:
         return [f for _, f in sorted(files)]
 
     def _clean(self) -> None:
-        """Delete files past the age limit, then the oldest while over the quota (files being written stay)."""
+        """Delete files past the age limit, then the oldest while over the quota (files being written, and takes
+        not yet handed to their page, stay)."""
         oldest = time.time() - self.limits.work_max_age_h * 3600
-        busy = self._rendering | recording_paths()
+        busy = self._rendering | self._held | recording_paths()
         files = [f for f in self._files() if f not in busy]
         total = self.usage()
         for f in files:

@@ -45,6 +45,7 @@ WEBRTC, HTTP = "WebRTC", "HTTP streaming"
 HTTP_QUIET_S = 5.0  # an HTTP-streaming connection without a webcam frame this long has stopped: its slot frees
 CALL_TIMEOUT_S = 120.0  # no call into the loop waits longer (closing a connection waits for its frames in flight)
 MAX_VIEWERS = 4  # receive-only viewers per tab unless --max-viewers says otherwise
+MAX_GONE = 10_000  # closed-tab markers kept at most (each also expires after the idle timeout)
 
 
 class UnknownView(LookupError):
@@ -67,6 +68,14 @@ class ServerFull(RuntimeError):
 
     def __init__(self, live: int):
         super().__init__(f"the server is full ({live} live session{'s' if live != 1 else ''}); try again shortly")
+
+
+class EditorsFull(RuntimeError):
+    """No room for another portrait editor (each holds an engine session); the message is meant for the user."""
+
+    def __init__(self, n: int):
+        super().__init__(f"the server is editing {n} portrait{'s' if n != 1 else ''} already; try the Portrait "
+                         "editing tab again shortly")
 
 
 class TabClosed(RuntimeError):
@@ -104,10 +113,11 @@ class Connection:
 class Tab:
     """What one browser tab has on this worker. `conn` changes only through `replace` and `end`, on the loop."""
 
-    def __init__(self, source: SourceFace):
-        self.source, self.settings = source, Settings()
+    def __init__(self, source: SourceFace, work: WorkDir):
+        self.source, self.settings, self.work = source, Settings(), work
         self.conn: Connection | None = None
         self.admitting = 0  # connections being made: they hold a slot meanwhile
+        self.retiring = 0  # replaced connections being closed: they hold their slot until closed
         self.connecting: asyncio.Future | None = None  # the HTTP-streaming connection being made
         self.refused: str | None = None  # why the last connection was not admitted (the server was full)
         self.takes: list[Path] = []  # finished recordings not yet handed to the page
@@ -133,8 +143,12 @@ class Tab:
             raise TabClosed("this tab was closed; reload the page")
         old, self.conn = self.conn, conn
         if old is not None:
-            await self.end_viewers()  # they watched `old`; their pages connect again to the new one
-            await self._retire(old)
+            self.retiring += 1
+            try:
+                await self.end_viewers()  # they watched `old`; their pages connect again to the new one
+                await self._retire(old)
+            finally:
+                self.retiring -= 1
 
     async def end(self, conn: Connection | None = None) -> None:
         """End `conn` (default: the live one); one already replaced is being closed by `replace`: nothing to do."""
@@ -159,10 +173,21 @@ class Tab:
         disk, say) is logged and told to the page; what called it goes on."""
         try:
             if path := await conn.close():
-                self.takes.append(path)
+                self.keep(path)
         except Exception as e:
             log.exception("ending a connection failed")
             self.error = f"the last connection did not end cleanly, its recording is lost: {e}"
+
+    def keep(self, path: Path) -> None:
+        """A finished take waits for its page: the work directory's clean-up leaves it until it is handed over."""
+        self.work.hold(path)
+        self.takes.append(path)
+
+    def hand_over(self) -> list[Path]:
+        """Every take not yet handed to the page, oldest first; from now on the clean-up may delete them."""
+        takes, self.takes = self.takes, []
+        self.work.release(takes)
+        return takes
 
     def last_seen(self) -> float:
         return max(self.seen, self.conn.last_frame() if self.conn else 0.0)
@@ -185,6 +210,7 @@ class Worker:
         self.limits = limits or Limits()
         self.work = WorkDir(workdir, self.limits)
         self.tabs: dict[str, Tab] = {}
+        self.gone: dict[str, float] = {}  # tabs closed by their page -> when: a later call must not bring one back
         self.views: dict[str, Tab] = {}  # view token -> the tab that shared its output
         self.step_s = step_s if step_s is not None else self._measure_step()
         self.loop = asyncio.new_event_loop()
@@ -225,18 +251,27 @@ class Worker:
                                log.error("worker task failed", exc_info=t.exception()))
 
     def tab(self, tab: str) -> Tab:
-        """The tab's state, created with the sample portrait on first use; its idle clock restarts."""
+        """The tab's state, created with the sample portrait on first use; its idle clock restarts. A tab its page
+        closed stays closed: a call that names it acts on a closed Tab the worker does not keep."""
+        if tab in self.gone:
+            closed = Tab(self.sample, self.work)
+            closed.closed = True
+            return closed
         t = self.tabs.get(tab)
         if t is None:
-            t = self.tabs.setdefault(tab, Tab(self.sample))
+            t = self.tabs.setdefault(tab, Tab(self.sample, self.work))
         t.seen = time.monotonic()
         return t
 
     def live(self) -> int:
-        return sum(1 for t in list(self.tabs.values()) if t.conn or t.admitting)
+        """Live connections, counting the ones being made and the replaced ones still closing."""
+        return sum(bool(t.conn or t.admitting) + t.retiring for t in list(self.tabs.values()))
 
     def _admit(self, t: Tab) -> None:
-        """On the loop: room for `t`'s new connection (its own current one counts as its slot), or ServerFull."""
+        """On the loop: room for `t`'s new connection (its own current one counts as its slot), or ServerFull
+        (TabClosed for a closed tab)."""
+        if t.closed:
+            raise TabClosed("this tab was closed; reload the page")
         if not (t.conn or t.admitting) and self.live() >= self.max_sessions:
             full = ServerFull(self.live())
             t.refused = str(full)
@@ -321,6 +356,8 @@ class Worker:
         """A new view token for the tab's output; the previous one is revoked and its viewers end."""
         async def run() -> str:
             t = self.tab(tab)
+            if t.closed:
+                raise TabClosed("this tab was closed; reload the page")
             await self._revoke(t)
             t.token = secrets.token_urlsafe(24)
             self.views[t.token] = t
@@ -362,19 +399,28 @@ class Worker:
         t.watch(viewer, lambda: self._spawn(t.end_viewer(viewer)))
         return viewer.answer
 
-    def close_tab(self, tab: str) -> None:
-        """The tab is gone: end its connection, free its editor and forget it."""
+    def close_tab(self, tab: str, reaped: bool = False) -> None:
+        """The tab is gone: end its connection, free its editor and forget it. Closed by its page, it stays closed;
+        `reaped` (idle: no unload came), a later call starts it afresh."""
         async def run() -> None:
-            if t := self.tabs.pop(tab, None):
-                t.closed = True
-                steps = [lambda: self._revoke(t), t.end]
-                if t.editor:
-                    steps.append(lambda: asyncio.to_thread(t.editor.close))
-                for step in steps:  # each runs whatever an earlier one raised
-                    try:
-                        await step()
-                    except Exception:
-                        log.exception("closing tab %s: a step failed", tab)
+            if not reaped:
+                self.gone[tab] = time.monotonic()
+                while len(self.gone) > MAX_GONE:
+                    del self.gone[next(iter(self.gone))]
+            t = self.tabs.get(tab)
+            if t is None or t.closed:
+                return
+            t.closed = True
+            steps = [lambda: self._revoke(t), t.end]
+            if t.editor:
+                steps.append(lambda: asyncio.to_thread(t.editor.close))
+            for step in steps:  # each runs whatever an earlier one raised
+                try:
+                    await step()
+                except Exception:
+                    log.exception("closing tab %s: a step failed", tab)
+            self.tabs.pop(tab, None)  # only now: its connection held its slot while it closed
+            self.work.release(t.takes)  # never handed over: the clean-up's, by age and quota
         self._on_loop(run)
 
     def reap(self) -> list[str]:
@@ -387,10 +433,13 @@ class Worker:
         for tab in idle:
             try:
                 log.info("tab %s idle for over %g s: freed", tab, timeout)
-                self.close_tab(tab)
+                self.close_tab(tab, reaped=True)
                 freed.append(tab)
             except Exception:
                 log.exception("freeing tab %s failed", tab)
+        for k, when in list(self.gone.items()):  # a closed tab's session hash is not reused after this long
+            if now - when > timeout:
+                self.gone.pop(k, None)
         for step in (self.work.clean, release_memory):
             try:
                 step()
@@ -453,11 +502,15 @@ class Worker:
         self.tab(tab).editing = shown
 
     def edited(self, tab: str) -> np.ndarray | None:
-        """The Portrait editing tab's image with the current controls; None while that tab is not shown."""
+        """The Portrait editing tab's image with the current controls; None while that tab is not shown.
+        EditorsFull when --max-sessions tabs have an editor open already."""
         async def editor() -> PortraitEditor | None:  # on the loop, so that none is made for a closed tab
             t = self.tab(tab)
             if t.editing and not t.closed:
-                t.editor = t.editor or PortraitEditor(self.engine)
+                if t.editor is None:  # as many editors as live sessions: each holds an engine session
+                    if (n := sum(1 for x in list(self.tabs.values()) if x.editor)) >= self.max_sessions:
+                        raise EditorsFull(n)
+                    t.editor = PortraitEditor(self.engine)
                 return t.editor
         t, ed = self.tab(tab), self._on_loop(editor)
         return ed(t.source, t.settings) if ed else None
@@ -474,7 +527,7 @@ class Worker:
                 return "⚠️ The server's storage for recordings is full; try again later."
             try:
                 if done := t.conn.pipeline.start_recording(path, self.limits.record_max_s):
-                    t.takes.append(done)  # the take that stopped at its limit is kept
+                    t.keep(done)  # the take that stopped at its limit is kept
             except RecordingRunning as e:
                 return f"● {str(e)[0].upper()}{str(e)[1:]}."
             return f"● Recording… (at most {self.limits.record_max_s:g} s)"
@@ -485,9 +538,8 @@ class Worker:
         async def run() -> list[Path]:
             t = self.tab(tab)
             if t.conn and (path := await asyncio.to_thread(t.conn.pipeline.stop_recording)):
-                t.takes.append(path)
-            takes, t.takes = t.takes, []
-            return takes
+                t.keep(path)
+            return t.hand_over()
         return self._on_loop(run)
 
     def render(self, tab: str, driving: str) -> tuple[Path | None, dict | str]:
