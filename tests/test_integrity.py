@@ -514,6 +514,25 @@ def test_a_closed_tab_stays_closed(app):
     assert "shut" not in w.tabs and not w.views and w.counts()["live"] == 0 and not w.engine.sessions
 
 
+def test_pages_get_turn_credentials_minted_for_them(engine, tmp_path):
+    """With --turn-secret, each page load and each view page gets TURN credentials of its own that expire; the
+    secret is in none of them, nor in the page's configuration."""
+    import fastapi
+    from web.app import LiveApp
+    app = LiveApp(engine, [{"urls": "turn:127.0.0.1:3478", "secret": "s3cret"}], untrained=True, workdir=tmp_path,
+                  step_s=0.1)
+    try:
+        (ice,) = json.loads(app.open_page(gr.Request(session_hash="turn-tab")))["ice"]
+        assert set(ice) == {"urls", "username", "credential"} and int(ice["username"].split(":")[0]) > time.time()
+        token = app.worker.share("turn-tab")
+        view = asyncio.run(app.view_page(fastapi.Request({"type": "http", "path_params": {"token": token},
+                                                          "query_string": b"", "headers": []}))).body.decode()
+        assert '"username": "' in view and "s3cret" not in view
+        assert "s3cret" not in json.dumps(app.blocks().config)
+    finally:
+        app.close()
+
+
 # ---- clean-up survives faults ----
 
 def test_reaping_outlives_a_failing_reap(app, monkeypatch):

@@ -43,7 +43,7 @@ from web import tls
 from web.guard import Refused, check_offer, gradio_user, login_required, same_secret
 from web.limits import Limits, argument, positive
 from web.limits import add_arguments as add_limit_arguments
-from web.webrtc import parse_ice_servers, turn_server
+from web.webrtc import mint, parse_ice_servers, turn_server
 from web.worker import MAX_VIEWERS, EditorsFull, NotLive, ServerFull, TabClosed, UnknownView, ViewersFull, Worker
 
 log = logging.getLogger("liveportrait.app")
@@ -130,7 +130,8 @@ class LiveApp:
     # ---- page lifecycle ----
 
     def open_page(self, request: gr.Request) -> str:
-        """Page load: register the tab; its id and secret go to the WebRTC client. Only the load that creates the
+        """Page load: register the tab; its id, its secret and its ICE servers (TURN credentials minted for it)
+        go to the WebRTC client. Only the load that creates the
         tab gets them: another call naming the same session hash (Gradio lets a client choose it) gets nothing."""
         if request.session_hash in self.closed:
             return ""
@@ -139,7 +140,7 @@ class LiveApp:
             log.warning("a second page load for an open tab: refused")
             return ""
         self.worker.stats(request.session_hash)  # its idle clock starts
-        return json.dumps({"session": request.session_hash, "secret": page.secret})
+        return json.dumps({"session": request.session_hash, "secret": page.secret, "ice": mint(self.ice_servers)})
 
     def close_page(self, request: gr.Request) -> None:
         """Tab closed: end its live connection and forget it."""
@@ -298,7 +299,7 @@ class LiveApp:
         if fit not in ("contain", "cover"):
             return PlainTextResponse(f"fit={fit[:20]!r}: expected contain or cover", status_code=400,
                                      headers=VIEW_HEADERS)
-        config = json.dumps(dict(ice=self.ice_servers, bg=f"#{bg}", fit=fit)).replace("<", "\\u003c")
+        config = json.dumps(dict(ice=mint(self.ice_servers), bg=f"#{bg}", fit=fit)).replace("<", "\\u003c")
         return HTMLResponse(VIEW_HTML.replace("__CONFIG__", config), headers=VIEW_HEADERS)
 
     async def view_offer(self, request: fastapi.Request) -> JSONResponse:
@@ -424,7 +425,7 @@ class LiveApp:
                         with gr.Tab("Live (WebRTC)"):
                             live = gr.HTML("", html_template=LIVE_HTML, css_template=LIVE_CSS, elem_id="lp-live",
                                            js_on_load=(STATIC / "live.js").read_text(),
-                                           ice_servers=self.ice_servers, codec=self.worker.codec)
+                                           codec=self.worker.codec)
                         with gr.Tab("Live (HTTP streaming)"):
                             gr.Markdown("Fallback transport: frames go through Gradio's HTTP streaming, so it works "
                                         "through share links without a TURN server (higher latency).")
@@ -529,6 +530,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "comma-separated URLs (default: $LP_ICE_SERVERS, else none); see docs/deploy.md")
     parser.add_argument("--turn-url", help="a TURN server for WebRTC across strict NATs, e.g. "
                                            "turn:turn.example.com:3478 (added to --ice-servers)")
+    parser.add_argument("--turn-secret", default=os.environ.get("LP_TURN_SECRET"),
+                        help="coturn's static-auth-secret (use-auth-secret): every page and peer gets TURN "
+                             "credentials of its own that expire, instead of --turn-user/--turn-password "
+                             "(default: $LP_TURN_SECRET); see docs/deploy.md")
     parser.add_argument("--turn-user", help="the TURN server's user name")
     parser.add_argument("--turn-password", default=os.environ.get("LP_TURN_PASSWORD"),
                         help="the TURN server's password (default: $LP_TURN_PASSWORD)")
@@ -560,7 +565,7 @@ def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = N
     """Load the engine (official weights, or the error saying how to get them), then serve until Ctrl-C.
     `on_start` sees the app before it serves (the load-test server logs its counts)."""
     try:
-        ice_servers = (args.ice_servers or []) + turn_server(args.turn_url, args.turn_user, args.turn_password)
+        ice_servers = (args.ice_servers or []) + turn_server(args.turn_url, args.turn_user, args.turn_password, args.turn_secret)
         if args.https_self_signed and (args.ssl_certfile or args.ssl_keyfile):
             raise ValueError("--https-self-signed or --ssl-certfile/--ssl-keyfile, not both")
         if bool(args.ssl_certfile) != bool(args.ssl_keyfile):

@@ -37,7 +37,7 @@ from stream.pipeline import RecordingRunning, SessionPipeline, Settings, draw_te
 from stream.render import read_image, render
 from stream.scheduler import Scheduler
 from web.limits import Limits, WorkDir, release_memory
-from web.webrtc import Peer, Viewer
+from web.webrtc import Peer, Viewer, mint
 
 log = logging.getLogger("liveportrait.worker")
 T = TypeVar("T")
@@ -294,7 +294,7 @@ class Worker:
         self._admit(t)
         t.admitting += 1
         try:
-            peer = await Peer.accept(offer, self.ice_servers, self.codec)
+            peer = await Peer.accept(offer, mint(self.ice_servers), self.codec)
             try:
                 pipeline = await asyncio.to_thread(self._pipeline, t, WEBRTC)
             except BaseException:
@@ -390,7 +390,7 @@ class Worker:
         conn = t.conn
         t.joining += 1
         try:
-            viewer = await Viewer.accept(offer, self.ice_servers, self.codec)
+            viewer = await Viewer.accept(offer, mint(self.ice_servers), self.codec)
         finally:
             t.joining -= 1
         if t.conn is not conn or self.views.get(token) is not t:  # it ended, or the link was revoked, meanwhile
