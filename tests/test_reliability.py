@@ -214,6 +214,16 @@ def malformed_offers(n: int, page: dict, seed: int = 0) -> list[tuple[str, bytes
         else:
             name = list(shapes)[(i // 2) % len(shapes)]
             cases.append((name, shapes[name](session), json_type))
+    wrong_secrets = {  # each with the live tab's id and a valid SDP: only the secret is wrong
+        "non-ASCII": secret[:-1] + "é", "all non-ASCII": "ü" * len(secret), "emoji": "🔑" * 8,
+        "lone surrogate": secret[:-1] + "\ud800", "NUL": secret[:-1] + "\x00", "a prefix": secret[:-1],
+        "one character more": secret + "A", "random text": "".join(chr(rng.randrange(32, 0x2fff)) for _ in range(32)),
+        "too long": "x" * 5000, "a number": 42, "null": None, "a list": [secret], "an object": {"secret": secret},
+        "true": True,
+    }
+    for what, wrong in wrong_secrets.items():
+        cases.append((f"secret: {what}", json.dumps({"sdp": good, "type": "offer", "session": live,
+                                                     "secret": wrong}).encode(), json_type))
     return cases
 
 
@@ -413,6 +423,7 @@ def test_vanished_tabs_are_reaped_and_markers_expire(app):
 def test_recording_stops_at_its_limit_and_the_page_says_so(app):
     import skimage.data
     r = gr.Request(session_hash="rec")
+    key = app.open_page(r)
     frame = skimage.data.astronaut()
     app.http_frame(frame, r)
     assert "at most 0.6 s" in app.start_recording(r)
@@ -420,7 +431,7 @@ def test_recording_stops_at_its_limit_and_the_page_says_so(app):
     while "stopped at the 0.6 s limit" not in app.stats(r) and time.monotonic() < end:
         app.http_frame(frame, r)
     assert "stopped at the 0.6 s limit" in app.stats(r)
-    (path,), status = app.stop_recording(r)
+    (path,), status = app.stop_recording(key, r)
     with av.open(path) as c:
         n = sum(1 for _ in c.decode(video=0))
         assert n >= 1 and float(c.duration / av.time_base) <= 0.6 + 0.1

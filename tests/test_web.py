@@ -69,6 +69,7 @@ def test_good_portrait_and_sample(app, files):
 
 def test_http_streaming_fallback_animates_and_cleans_up(app):
     r = request("http")
+    key = app.open_page(r)
     app.set_controls(True, True, False, 1.0, True, 0.3, False, 0.1, 0.5, False, r)  # paste-back off: 256² face
     assert "not connected" in app.stats(r)
     outputs = [app.http_frame(np.roll(ASTRONAUT, i, axis=1), r) for i in range(4)]
@@ -82,7 +83,7 @@ def test_http_streaming_fallback_animates_and_cleans_up(app):
     assert "Recording" in app.start_recording(r)
     for _ in range(3):
         app.http_frame(ASTRONAUT, r)
-    (path,), status = app.stop_recording(r)
+    (path,), status = app.stop_recording(key, r)
     assert "Saved" in status
     with av.open(path) as c:
         assert sum(1 for _ in c.decode(video=0)) >= 3

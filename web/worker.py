@@ -37,7 +37,7 @@ from stream.pipeline import RecordingRunning, SessionPipeline, Settings, draw_te
 from stream.render import read_image, render
 from stream.scheduler import Scheduler
 from web.limits import Limits, WorkDir, release_memory
-from web.webrtc import Peer, Viewer
+from web.webrtc import Peer, Viewer, mint
 
 log = logging.getLogger("liveportrait.worker")
 T = TypeVar("T")
@@ -45,6 +45,7 @@ WEBRTC, HTTP = "WebRTC", "HTTP streaming"
 HTTP_QUIET_S = 5.0  # an HTTP-streaming connection without a webcam frame this long has stopped: its slot frees
 CALL_TIMEOUT_S = 120.0  # no call into the loop waits longer (closing a connection waits for its frames in flight)
 MAX_VIEWERS = 4  # receive-only viewers per tab unless --max-viewers says otherwise
+MAX_GONE = 10_000  # closed-tab markers kept at most (each also expires after the idle timeout)
 
 
 class UnknownView(LookupError):
@@ -67,6 +68,14 @@ class ServerFull(RuntimeError):
 
     def __init__(self, live: int):
         super().__init__(f"the server is full ({live} live session{'s' if live != 1 else ''}); try again shortly")
+
+
+class EditorsFull(RuntimeError):
+    """No room for another portrait editor (each holds an engine session); the message is meant for the user."""
+
+    def __init__(self, n: int):
+        super().__init__(f"the server is editing {n} portrait{'s' if n != 1 else ''} already; try the Portrait "
+                         "editing tab again shortly")
 
 
 class TabClosed(RuntimeError):
@@ -108,6 +117,7 @@ class Tab:
         self.source, self.settings = source, Settings()
         self.conn: Connection | None = None
         self.admitting = 0  # connections being made: they hold a slot meanwhile
+        self.retiring = 0  # replaced connections being closed: they hold their slot until closed
         self.connecting: asyncio.Future | None = None  # the HTTP-streaming connection being made
         self.refused: str | None = None  # why the last connection was not admitted (the server was full)
         self.takes: list[Path] = []  # finished recordings not yet handed to the page
@@ -118,6 +128,7 @@ class Tab:
         self.token: str | None = None  # its view link's token, once shared
         self.viewers: set[Viewer] = set()  # watching `conn`'s output
         self.joining = 0  # view offers being accepted: they hold a viewer slot meanwhile
+        self.error: str | None = None  # why the last connection did not end cleanly (the page's metrics line says)
 
     @property
     def pipeline(self) -> SessionPipeline | None:
@@ -132,8 +143,12 @@ class Tab:
             raise TabClosed("this tab was closed; reload the page")
         old, self.conn = self.conn, conn
         if old is not None:
-            await self.end_viewers()  # they watched `old`; their pages connect again to the new one
-            await self._retire(old)
+            self.retiring += 1
+            try:
+                await self.end_viewers()  # they watched `old`; their pages connect again to the new one
+                await self._retire(old)
+            finally:
+                self.retiring -= 1
 
     async def end(self, conn: Connection | None = None) -> None:
         """End `conn` (default: the live one); one already replaced is being closed by `replace`: nothing to do."""
@@ -154,8 +169,24 @@ class Tab:
         await asyncio.gather(*(v.close() for v in viewers), return_exceptions=True)
 
     async def _retire(self, conn: Connection) -> None:
-        if path := await conn.close():
-            self.takes.append(path)
+        """Close `conn` and keep its take. A close that fails (a recording that cannot be finalised on a full
+        disk, say) is logged and told to the page; what called it goes on."""
+        try:
+            if path := await conn.close():
+                self.keep(path)
+        except Exception as e:
+            log.exception("ending a connection failed")
+            self.error = f"the last connection did not end cleanly, its recording is lost: {e}"
+
+    def keep(self, path: Path) -> None:
+        """A finished take waits for its page: the work directory's clean-up leaves it until it is handed over
+        (Worker._takes)."""
+        self.takes.append(path)
+
+    def hand_over(self) -> list[Path]:
+        """Every take not yet handed to the page, oldest first; from now on the clean-up may delete them."""
+        takes, self.takes = self.takes, []
+        return takes
 
     def last_seen(self) -> float:
         return max(self.seen, self.conn.last_frame() if self.conn else 0.0)
@@ -178,6 +209,7 @@ class Worker:
         self.limits = limits or Limits()
         self.tabs: dict[str, Tab] = {}
         self.work = WorkDir(workdir, self.limits, self._takes)
+        self.gone: dict[str, float] = {}  # tabs closed by their page -> when: a later call must not bring one back
         self.views: dict[str, Tab] = {}  # view token -> the tab that shared its output
         self.step_s = step_s if step_s is not None else self._measure_step()
         self.loop = asyncio.new_event_loop()
@@ -218,7 +250,12 @@ class Worker:
                                log.error("worker task failed", exc_info=t.exception()))
 
     def tab(self, tab: str) -> Tab:
-        """The tab's state, created with the sample portrait on first use; its idle clock restarts."""
+        """The tab's state, created with the sample portrait on first use; its idle clock restarts. A tab its page
+        closed stays closed: a call that names it acts on a closed Tab the worker does not keep."""
+        if tab in self.gone:
+            closed = Tab(self.sample)
+            closed.closed = True
+            return closed
         t = self.tabs.get(tab)
         if t is None:
             t = self.tabs.setdefault(tab, Tab(self.sample))
@@ -230,10 +267,14 @@ class Worker:
         return {p for t in list(self.tabs.values()) for p in list(t.takes)}
 
     def live(self) -> int:
-        return sum(1 for t in list(self.tabs.values()) if t.conn or t.admitting)
+        """Live connections, counting the ones being made and the replaced ones still closing."""
+        return sum(bool(t.conn or t.admitting) + t.retiring for t in list(self.tabs.values()))
 
     def _admit(self, t: Tab) -> None:
-        """On the loop: room for `t`'s new connection (its own current one counts as its slot), or ServerFull."""
+        """On the loop: room for `t`'s new connection (its own current one counts as its slot), or ServerFull
+        (TabClosed for a closed tab)."""
+        if t.closed:
+            raise TabClosed("this tab was closed; reload the page")
         if not (t.conn or t.admitting) and self.live() >= self.max_sessions:
             full = ServerFull(self.live())
             t.refused = str(full)
@@ -256,7 +297,7 @@ class Worker:
         self._admit(t)
         t.admitting += 1
         try:
-            peer = await Peer.accept(offer, self.ice_servers, self.codec)
+            peer = await Peer.accept(offer, mint(self.ice_servers), self.codec)
             try:
                 pipeline = await asyncio.to_thread(self._pipeline, t, WEBRTC)
             except BaseException:
@@ -318,6 +359,8 @@ class Worker:
         """A new view token for the tab's output; the previous one is revoked and its viewers end."""
         async def run() -> str:
             t = self.tab(tab)
+            if t.closed:
+                raise TabClosed("this tab was closed; reload the page")
             await self._revoke(t)
             t.token = secrets.token_urlsafe(24)
             self.views[t.token] = t
@@ -350,7 +393,7 @@ class Worker:
         conn = t.conn
         t.joining += 1
         try:
-            viewer = await Viewer.accept(offer, self.ice_servers, self.codec)
+            viewer = await Viewer.accept(offer, mint(self.ice_servers), self.codec)
         finally:
             t.joining -= 1
         if t.conn is not conn or self.views.get(token) is not t:  # it ended, or the link was revoked, meanwhile
@@ -359,15 +402,28 @@ class Worker:
         t.watch(viewer, lambda: self._spawn(t.end_viewer(viewer)))
         return viewer.answer
 
-    def close_tab(self, tab: str) -> None:
-        """The tab is gone: end its connection, free its editor and forget it."""
+    def close_tab(self, tab: str, reaped: bool = False) -> None:
+        """The tab is gone: end its connection, free its editor and forget it. Closed by its page, it stays closed;
+        `reaped` (idle: no unload came), a later call starts it afresh."""
         async def run() -> None:
-            if t := self.tabs.pop(tab, None):
-                t.closed = True
-                await self._revoke(t)
-                await t.end()
-                if t.editor:
-                    await asyncio.to_thread(t.editor.close)
+            if not reaped:
+                self.gone[tab] = time.monotonic()
+                while len(self.gone) > MAX_GONE:
+                    del self.gone[next(iter(self.gone))]
+            t = self.tabs.get(tab)
+            if t is None or t.closed:
+                return
+            t.closed = True
+            steps = [lambda: self._revoke(t), t.end]
+            if t.editor:
+                steps.append(lambda: asyncio.to_thread(t.editor.close))
+            for step in steps:  # each runs whatever an earlier one raised
+                try:
+                    await step()
+                except Exception:
+                    log.exception("closing tab %s: a step failed", tab)
+            self.tabs.pop(tab, None)  # only now: its connection held its slot while it closed; its takes, never
+            # handed over, are the clean-up's from now on (by age and quota)
         self._on_loop(run)
 
     def reap(self) -> list[str]:
@@ -380,10 +436,13 @@ class Worker:
         for tab in idle:
             try:
                 log.info("tab %s idle for over %g s: freed", tab, timeout)
-                self.close_tab(tab)
+                self.close_tab(tab, reaped=True)
                 freed.append(tab)
             except Exception:
                 log.exception("freeing tab %s failed", tab)
+        for k, when in list(self.gone.items()):  # a closed tab's session hash is not reused after this long
+            if now - when > timeout:
+                self.gone.pop(k, None)
         for step in (self.work.clean, release_memory):
             try:
                 step()
@@ -446,11 +505,15 @@ class Worker:
         self.tab(tab).editing = shown
 
     def edited(self, tab: str) -> np.ndarray | None:
-        """The Portrait editing tab's image with the current controls; None while that tab is not shown."""
+        """The Portrait editing tab's image with the current controls; None while that tab is not shown.
+        EditorsFull when --max-sessions tabs have an editor open already."""
         async def editor() -> PortraitEditor | None:  # on the loop, so that none is made for a closed tab
             t = self.tab(tab)
             if t.editing and not t.closed:
-                t.editor = t.editor or PortraitEditor(self.engine)
+                if t.editor is None:  # as many editors as live sessions: each holds an engine session
+                    if (n := sum(1 for x in list(self.tabs.values()) if x.editor)) >= self.max_sessions:
+                        raise EditorsFull(n)
+                    t.editor = PortraitEditor(self.engine)
                 return t.editor
         t, ed = self.tab(tab), self._on_loop(editor)
         return ed(t.source, t.settings) if ed else None
@@ -467,7 +530,7 @@ class Worker:
                 return "⚠️ The server's storage for recordings is full; try again later."
             try:
                 if done := t.conn.pipeline.start_recording(path, self.limits.record_max_s):
-                    t.takes.append(done)  # the take that stopped at its limit is kept
+                    t.keep(done)  # the take that stopped at its limit is kept
             except RecordingRunning as e:
                 return f"● {str(e)[0].upper()}{str(e)[1:]}."
             return f"● Recording… (at most {self.limits.record_max_s:g} s)"
@@ -478,9 +541,8 @@ class Worker:
         async def run() -> list[Path]:
             t = self.tab(tab)
             if t.conn and (path := await asyncio.to_thread(t.conn.pipeline.stop_recording)):
-                t.takes.append(path)
-            takes, t.takes = t.takes, []
-            return takes
+                t.keep(path)
+            return t.hand_over()
         return self._on_loop(run)
 
     def render(self, tab: str, driving: str) -> tuple[Path | None, dict | str]:
@@ -497,9 +559,9 @@ class Worker:
         t = self.tab(tab)
         conn = t.conn
         if conn is None:
-            return dict(live=False, refused=t.refused)
+            return dict(live=False, refused=t.refused, error=t.error)
         return dict(conn.pipeline.stats(), live=True, codec=conn.peer.codec if conn.peer else None,
-                    viewers=len(t.viewers))
+                    viewers=len(t.viewers), error=t.error)
 
     def counts(self) -> dict:
         """What is allocated now: tabs, live connections, WebRTC peers, viewers' peers, view tokens, engine
