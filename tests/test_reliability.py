@@ -487,6 +487,7 @@ def test_nothing_not_yet_downloaded_is_removed(app):
     """A finished take the page has not been given yet stays, past the age limit and over the quota alike; once
     handed out (the page downloads Gradio's copy) or once its tab has gone, the limits apply to it."""
     r = gr.Request(session_hash="takes")
+    key = app.open_page(r)
     earlier, take = app.dir / "recording-earlier.mp4", app.dir / "recording-take.mp4"
     for f, size in ((earlier, 2 * 2**20), (take, 1000)):
         f.write_bytes(b"x" * size)
@@ -495,7 +496,7 @@ def test_nothing_not_yet_downloaded_is_removed(app):
     app.limits.work_quota_mb = 1
     assert app.worker.work.reserve("recording") is not None
     assert not earlier.exists() and take.exists()
-    (copy,), status = app.stop_recording(r)
+    (copy,), status = app.stop_recording(key, r)
     app.worker.work.clean()
     assert not take.exists() and Path(copy).read_bytes() == b"x" * 1000  # the page's copy is Gradio's
     app.limits.work_quota_mb = 0.0001  # a take fills the quota: it stays, and the next recording waits
@@ -528,7 +529,7 @@ def test_a_work_directory_anywhere_hands_its_files_to_the_page(tmp_path, monkeyp
             try:
                 page = await tab.open()
                 app.worker.tab(page["session"]).takes.append(take)
-                return await tab.call("stop_recording")
+                return await tab.call("stop_recording", [json.dumps(page)])
             finally:
                 await tab.close()
     try:
