@@ -272,8 +272,8 @@ class LiveTracker:
 
     def _grey(self, rgb: np.ndarray) -> tuple[np.ndarray, float]:
         k = min(1.0, self.flow_width / rgb.shape[1])
-        small = cv2.resize(rgb, None, fx=k, fy=k, interpolation=cv2.INTER_AREA) if k < 1 else rgb
-        return cv2.cvtColor(small, cv2.COLOR_RGB2GRAY), k
+        grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        return (cv2.resize(grey, None, fx=k, fy=k, interpolation=cv2.INTER_AREA) if k < 1 else grey), k
 
     def _flow(self, grey: np.ndarray, k: float) -> np.ndarray | None:
         """The last landmarks moved into this frame, or None when the flow cannot be trusted."""

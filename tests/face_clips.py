@@ -1,15 +1,16 @@
-"""Harder live clips than the nodding astronaut, and what a live tracker does on them, for tests/data/live_baseline.json.
+"""Harder live clips than the nodding astronaut, and what a live tracker does on them (tests/data/live_baseline.json).
 
-fast_face(): the astronaut moving fast on a 640x480 frame (±70 px, ±14°, scale 0.8-1.1, sensor noise), its true crop
-box known from the still's. real_faces(): two real people (NASA's astronaut photo from skimage, Grace Hopper's US
-Navy portrait in tests/data/faces; both public domain, tests/data/faces/LICENSE.txt) turning their heads, moving
-with motion blur and under changing light. Both are photos, moved and warped: no footage of a real 3D head turn or of
-changing expressions ships with any package here.
+fast_face(): the astronaut moving fast on a 640x480 frame (±70 px, ±14°, scale 0.8-1.1, sensor noise), its true
+crop box known from the still's. real_faces(): two real people (NASA's astronaut photo from skimage, Grace Hopper's
+US Navy portrait in tests/data/faces; both public domain, tests/data/faces/LICENSE.txt) turning their heads, moving
+with motion blur and under changing light. Both are photos, moved and warped: no footage of a real 3D head turn or
+of changing expressions ships with any package here.
 
-The baseline (tests/data/live_baseline.json) was written by the Tasks VIDEO-mode tracker that the live tracker replaced:
+The baseline was written by the Tasks VIDEO-mode tracker that the live tracker replaced (revision 29927db):
 
-    git archive 29927db | tar -x -C /tmp/t29 && cp tests/face_clips.py /tmp/t29/tests/ && cp -r tests/data/faces /tmp/t29/tests/data/
-    cd /tmp/t29 && python tests/face_clips.py /work/wt/i24/tests/data/live_baseline.json
+    mkdir /tmp/t29 && git archive 29927db | tar -x -C /tmp/t29 && cp -r tests/face_clips.py tests/crop_fixture.py \
+        tests/data/faces /tmp/t29/tests/ && mv /tmp/t29/tests/faces /tmp/t29/tests/data/
+    cd /tmp/t29 && PYTHONPATH=.:tests python tests/face_clips.py OUT.json
 """
 import json
 import sys

@@ -150,6 +150,9 @@ def test_face_model_option_loads_another_file(tmp_path):
         t = FaceTracker()
         assert t.landmarks(STILLS["astronaut"]).shape == (478, 2)
         t.close()
+        t = LiveTracker()  # the landmark network alone comes out of the same bundle
+        assert t.landmarks(moving_face()[0]).shape == (478, 2)
+        t.close()
     finally:
         face.use_face_model(None)
 
@@ -182,7 +185,27 @@ def test_face_bench_times_the_live_step():
     from stream.face_bench import bench_tracking
     r = bench_tracking(moving_face(4), loops=2)
     assert r["frames"] == 8 and r["found"] == 8 and len(r["ms"]) == 8
-    assert 0 < r["median_ms"] <= r["p90_ms"] and r["mediapipe"].startswith("1.") and r["numpy"].startswith("2.")
+    assert 0 < r["median_ms"] <= r["p95_ms"] and r["mean_ms"] > 0
+    assert r["mediapipe"].startswith("1.") and r["ai-edge-litert"] and r["numpy"].startswith("2.")
+
+
+def test_face_bench_compares_with_another_revision(tmp_path, capsys):
+    """--old-rev runs that revision's tracker from a git archive of it, alternating with this tree's, in one run."""
+    from stream.face_bench import main
+    assert main(["--old-rev", "HEAD", "--rounds", "1", "--json", str(tmp_path / "r.json")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["old"]["rev"] == "HEAD" and r["old"]["found"] == r["new"]["found"] == 120
+    assert r["ratio_mean"] == r["new"]["mean_ms"] / r["old"]["mean_ms"]
+    assert "new / old: mean" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [(["--old-python", sys.executable], "--old-python needs --old-rev"),
+                                           (["--old-rev", "no-such-rev"], "--old-rev no-such-rev: fatal: not a valid object name")])
+def test_face_bench_bad_flags_fail_clearly(argv, message, capsys):
+    from stream.face_bench import main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert message in (capsys.readouterr().err + str(e.value.code))
 
 
 def test_package_data_carries_the_model_and_its_licence():
