@@ -239,7 +239,7 @@ class LiveTracker:
     makes the frame a key frame; a face-presence score under `min_presence`, the Tasks landmarker (re)detects. Eye and
     lip ratios change only on key frames. One tracker per stream."""
 
-    def __init__(self, key: int = 3, min_presence: float = 0.5, flow_width: int = 320):
+    def __init__(self, key: int = 4, min_presence: float = 0.5, flow_width: int = 320):
         self.finder = FaceTracker(max_faces=1)
         self.model = LandmarkModel()
         self.key, self.min_presence, self.flow_width = key, min_presence, flow_width
