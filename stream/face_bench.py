@@ -58,8 +58,9 @@ def bench_tracking(frames: list[np.ndarray], loops: int = 4) -> dict:
         cpu = time.process_time() - cpu
     finally:
         driver.close()
+    litert = _version("ai-edge-litert") if "ai_edge_litert" in sys.modules else None  # only if the tracker ran it
     return {**_stats(ms), "cpu_ms": cpu * 1000 / len(ms), "found": found, "ms": ms, "mediapipe": _version("mediapipe"),
-            "ai-edge-litert": _version("ai-edge-litert"), "numpy": np.__version__, "python": platform.python_version()}
+            "ai-edge-litert": litert, "numpy": np.__version__, "python": platform.python_version()}
 
 
 def _stats(ms: list[float]) -> dict:

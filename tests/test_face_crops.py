@@ -115,8 +115,8 @@ def test_lost_face_is_found_again(live):
 
 
 def test_live_timestamps_need_not_increase():
-    """The landmarker's VIDEO mode rejects a timestamp that does not increase; a repeated frame time, a stream
-    restarted at t=0 and frames without a time must all still track."""
+    """Frame times only feed the box filter: a repeated frame time, a stream restarted at t=0 and frames without a
+    time must all still track."""
     driver = LiveFaceDriver()
     frame = moving_face()[0]
     for t in (0.0, 0.0, 0.5, 0.2, None, None):
