@@ -7,9 +7,10 @@ crop, ratios) on the moving-face clip, JSON + table. Results: docs/benchmarks.md
 
 With --old-rev, that revision's tree is extracted (git archive) into a temporary directory and its tracker runs in a
 subprocess there (--old-python, default this interpreter), alternating with this tree's tracker, so that both see
-the same machine, load and frames. This module is copied into the old tree, so both are timed by the same code; it
-needs only what every revision's stream.face has (LiveFaceDriver). Key-frame trackers are cheap on most frames and
-dear on a few: compare the means.
+the same machine, load and frames; each side runs in a fresh process. This module is copied into the old tree, so
+both are timed by the same code; it needs only what every revision's stream.face has (LiveFaceDriver). Key-frame
+trackers are cheap on most frames and dear on a few: compare the means. On a loaded machine the wall times follow
+the load more than the trackers; the CPU ms per frame (the process's, all threads) stay close to a quiet run's.
 """
 import argparse
 import json
@@ -79,10 +80,12 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _old_run(python: str, tree: Path, frames: Path) -> dict:
+def _run(python: str, tree: Path, frames: Path) -> dict:
+    """bench_tracking of the tree's tracker in a fresh process (both sides alike, so that the OS schedules them
+    alike on a loaded machine)."""
     out = subprocess.run([python, "-c", CHILD, str(frames)], cwd=tree, capture_output=True, text=True)
     if out.returncode:
-        sys.exit(f"the old tracker failed in {tree}:\n{out.stderr[-3000:]}")
+        sys.exit(f"the tracker failed in {tree}:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -126,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             np.save(tree / "frames.npy", np.stack(frames))
             old, new = [], []
             for _ in range(args.rounds):
-                old.append(_old_run(args.old_python or sys.executable, tree, tree / "frames.npy"))
-                new.append(bench_tracking(frames))
+                old.append(_run(args.old_python or sys.executable, tree, tree / "frames.npy"))
+                new.append(_run(sys.executable, ROOT, tree / "frames.npy"))
         result["old"] = {"rev": args.old_rev, **_merge(old)}
         result["new"] = _merge(new)
         result["ratio_mean"] = result["new"]["mean_ms"] / result["old"]["mean_ms"]
