@@ -18,11 +18,12 @@ The box depends only on the extremes of the point set in the eye→mouth frame (
 sets span eyebrow-top to chin and ear to ear along the jaw. Mediapipe's face oval also covers the forehead, which
 would inflate the box, so BOX keeps only the jaw part of the oval plus the eyebrows: same extremes, same box.
 
-API (one `FaceTracker` per stream; mediapipe graphs are not shared between threads):
+API (one tracker per stream; mediapipe graphs and LiteRT interpreters are not shared between threads):
 
-    tracker = FaceTracker(live)            # .landmarks(rgb) -> (478, 2) float32 pixel coords | None
+    tracker = FaceTracker()                # stills, Tasks IMAGE mode: .landmarks(rgb) -> (478, 2) float32 | None
+    live = LiveTracker()                   # webcam frames: landmark network on key frames, optical flow between
     src = prepare_source(rgb)              # SourceFace(image, crop, eye, lip); raises NoFaceError
-    crop_source(rgb, lmk) / crop_driving(rgb, lmk) -> Crop(image 512², image_256, m_o2c, m_c2o, lmk)
+    crop_source(rgb, lmk) -> Crop(image 512², image_256, ...);  crop_driving(rgb, lmk) -> Crop(image 256², ...)
     eye_ratio(lmk) -> (2,) [left, right];  lip_ratio(lmk) -> (1,)
     driver = LiveFaceDriver(); f = driver.process(rgb)   # once per webcam frame, never raises
 
@@ -34,8 +35,10 @@ and eases back to 1 over `ease` frames once the face returns.
 import argparse
 import functools
 import hashlib
+import io
 import urllib.parse
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,10 +63,19 @@ MODEL_URL = ("https://storage.googleapis.com/mediapipe-models/face_landmarker/fa
              "face_landmarker.task")
 MODEL_SIZE, MODEL_SHA256 = 3_758_596, "64184e229b263107bc2b804c6625db1341ff2bb731874b0bcc2fe6544e0bc9ff"
 _model_source: str | None = None  # use_face_model's override
-SLOW = 10  # live tracking: landmarker timestamps per real second, see FaceTracker.landmarks
+LANDMARK_NET = "face_landmarks_detector.tflite"  # the bundle's landmark network, run alone by the live tracker
+# Live tracking between key frames: rigid points that flow follows well (eye corners, nose, brows, cheeks, chin),
+# Lucas-Kanade settings, and the limits past which the flow is not trusted (LK's mean absolute intensity
+# difference per pixel; the similarity fit's RMS residual as a share of the points' extent).
+FLOW = [33, 133, 263, 362, 130, 359, 1, 4, 5, 6, 168, 197, 195, 98, 327, 2, 50, 280, 205, 425, 36, 266, 61, 291,
+        152, 199, 175, 58, 288, 172, 397, 136, 365, 150, 379, 46, 53, 55, 65, 70, 105, 107, 276, 283, 285, 295,
+        300, 334, 336]
+LK = dict(winSize=(15, 15), maxLevel=2, criteria=(cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 10, 0.03))
+FLOW_MAX_ERR, FLOW_MAX_RESIDUAL = 20.0, 0.02
+SETTLE = 0.005  # key frames: landmark steps well under this share of the face's extent count as noise (`settle`)
 
 SOURCE = dict(scale=2.3, vx=0.0, vy=-0.125, rotate=True, interp_256=cv2.INTER_AREA)
-DRIVING = dict(scale=2.2, vx=0.0, vy=-0.1, rotate=False, interp_256=cv2.INTER_LINEAR)
+DRIVING = dict(scale=2.2, vx=0.0, vy=-0.1, rotate=False, dsize=256)  # warped once, to the engine's input size
 
 
 class NoFaceError(ValueError):
@@ -124,43 +136,33 @@ def _load_model(source: str | None) -> bytes:
 
 
 class FaceTracker:
-    """Mediapipe's Tasks FaceLandmarker, 478 points (the face-mesh topology). `live=True` runs it in VIDEO mode:
-    it tracks between frames from the last landmarks and re-detects only when the face is lost. `live=False` runs
-    IMAGE mode, detecting on every call. With max_faces > 1 the largest face wins, but the landmarker then re-runs
-    detection on every frame until it tracks max_faces faces, so live defaults to 1. Its detector is short-range
-    (it misses faces under ~15% of the frame), so still images fall back to the landmarker on overlapping windows
-    a third of the image wide, then run it on a 512² patch around the largest face found there."""
+    """Mediapipe's Tasks FaceLandmarker in IMAGE mode, 478 points (the face-mesh topology), detecting on every call:
+    for stills (the portrait, the editor) and for finding a face that the live tracker lost. With max_faces > 1 the
+    largest face wins. Its detector is short-range (it misses faces under ~15% of the frame), so `landmarks` falls
+    back to the landmarker on overlapping windows a third of the image wide, then runs it on a 512² patch around the
+    largest face found there."""
 
-    def __init__(self, live: bool, max_faces: int | None = None, min_confidence: float = 0.5):
+    def __init__(self, max_faces: int = 4, min_confidence: float = 0.5):
         import mediapipe as mp  # here, so that `--face-model` parses without the face stack
         from mediapipe.tasks.python import BaseOptions, vision
 
         options = vision.FaceLandmarkerOptions(
-            base_options=BaseOptions(model_asset_buffer=model_bytes()),
-            running_mode=vision.RunningMode.VIDEO if live else vision.RunningMode.IMAGE,
-            num_faces=max_faces or (1 if live else 4), min_face_detection_confidence=min_confidence,
+            base_options=BaseOptions(model_asset_buffer=model_bytes()), running_mode=vision.RunningMode.IMAGE,
+            num_faces=max_faces, min_face_detection_confidence=min_confidence,
             min_face_presence_confidence=min_confidence, min_tracking_confidence=min_confidence)
         try:
             self.landmarker = vision.FaceLandmarker.create_from_options(options)
         except (RuntimeError, ValueError) as e:
             raise FaceModelError(f"The face model could not be loaded: {e}") from None
         self.image = functools.partial(mp.Image, image_format=mp.ImageFormat.SRGB)
-        self.live, self.ms = live, -1
 
-    def landmarks(self, rgb: np.ndarray, t: float | None = None) -> np.ndarray | None:
-        """(478, 2) float32 pixel coordinates of the largest face in an RGB uint8 image, or None. `t` (seconds) is
-        the frame's time for live tracking, which needs strictly increasing timestamps; without it, frames are
-        taken as 1/30 s apart. VIDEO mode also smooths the landmarks by these timestamps, which lags a moving
-        face (the crop box turned ~2 degrees behind a nodding head); LiveFaceDriver smooths the box itself and the
-        eye/lip ratios must not lag, so the landmarker's clock runs SLOW times slower, where its filter lets
-        motion through."""
+    def landmarks(self, rgb: np.ndarray, small_faces: bool = True) -> np.ndarray | None:
+        """(478, 2) float32 pixel coordinates of the largest face in an RGB uint8 image, or None. `small_faces`:
+        search overlapping windows when the whole image shows no face (several landmarker runs; off for live
+        frames, which must stay cheap while no face is in view)."""
         rgb = np.ascontiguousarray(rgb)
-        if self.live:
-            ms = round(t * 1000 * SLOW) if t is not None else self.ms + round(1000 * SLOW / 30)
-            self.ms = max(self.ms + 1, ms)
-            return self._mesh(rgb, self.ms)
         lmk = self._mesh(rgb)
-        return lmk if lmk is not None else self._small_face(rgb)
+        return lmk if lmk is not None or not small_faces else self._small_face(rgb)
 
     def _small_face(self, rgb: np.ndarray) -> np.ndarray | None:
         h, w = rgb.shape[:2]
@@ -184,10 +186,9 @@ class FaceTracker:
         lmk = self._mesh(patch)
         return None if lmk is None else ((lmk - t) / k).astype(np.float32)
 
-    def _mesh(self, rgb: np.ndarray, ms: int | None = None) -> np.ndarray | None:
+    def _mesh(self, rgb: np.ndarray) -> np.ndarray | None:
         h, w = rgb.shape[:2]
-        image = self.image(data=rgb)
-        res = self.landmarker.detect(image) if ms is None else self.landmarker.detect_for_video(image, ms)
+        res = self.landmarker.detect(self.image(data=rgb))
         if not res.face_landmarks:
             return None
         faces = [np.array([(p.x * w, p.y * h) for p in f], np.float32) for f in res.face_landmarks]
@@ -197,10 +198,126 @@ class FaceTracker:
         self.landmarker.close()
 
 
+class LandmarkModel:
+    """The bundle's landmark network on its own (ai-edge-litert, one thread): a 256² RGB crop of the face region ->
+    478 points and a face-presence score. The region is mediapipe's own: the landmarks' bounding box, its longer side
+    × 1.5, turned along the eye line (landmark 33 -> 263), so the network sees what it sees inside the Tasks graph."""
+
+    def __init__(self):
+        from ai_edge_litert.interpreter import Interpreter
+        try:
+            with zipfile.ZipFile(io.BytesIO(model_bytes())) as bundle:
+                net = bundle.read(LANDMARK_NET)
+            self.net = Interpreter(model_content=net, num_threads=1)
+            self.net.allocate_tensors()
+        except (zipfile.BadZipFile, KeyError, RuntimeError, ValueError) as e:
+            raise FaceModelError(f"The face model has no loadable {LANDMARK_NET}: {e}") from None
+        self.input = self.net.get_input_details()[0]["index"]
+        self.points, self.presence = (d["index"] for d in self.net.get_output_details()[:2])
+
+    def __call__(self, rgb: np.ndarray, seed: np.ndarray) -> tuple[np.ndarray, float]:
+        """Landmarks of the face in the region around `seed` (478, 2 pixel coordinates) and its presence (0..1)."""
+        d = seed[263] - seed[33]
+        angle = np.arctan2(d[1], d[0])
+        lo, hi = seed.min(0), seed.max(0)
+        s = 256 / (1.5 * (hi - lo).max())
+        cos, sin = np.cos(angle), np.sin(angle)
+        a = s * np.array([[cos, sin], [-sin, cos]])
+        m = np.hstack([a, (128 - a @ ((lo + hi) / 2))[:, None]])
+        x = cv2.warpAffine(rgb, m, (256, 256), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        self.net.set_tensor(self.input, x[None].astype(np.float32) * np.float32(1 / 255))
+        self.net.invoke()
+        p = self.net.get_tensor(self.points).reshape(478, 3)[:, :2]
+        score = 1 / (1 + np.exp(-float(self.net.get_tensor(self.presence).ravel()[0])))
+        return ((p - m[:, 2]) @ np.linalg.inv(a).T).astype(np.float32), score
+
+
+class LiveTracker:
+    """Live face tracking at a fraction of the Tasks graph's cost. The landmark network runs on every `key`-th frame,
+    seeded by the last landmarks; in between, Lucas-Kanade flow moves ~50 rigid landmarks in a small grey frame and
+    a similarity fit of them moves all 478. A flow point lost or badly matched, or a fit with a large residual,
+    makes the frame a key frame; a face-presence score under `min_presence`, the Tasks landmarker (re)detects. Eye and
+    lip ratios change only on key frames. One tracker per stream."""
+
+    def __init__(self, key: int = 4, min_presence: float = 0.5, flow_width: int = 320):
+        self.finder = FaceTracker(max_faces=1)
+        self.model = LandmarkModel()
+        self.key, self.min_presence, self.flow_width = key, min_presence, flow_width
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new stream: no face known."""
+        self.lmk: np.ndarray | None = None
+        self.grey: np.ndarray | None = None
+        self.since_key = 0
+
+    def landmarks(self, rgb: np.ndarray) -> np.ndarray | None:
+        """(478, 2) float32 pixel coordinates of the tracked face in this RGB uint8 frame, or None."""
+        grey, k = self._grey(rgb)
+        moved = self._flow(grey, k) if self.lmk is not None else None
+        self.grey = grey
+        if moved is not None and self.since_key + 1 < self.key:
+            self.lmk, self.since_key = moved, self.since_key + 1
+            return moved
+        seed = moved if moved is not None else self.lmk
+        lmk, score = self.model(rgb, seed) if seed is not None else (None, 0.0)
+        if score < self.min_presence:  # lost: find the face, then take the network's own view of it
+            found = self.finder.landmarks(rgb, small_faces=False)
+            lmk, score = self.model(rgb, found) if found is not None else (None, 0.0)
+            lmk = found if score < self.min_presence else lmk
+        elif moved is not None:
+            lmk = settle(moved, lmk, SETTLE * np.ptp(moved, 0).max())
+        self.lmk, self.since_key = lmk, 0
+        return lmk
+
+    def _grey(self, rgb: np.ndarray) -> tuple[np.ndarray, float]:
+        k = min(1.0, self.flow_width / rgb.shape[1])
+        grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        return (cv2.resize(grey, None, fx=k, fy=k, interpolation=cv2.INTER_AREA) if k < 1 else grey), k
+
+    def _flow(self, grey: np.ndarray, k: float) -> np.ndarray | None:
+        """The last landmarks moved into this frame, or None when the flow cannot be trusted."""
+        if self.grey is None or self.grey.shape != grey.shape:
+            return None
+        p0 = (self.lmk[FLOW] * k).reshape(-1, 1, 2)
+        p1, ok, err = cv2.calcOpticalFlowPyrLK(self.grey, grey, p0, None, **LK)
+        if not ok.all() or err.max() > FLOW_MAX_ERR:
+            return None
+        p0, p1 = p0.reshape(-1, 2) / k, p1.reshape(-1, 2) / k
+        m = similarity_fit(p0, p1)
+        residual = np.sqrt(np.mean(np.sum((p0 @ m[:, :2].T + m[:, 2] - p1) ** 2, 1)))
+        size = np.ptp(p0, 0).max()
+        if residual > FLOW_MAX_RESIDUAL * size:
+            return None
+        return (self.lmk @ m[:, :2].T + m[:, 2]).astype(np.float32)
+
+    def close(self) -> None:
+        self.finder.close()
+
+
+def settle(old: np.ndarray, new: np.ndarray, tau: float) -> np.ndarray:
+    """Move each point from `old` towards `new` by a share |d|²/(|d|²+tau²) of its step d: the network's frame-to-
+    frame noise on a still face (a fraction of tau) barely moves a point, a real change (a blink, drift the flow
+    left) passes nearly whole; a point is never more than about tau behind."""
+    d = new - old
+    d2 = np.sum(d * d, 1, keepdims=True)
+    return (old + d * (d2 / (d2 + tau * tau))).astype(np.float32)
+
+
+def similarity_fit(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """2×3 least-squares similarity (scale, rotation, shift) taking points p to q (Umeyama, no reflection)."""
+    mp_, mq = p.mean(0), q.mean(0)
+    a, b = p - mp_, q - mq
+    dot = np.sum(a * b)
+    cross = np.sum(a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0])
+    r = np.array([[dot, -cross], [cross, dot]]) / np.sum(a * a)
+    return np.hstack([r, (mq - r @ mp_)[:, None]])
+
+
 @dataclass
 class Crop:
-    image: np.ndarray  # dsize×dsize×3 uint8 RGB crop
-    image_256: np.ndarray  # 256×256×3 uint8, the network input
+    image: np.ndarray  # dsize×dsize×3 uint8 RGB crop (source 512², driving 256²)
+    image_256: np.ndarray  # 256×256×3 uint8, the network input (the same array when dsize is 256)
     m_o2c: np.ndarray  # 3×3, original pixels -> crop pixels
     m_c2o: np.ndarray  # 3×3 inverse
     lmk: np.ndarray  # landmarks in crop pixel coordinates
@@ -232,10 +349,12 @@ def crop_matrix(params: np.ndarray, dsize: int, rotate: bool) -> np.ndarray:
 
 def crop_image(rgb: np.ndarray, lmk: np.ndarray, params: np.ndarray, dsize: int = 512, rotate: bool = True,
                interp_256: int = cv2.INTER_AREA) -> Crop:
-    """Warp the crop box out of the image (black border, as the official warpAffine) and map the landmarks."""
+    """Warp the crop box out of the image (black border, as the official warpAffine) and map the landmarks; at
+    dsize 256 the crop is the network input itself."""
     m = crop_matrix(params, dsize, rotate)
     img = cv2.warpAffine(rgb, m[:2], (dsize, dsize), flags=cv2.INTER_LINEAR)
-    return Crop(img, cv2.resize(img, (256, 256), interpolation=interp_256), m, np.linalg.inv(m),
+    small = img if dsize == 256 else cv2.resize(img, (256, 256), interpolation=interp_256)
+    return Crop(img, small, m, np.linalg.inv(m),
                 (lmk @ m[:2, :2].T + m[:2, 2]).astype(np.float32))
 
 
@@ -251,7 +370,7 @@ def crop_source(rgb: np.ndarray, lmk: np.ndarray) -> Crop:
 
 
 def crop_driving(rgb: np.ndarray, lmk: np.ndarray) -> Crop:
-    """Driving (webcam) crop: scale 2.2, vy −0.1, axis-aligned, 256 by INTER_LINEAR."""
+    """Driving (webcam) crop: scale 2.2, vy −0.1, axis-aligned, warped straight to 256²."""
     return crop_face(rgb, lmk, **DRIVING)
 
 
@@ -294,7 +413,7 @@ def prepare_source(rgb: np.ndarray) -> SourceFace:
     """Detect and crop the portrait's face once (grey or RGBA accepted); raise NoFaceError with a message meant for
     the user."""
     image = limit_size(np.ascontiguousarray(np.dstack([rgb] * 3) if rgb.ndim == 2 else rgb[..., :3]))
-    tracker = FaceTracker(live=False)
+    tracker = FaceTracker()
     try:
         lmk = tracker.landmarks(image)
     finally:
@@ -318,7 +437,7 @@ class LiveFaceDriver:
 
     def __init__(self, hold: int = 10, ease: int = 15, min_cutoff: float = 0.5, beta: float = 0.05,
                  smooth: bool = True):
-        self.tracker = FaceTracker(live=True)
+        self.tracker = LiveTracker()
         self.box_filter = OneEuro(min_cutoff, beta) if smooth else None
         self.hold, self.ease = hold, ease
         self.reset()
@@ -326,12 +445,13 @@ class LiveFaceDriver:
     def reset(self) -> None:
         """Start a new stream: no face seen, nothing held, filter empty."""
         self.missed, self.level, self.seen = 0, 0.0, False
+        self.tracker.reset()
         if self.box_filter:
             self.box_filter.reset()
 
     def process(self, rgb: np.ndarray, t: float | None = None) -> DrivingFrame:
         """One webcam frame (RGB uint8, timestamp `t` in seconds if known) -> DrivingFrame; never raises."""
-        lmk = self.tracker.landmarks(rgb, t)
+        lmk = self.tracker.landmarks(rgb)
         if lmk is None:
             self.missed += 1
             if self.box_filter:
@@ -344,7 +464,7 @@ class LiveFaceDriver:
         params = crop_params(lmk, DRIVING["scale"], DRIVING["vx"], DRIVING["vy"])
         if self.box_filter:
             params = self.box_filter(params, t)
-        crop = crop_image(rgb, lmk, params, 512, DRIVING["rotate"], DRIVING["interp_256"])
+        crop = crop_image(rgb, lmk, params, DRIVING["dsize"], DRIVING["rotate"])
         return DrivingFrame(crop, eye_ratio(lmk), lip_ratio(lmk), self._weight())
 
     def _weight(self) -> float:

@@ -14,7 +14,8 @@ import cv2
 import numpy as np
 from skimage import data
 
-from stream.face import DRIVING, SOURCE, FaceTracker, crop_params
+import stream.face as face
+from stream.face import DRIVING, SOURCE, crop_params
 from stream.serve_bench import moving_face
 
 GOLDEN = Path(__file__).parent / "data" / "golden_1.npz"
@@ -65,19 +66,26 @@ def jitter(centres: np.ndarray) -> float:
     return float(np.asarray(centres).std(0).max())
 
 
+def trackers() -> tuple:
+    """(still tracker, live tracker) of whichever stream.face is imported: this tree's, or an older revision's, where
+    FaceTracker took `live` (mediapipe 0.10's FaceMesh, or 1.x Tasks in VIDEO mode)."""
+    if hasattr(face, "LiveTracker"):
+        return face.FaceTracker(), face.LiveTracker()
+    return face.FaceTracker(live=False), face.FaceTracker(live=True)
+
+
 def measure() -> dict:
     """Source and driving crop params of every still (IMAGE mode), driving params of every moving-face frame and the
     still-face jitter (live tracking), as (cx, cy, size, angle) lists; None where no face was found."""
     out: dict = {"stills": {}}
-    tracker = FaceTracker(live=False)
+    tracker, live = trackers()
     for name, img in still_images().items():
         lmk = tracker.landmarks(img)
         out["stills"][name] = {"source": _params(lmk, SOURCE), "driving": _params(lmk, DRIVING)}
     tracker.close()
-    live = FaceTracker(live=True)
     out["clip"] = [_params(live.landmarks(f), DRIVING) for f in moving_face()]
     live.close()
-    live = FaceTracker(live=True)
+    _, live = trackers()
     centres = [crop_params(live.landmarks(f), DRIVING["scale"], DRIVING["vx"], DRIVING["vy"])[:2]
                for f in still_noise_frames()]
     live.close()

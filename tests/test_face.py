@@ -6,14 +6,14 @@ import torch
 from skimage import data
 
 from stream.face import (BOX, LEFT_EYE, MOUTH, RIGHT_EYE, FaceTracker, LiveFaceDriver, NoFaceError,
-                         crop_driving, crop_source, eye_ratio, limit_size, lip_ratio, prepare_source)
+                         crop_driving, crop_face, crop_source, eye_ratio, limit_size, lip_ratio, prepare_source)
 from stream.paste import PasteBack, TorchPasteBack, mask_template
 from stream.smoothing import OneEuro
 
 
 @pytest.fixture(scope="module")
 def tracker():
-    t = FaceTracker(live=False)
+    t = FaceTracker()
     yield t
     t.close()
 
@@ -99,9 +99,12 @@ def test_driving_crop_is_axis_aligned(tracker, canvas):
     lmk = tracker.landmarks(img)
     crop, src = crop_driving(img, lmk), crop_source(img, lmk)
     assert crop.m_o2c[0, 1] == 0 and crop.m_o2c[1, 0] == 0
-    # same box size as measured in the face's own frame, only scale 2.2 instead of 2.3
-    assert crop.m_o2c[0, 0] / np.hypot(*src.m_o2c[0, :2]) == pytest.approx(2.3 / 2.2, rel=1e-9)
-    np.testing.assert_array_equal(crop.image_256, cv2.resize(crop.image, (256, 256), interpolation=cv2.INTER_LINEAR))
+    # same box size as measured in the face's own frame, only scale 2.2 instead of 2.3, warped straight to 256²
+    assert crop.m_o2c[0, 0] / np.hypot(*src.m_o2c[0, :2]) == pytest.approx(256 / 512 * 2.3 / 2.2, rel=1e-9)
+    assert crop.image.shape == (256, 256, 3) and crop.image_256 is crop.image
+    # the same picture as the 512² warp resized to 256² (the path before): only resampling differs
+    wide = crop_face(img, lmk, 512, 2.2, 0.0, -0.1, rotate=False)
+    assert psnr(crop.image, cv2.resize(wide.image, (256, 256), interpolation=cv2.INTER_LINEAR)) > 30
 
 
 def test_small_face_in_large_photo_is_found(tracker, astronaut):
