@@ -306,12 +306,10 @@ class Engine:
         """Animate the session's portrait to driving keypoints x_d (1,21,3) composed elsewhere (a source video's
         motion, model/drive.py): the session's retargeting, stitching and multiplier controls, `after` (1,21,3)
         added after stitching (the official source-video eye retargeting), then W and G."""
-        inputs = self._inputs([session])
-        n = len(KP_KEYS)
-        tensor = lambda a: torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a,
-                                           dtype=torch.float32, device=self.device)
-        out = self._render(tensor(x_d), inputs[0], inputs[1], inputs[2 + 2 * n], inputs[3 + 2 * n],
-                           None if after is None else tensor(after))
+        s = self.sessions[session]
+        tensor = lambda a: torch.as_tensor(a, dtype=torch.float32, device=self.device)
+        ctrl = torch.tensor([s.controls.row()], device=self.device)
+        out = self._render(tensor(x_d), s.feature, s.x_s, ctrl, s.ratios, None if after is None else tensor(after))
         return out if as_tensor else out.cpu().numpy()
 
     @torch.inference_mode()

@@ -172,3 +172,24 @@ def save(template: Template, path: str | Path) -> Path:
     path = Path(path)
     path.write_bytes(dumps(template))
     return path
+
+
+class MotionLog:
+    """Frames' driving motion as the engine saw it (the dicts a `Work.motion` gets: KP keys, plus `eyes` (2,) and
+    `lip` (1,) open ratios), collected into a template: a render's --save-template, a live recording's take."""
+
+    def __init__(self):
+        self.frames: list[dict] = []
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def append(self, motion: dict) -> None:
+        self.frames.append(motion)
+
+    def template(self, fps: float) -> Template:
+        keys = ("pitch", "yaw", "roll", "t", "exp", "scale", "kp")
+        stacked = {k: np.concatenate([np.asarray(f[k], np.float32) for f in self.frames]) for k in keys}
+        ratios = lambda k, w: np.stack([np.asarray(f.get(k) if f.get(k) is not None else np.zeros(w),
+                                                   np.float32).reshape(w) for f in self.frames])
+        return Template.from_motion(stacked, fps, ratios("eyes", 2), ratios("lip", 1))
