@@ -256,11 +256,13 @@ def render_template(engine: Engine, source: SourceFace, template: Template, outp
     try:
         session.set_source(source.crop.image_256, source.eye, source.lip)
         session.call(lambda: engine.set_reference_motion(template.kp_info(0), session.name))
-        paste = PasteBack(source.image, source.crop.m_c2o) if settings.paste else None
+        paste = None
         for i in range(0, len(template), CHUNK):
             j = min(i + CHUNK, len(template))
             faces = session.call(lambda: engine.animate_motion(template.kp_info(slice(i, j)), [session.name] * (j - i)))
             for face in faces:
+                if settings.paste and paste is None:  # the face's size: 512, or less with a smaller config
+                    paste = PasteBack(source.image, source.crop.m_c2o, len(face))
                 writer.write(paste(face) if paste else face)
             bar.update(j - i)
         audio = writer.close()
@@ -285,7 +287,7 @@ def render_image(engine: Engine, source: SourceFace, driving: np.ndarray, output
         face = session.call(lambda: engine.animate_motion(motion, [session.name]))[0]
     finally:
         session.close()
-    image = PasteBack(source.image, source.crop.m_c2o)(face) if settings.paste else face
+    image = PasteBack(source.image, source.crop.m_c2o, len(face))(face) if settings.paste else face
     PIL.Image.fromarray(image).save(output)
     return dict(frames=1, fps=None, audio=False, output=str(output), size=list(image.shape[1::-1]))
 
@@ -361,7 +363,7 @@ def render_source_video(engine: Engine, source: str | Path, driving: str | Path,
                 after = None if target is None else session.call(
                     lambda: engine.eye_delta([*ratios[i, :2], target], session.name))
                 face = session.call(lambda: engine.animate_keypoints(x_d[i:i + 1], session.name, after))[0]
-                writer.write(PasteBack(frame, np.linalg.inv(m_o2c[i]))(face) if settings.paste else face)
+                writer.write(PasteBack(frame, np.linalg.inv(m_o2c[i]), len(face))(face) if settings.paste else face)
                 bar.update()
             audio = writer.close()
         except BaseException:

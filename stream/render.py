@@ -197,6 +197,12 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--save-template saves a driving video's motion; the driving input is not a video.")
         if args.source_eye_retargeting and not source_video:
             raise InputError("--source-eye-retargeting applies to a source video; the source is an image.")
+        if source_video:
+            try:
+                offline.video_info(args.source)
+            except InputError:
+                raise InputError(f"The source {Path(args.source).name!r} is not an image (PNG, JPEG, WebP) and not a "
+                                 "readable video either.") from None
         source = args.source if source_video else prepare_source(read_image(args.source))
     except (InputError, NoFaceError, OSError) as e:
         print(f"error: {e}" if isinstance(e, InputError) else f"error: source {args.source}: {e}", file=sys.stderr)
