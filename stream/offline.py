@@ -80,6 +80,8 @@ class Writer:
         self.out = av.open(str(self.path), "w")
         self.video = self.out.add_stream(CODEC, rate=self.fps)
         self.video.pix_fmt, self.video.codec_context.time_base = "yuv420p", 1 / self.fps
+        if CODEC == "libx264":
+            self.video.options = {"crf": "18"}  # the official writer's quality
         self.audio_in = self.audio = None
         if audio_from is not None:
             self.audio_in = av.open(str(audio_from))

@@ -309,6 +309,7 @@ class SessionPipeline:
 
     def prepare(self, frame: np.ndarray | Any, arrived: float) -> Work:
         rgb = frame if isinstance(frame, np.ndarray) else to_rgb(frame)
+        self.animator.keep_motion = self.recorder is not None  # a recording keeps the motion too (a template)
         return self.animator.prepare(rgb, arrived)
 
     def finish(self, work: Work, face: np.ndarray | torch.Tensor | None) -> None:
@@ -339,7 +340,7 @@ class SessionPipeline:
         self._notify()
         if rec is not None:  # after the frame is out: a failing recording must not freeze the live view
             try:
-                rec.write(full)
+                rec.write(full, motion=work.motion)
             except Exception as e:
                 log.exception("recording failed")
                 self._abort_recording(rec, e)
