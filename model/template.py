@@ -85,7 +85,8 @@ class Template:
                    None if eyes is None else f32(eyes).reshape(-1, 2), None if lip is None else f32(lip).reshape(-1, 1))
 
     def kp_info(self, index: slice | int = slice(None)) -> kin.KpInfo:
-        """Frames as the engine's motion (B,...) tensors: the rotation matrices as angles (kinematics.rotation_angles)."""
+        """Frames as the engine's motion (B,...) tensors; the rotation matrices as angles
+        (kinematics.rotation_angles)."""
         index = slice(index, index + 1) if isinstance(index, int) else index
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a[index]))
         pitch, yaw, roll = kin.rotation_angles(t(self.R))

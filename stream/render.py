@@ -6,8 +6,9 @@
     python launch.py render --source talk.mp4 --driving clip.mp4 -o out.mp4       # video-to-video (stream/offline.py)
     python launch.py render ... --region lips --smile 0.8 --gaze-x -10   # animation region, editing sliders
 
-A driving video with a portrait: every driving frame goes through the same per-frame path as the live view (face crop with smoothing, engine,
-paste-back), so a file render previews exactly what the webcam would do. Audio is re-encoded to AAC.
+A driving video with a portrait: every driving frame goes through the same per-frame path as the live view (face
+crop with smoothing, engine, paste-back), so a file render previews exactly what the webcam would do. Audio is
+re-encoded to AAC.
 """
 from __future__ import annotations
 

@@ -47,9 +47,9 @@ The API needs only torch, numpy and OpenCV (no face stack), so a GPU check can f
 `Work(crop, session, setup, arrived, data, motion)`: crop = the (256,256,3) uint8 driving crop for engine session
 `session`, or None when the frame needs no engine (finish then gets face=None); `setup()` runs on the engine thread
 right before the batch (source swap, reference reset, controls); `motion`, if a dict, gets the driving motion the
-engine found in the crop (what a motion template keeps: model/template.py). `face` is the (S,S,3) uint8 output: a numpy array on
-CPU, a tensor on the engine's device on CUDA (so paste-back can stay there). `stream.serve_bench.simulate` drives
-sessions fed with ready crops this way.
+engine found in the crop (what a motion template keeps: model/template.py). `face` is the (S,S,3) uint8 output: a
+numpy array on CPU, a tensor on the engine's device on CUDA (so paste-back can stay there).
+`stream.serve_bench.simulate` drives sessions fed with ready crops this way.
 """
 from __future__ import annotations
 
