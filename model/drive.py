@@ -39,10 +39,14 @@ _REGION_EXP = {"all": _V2V_EXP, "expression": _V2V_EXP, "pose": {},
                "lips": {k: (0, 3) for k in LIPS}, "eyes": {k: (0, 3) for k in EYES}}
 
 
-def image_reference(driving: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def image_reference(driving: dict[str, np.ndarray], region: str = "all") -> dict[str, np.ndarray]:
     """The reference that makes the relative formula the official single-image one: the driving image's own pose,
-    scale and translation (so those stay the source's) and `lip_array` as the expression."""
-    return {**driving, "exp": LIP_ARRAY.astype(np.float32)}
+    scale and translation (so those stay the source's) and `lip_array` as the expression (0 on the eye keypoints
+    for the eyes region, as officially)."""
+    exp = LIP_ARRAY.astype(np.float32)
+    if region == "eyes":
+        exp[:, list(EYES)] = 0
+    return {**driving, "exp": exp}
 
 
 def kalman_smooth(x: np.ndarray, observation_variance: float = OBSERVATION_VARIANCE,

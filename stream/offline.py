@@ -285,7 +285,8 @@ def render_image(engine: Engine, source: SourceFace, driving: np.ndarray, output
     try:
         motion, _, _ = driving_image_motion(session, driving)
         session.set_source(source.crop.image_256, source.eye, source.lip)
-        session.call(lambda: engine.set_reference_motion(drive.image_reference(motion), session.name))
+        session.call(lambda: engine.set_reference_motion(drive.image_reference(motion, settings.region),
+                                                                  session.name))
         face = session.call(lambda: engine.animate_motion(motion, [session.name]))[0]
     finally:
         session.close()

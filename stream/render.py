@@ -109,6 +109,8 @@ def _render_video(engine: Engine, source: SourceFace, driving: str | Path, outpu
                 raise too_long
             vout = dst.add_stream(CODEC, rate=fps)
             vout.pix_fmt, vout.codec_context.time_base = "yuv420p", 1 / fps
+            if CODEC == "libx264":
+                vout.options = {"crf": "18"}  # the official writer's quality, as the other renders (offline.py)
             aout = dst.add_stream("aac", rate=ain.rate, layout=ain.layout.name) if ain else None
             frames, pts, audio = 0, -1, []  # audio waits for the first video frame: its size opens the output
             bar = Bar(vin.frames or None, "render", progress)

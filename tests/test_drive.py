@@ -70,6 +70,15 @@ def test_driving_image_on_a_source_video_equals_official(motion, official):
     assert r["ok"], r
 
 
+def test_driving_image_reference():
+    motion = {"exp": np.ones((1, 21, 3), np.float32), "scale": np.ones((1, 1), np.float32)}
+    ref = drive.image_reference(motion)
+    np.testing.assert_array_equal(ref["exp"], drive.LIP_ARRAY.astype(np.float32))
+    assert ref["scale"] is motion["scale"]  # pose, scale and translation: the image's own (no change)
+    eyes = drive.image_reference(motion, "eyes")["exp"]
+    assert not eyes[0, list(drive.EYES)].any() and (eyes[0, 19] == ref["exp"][0, 19]).all()
+
+
 def test_stitching_and_source_eye_retargeting_equal_official(engine, motion, official):
     src, _ = motion
     x_d = torch.from_numpy(official["video.x_d"])
