@@ -237,10 +237,11 @@ class Engine:
 
     @torch.inference_mode()
     def animate(self, crops: np.ndarray, sessions: Sequence[str] | None = None,
-                driving_eye: Sequence[float] | None = None, as_tensor: bool = False) -> np.ndarray | torch.Tensor:
+                as_tensor: bool = False, motion: bool = False):
         """Animate B driving crops (B,256,256,3) uint8, item i driving sessions[i] (default: the "default"
-        session for every item). `driving_eye`/lip targets come from the controls. Returns (B,S,S,3) uint8, or
-        the device tensor of it with as_tensor=True (for paste-back on the GPU)."""
+        session for every item). Returns (B,S,S,3) uint8, or the device tensor of it with as_tensor=True (for
+        paste-back on the GPU); with motion=True, (images, the driving motion M found in the crops: KP_KEYS host
+        arrays), which is what a motion template keeps."""
         crops = crops if crops.ndim == 4 else crops[None]
         names = list(sessions) if sessions is not None else ["default"] * len(crops)
         assert len(names) == len(crops), "one session per crop"
@@ -250,14 +251,24 @@ class Engine:
         real = len(crops)
         if self.buckets and real > self.buckets[-1]:  # more than the largest graph takes: in chunks of it
             m = self.buckets[-1]
-            outs = [self.animate(crops[i:i + m], names[i:i + m], as_tensor=as_tensor) for i in range(0, real, m)]
-            return torch.cat(outs) if as_tensor else np.concatenate(outs)
+            outs = [self.animate(crops[i:i + m], names[i:i + m], as_tensor=as_tensor, motion=True)
+                    for i in range(0, real, m)]
+            out = torch.cat([o for o, _ in outs]) if as_tensor else np.concatenate([o for o, _ in outs])
+            return (out, {k: np.concatenate([kp[k] for _, kp in outs]) for k in KP_KEYS}) if motion else out
         if pad := next((b for b in self.buckets if b >= real), real) - real:  # fill the bucket with copies of item 0:
             crops, names = np.concatenate([crops, np.repeat(crops[:1], pad, 0)]), names + names[:1] * pad
             # items never mix (eval-mode norms are per item), so pads cannot change the real items' outputs
+        inputs = self._inputs(names)
+        frames = self._upload(crops)
+        out, kp = self._replay(frames, inputs) if self.cuda_graphs else self._step_fn(self._to_input(frames), *inputs)
+        out = out[:real] if as_tensor else out[:real].cpu().numpy()
+        return (out, unpack_motion(kp[:real])) if motion else out
+
+    def _inputs(self, names: Sequence[str]) -> tuple:
+        """The per-item tensors of a batch: the sessions' caches, references, controls and edits."""
         items = [self.sessions[n] for n in names]
         cat = lambda get: torch.cat([get(s) for s in items])
-        inputs = (
+        return (
             cat(lambda s: s.feature), cat(lambda s: s.x_s),
             *[cat(lambda s, k=k: s.source[k]) for k in KP_KEYS],
             *[cat(lambda s, k=k: s.reference[k]) for k in KP_KEYS],
@@ -265,9 +276,53 @@ class Engine:
             cat(lambda s: s.ratios),
             editing.expand([s.controls.region for s in items], [s.controls for s in items]).to(self.device),
         )
-        frames = self._upload(crops)
-        out = self._replay(frames, inputs) if self.cuda_graphs else self._step_fn(self._to_input(frames), *inputs)
-        return out[:real] if as_tensor else out[:real].cpu().numpy()
+
+    # ---- driving motion given instead of driving crops (motion templates, driving images, source videos) ----
+
+    @torch.inference_mode()
+    def extract_motion(self, crops: np.ndarray) -> dict[str, np.ndarray]:
+        """M's refined motion of (B,256,256,3) uint8 crops, on the host: pitch/yaw/roll (B,1) degrees, t (B,3),
+        exp and kp (B,21,3), scale (B,1)."""
+        return {k: v.cpu().numpy() for k, v in self._motion(self._to_input(self._upload(crops))).items()}
+
+    def _device_motion(self, motion: dict) -> kin.KpInfo:
+        return {k: torch.as_tensor(np.asarray(motion[k]), dtype=torch.float32, device=self.device) for k in KP_KEYS}
+
+    @torch.inference_mode()
+    def set_reference_motion(self, motion: dict, session: str = "default") -> None:
+        """Set the reference from motion values (KP_KEYS, batch 1): a template's first frame, or a driving image
+        with the official `lip_array` as its expression."""
+        self.sessions[session].reference = self._device_motion(motion)
+
+    @torch.inference_mode()
+    def animate_motion(self, motion: dict, sessions: Sequence[str], as_tensor: bool = False):
+        """Like `animate`, with the driving motion given (KP_KEYS arrays, batch B) instead of crops for M: every
+        control applies as to a crop. Eager (offline use); a session without a reference takes item 0's motion."""
+        driving = self._device_motion(motion)
+        for i, name in enumerate(sessions):
+            if self.sessions[name].reference is None:
+                self.sessions[name].reference = {k: v[i:i + 1] for k, v in driving.items()}
+        out = self._drive(driving, *self._inputs(list(sessions)))
+        return out if as_tensor else out.cpu().numpy()
+
+    @torch.inference_mode()
+    def animate_keypoints(self, x_d: np.ndarray | torch.Tensor, session: str = "default",
+                          after: np.ndarray | torch.Tensor | None = None, as_tensor: bool = False):
+        """Animate the session's portrait to driving keypoints x_d (1,21,3) composed elsewhere (a source video's
+        motion, model/drive.py): the session's retargeting, stitching and multiplier controls, `after` (1,21,3)
+        added after stitching (the official source-video eye retargeting), then W and G."""
+        s = self.sessions[session]
+        tensor = lambda a: torch.as_tensor(a, dtype=torch.float32, device=self.device)
+        ctrl = torch.tensor([s.controls.row()], device=self.device)
+        out = self._render(tensor(x_d), s.feature, s.x_s, ctrl, s.ratios, None if after is None else tensor(after))
+        return out if as_tensor else out.cpu().numpy()
+
+    @torch.inference_mode()
+    def eye_delta(self, ratios: Sequence[float], session: str = "default") -> np.ndarray:
+        """The eye retargeting MLP's (1,21,3) delta for the session's source keypoints and [left, right, target]."""
+        x_s = self.sessions[session].x_s
+        r = torch.tensor([list(ratios)], dtype=torch.float32, device=self.device)
+        return self.S["retarget_eye"](kin.retarget_input(x_s, r)).view(x_s.shape).cpu().numpy()
 
     def _replay(self, frames: torch.Tensor, inputs: tuple) -> torch.Tensor:
         """CUDA graph per batch size over static buffers: copy in, replay, read the static output."""
@@ -289,24 +344,37 @@ class Engine:
         for dst, src in zip(static_in, (frames, *inputs)):
             dst.copy_(src, non_blocking=True)
         graph.replay()
-        return static_out.clone()
+        return tuple(o.clone() for o in static_out)
 
-    def _step(self, x: torch.Tensor, feature: torch.Tensor, x_s: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-        """M -> keypoint math -> S -> W -> G for a batch; branch-free over the per-item controls."""
+    def _step(self, x: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """M on the driving crops, then `_drive`; also returns the driving motion packed (B,133) (templates)."""
+        driving = self._motion(x)
+        return self._drive(driving, *inputs), torch.cat([driving[k].flatten(1) for k in KP_KEYS], 1)
+
+    def _drive(self, driving: kin.KpInfo, feature: torch.Tensor, x_s: torch.Tensor,
+               *rest: torch.Tensor) -> torch.Tensor:
+        """Keypoint math -> S -> W -> G for a batch of driving motion; branch-free over the per-item controls."""
         n = len(KP_KEYS)
         source, reference = dict(zip(KP_KEYS, rest[:n])), dict(zip(KP_KEYS, rest[n:2 * n]))
         ctrl, ratios, edit = rest[2 * n], rest[2 * n + 1], rest[2 * n + 2]
-        c = {k: ctrl[:, i:i + 1] for i, k in enumerate(CONTROLS)}
+        relative = ctrl[:, CONTROLS.index("relative"), None, None] > 0
         # the animation region and the editing sliders choose, per item, what enters the official formulas
-        edited, rel_d, rel_r, abs_d = editing.select(source, self._motion(x), reference, edit)
+        edited, rel_d, rel_r, abs_d = editing.select(source, driving, reference, edit)
         rel = kin.relative_motion(edited, rel_d, rel_r)
         absolute = kin.absolute_motion(edited, abs_d)
-        x_d = torch.where(c["relative"][:, :, None] > 0, rel, absolute)
+        return self._render(torch.where(relative, rel, absolute), feature, x_s, ctrl, ratios)
+
+    def _render(self, x_d: torch.Tensor, feature: torch.Tensor, x_s: torch.Tensor, ctrl: torch.Tensor,
+                ratios: torch.Tensor, after: torch.Tensor | None = None) -> torch.Tensor:
+        """Driving keypoints -> eye/lip retargeting -> stitching (+ `after`) -> multiplier -> W -> G -> uint8."""
+        c = {k: ctrl[:, i:i + 1] for i, k in enumerate(CONTROLS)}
         eye = self.S["retarget_eye"](kin.retarget_input(x_s, torch.cat([ratios[:, :2], c["eye_target"]], 1)))
         lip = self.S["retarget_mouth"](kin.retarget_input(x_s, torch.cat([ratios[:, 2:], c["lip_target"]], 1)))
         x_d = x_d + (c["eye_on"] * eye + c["lip_on"] * lip).view(x_d.shape)
         stitched = kin.apply_stitching(x_d, self.S["retarget_shoulder"](kin.stitching_input(x_s, x_d)))
         x_d = torch.where(c["stitching"][:, :, None] > 0, stitched, x_d)
+        if after is not None:
+            x_d = x_d + after
         x_d = kin.apply_multiplier(x_s, x_d, c["multiplier"][:, :, None])
         with self._autocast():
             # keypoints stay fp32: the sampling grids are then fp32 and grid_sample runs in fp32, as officially
@@ -316,3 +384,12 @@ class Engine:
             image = self.G(warped)
         # official parse_output: clip, *255, truncate
         return (image.float().clamp(0, 1) * 255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def unpack_motion(packed: torch.Tensor) -> dict[str, np.ndarray]:
+    """`_step`'s packed (B,133) driving motion -> KP_KEYS host arrays (B,1)/(B,3)/(B,21,3)."""
+    a, out, i = packed.float().cpu().numpy(), {}, 0
+    for k, shape in zip(KP_KEYS, ((1,), (1,), (1,), (3,), (21, 3), (1,), (21, 3))):
+        size = int(np.prod(shape))
+        out[k], i = a[:, i:i + size].reshape(-1, *shape), i + size
+    return out

@@ -32,6 +32,14 @@ def rotation_matrix(pitch: torch.Tensor, yaw: torch.Tensor, roll: torch.Tensor) 
     return (rz @ ry @ rx).transpose(1, 2)
 
 
+def rotation_angles(rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `rotation_matrix`: R (B,3,3) -> pitch, yaw, roll (B,1) degrees, for motion stored as matrices
+    (motion templates). Yaw is taken in [-90, 90]; any R is reproduced exactly whatever the angles it came from."""
+    deg = lambda a: (a * (180 / math.pi))[:, None]
+    return (deg(torch.atan2(rot[:, 1, 2], rot[:, 2, 2])), deg(torch.asin((-rot[:, 0, 2]).clamp(-1, 1))),
+            deg(torch.atan2(rot[:, 0, 1], rot[:, 0, 0])))
+
+
 def compose(kp: torch.Tensor, rot: torch.Tensor, exp: torch.Tensor, scale: torch.Tensor,
             t: torch.Tensor) -> torch.Tensor:
     """x = s * (kp @ R + exp) + [tx, ty, 0] for (B,21,3) kp/exp, (B,3,3) R, (B,1) s, (B,3) t; tz ignored."""

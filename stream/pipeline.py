@@ -72,6 +72,9 @@ class Animator:
         self._stream: tuple | None = None  # (source, face size, stream_max, its StreamPaste)
         self._crop: np.ndarray | None = None  # last driving crop seen
         self.faceless_since: float | None = None  # when the frames lost the face (monotonic); None: it is seen
+        self.keep_motion = False  # ask the engine for each frame's driving motion (templates: model/template.py)
+        self.last_motion: dict | None = None  # the motion of the last frame `__call__` animated, if kept
+        self._ratios: tuple = (None, None)  # eye and lip open ratios of the last face seen
         self._reset = False
         self._lock = threading.Lock()
 
@@ -92,7 +95,7 @@ class Animator:
             self.driver.box_filter.min_cutoff = smoothing_cutoff(s.smoothing)
         f = self.driver.process(rgb, t)
         if f.crop is not None:
-            self._crop, self.faceless_since = f.crop.image_256, None
+            self._crop, self.faceless_since, self._ratios = f.crop.image_256, None, (f.eye, f.lip)
         elif self.faceless_since is None:
             self.faceless_since = time.monotonic()
         with self._lock:
@@ -108,7 +111,8 @@ class Animator:
             if reset:
                 self.engine.set_reference(None, self.name)
             self.engine.set_controls(self.name, **s.engine_controls(f.weight))
-        return Work(self._crop, self.name, setup, t or 0.0, self.source)
+        motion = dict(zip(("eyes", "lip"), self._ratios)) if self.keep_motion else None
+        return Work(self._crop, self.name, setup, t or 0.0, self.source, motion)
 
     def finish(self, work: Work, face: np.ndarray | torch.Tensor | None) -> np.ndarray | torch.Tensor:
         """The engine's output for `work` -> the image to show: a host array, or on CUDA (face a device tensor) an
@@ -142,9 +146,12 @@ class Animator:
     def __call__(self, rgb: np.ndarray, t: float | None = None) -> np.ndarray:
         """One driving frame -> the animated image (uint8 RGB), synchronously (video files: no frame dropped)."""
         work = self.prepare(rgb, t)
+        self.last_motion = None
         if work.crop is None:
             return host(self.finish(work, None))
-        return host(self.finish(work, Scheduler.of(self.engine).run(work)))  # joins the live batches: starves none
+        face = Scheduler.of(self.engine).run(work)  # joins the live batches: starves none
+        self.last_motion = work.motion
+        return host(self.finish(work, face))
 
     def close(self) -> None:
         """Free the engine session and the tracker."""
@@ -302,6 +309,7 @@ class SessionPipeline:
 
     def prepare(self, frame: np.ndarray | Any, arrived: float) -> Work:
         rgb = frame if isinstance(frame, np.ndarray) else to_rgb(frame)
+        self.animator.keep_motion = self.recorder is not None  # a recording keeps the motion too (a template)
         return self.animator.prepare(rgb, arrived)
 
     def finish(self, work: Work, face: np.ndarray | torch.Tensor | None) -> None:
@@ -336,7 +344,7 @@ class SessionPipeline:
         self._notify()
         if rec is not None:  # after the frame is out: a failing recording must not freeze the live view
             try:
-                rec.write(full)
+                rec.write(full, motion=work.motion)
             except Exception as e:
                 log.exception("recording failed")
                 self._abort_recording(rec, e)

@@ -1,8 +1,13 @@
-"""Record the animated output to MP4 while it streams.
+"""Record the animated output to MP4 while it streams, and the driving motion beside it as a motion template.
 
 Frames arrive at whatever rate the engine manages, so they are stamped with wall-clock time (millisecond time
 base) instead of a fixed frame rate: the file plays back at the speed the user saw. Every open recorder is
 finalised at interpreter exit too, so a server stopped with Ctrl-C still leaves playable files.
+
+With each frame's driving motion given (the engine's, after the driving crop's smoothing), the take is also kept
+as a motion template in the official format (`take.pkl` beside `take.mp4`, model/template.py): the performance,
+without the performer's face, to re-render later onto any portrait with any controls (`launch.py render --driving
+take.pkl`). Its frame rate is the take's average.
 """
 import atexit
 import threading
@@ -14,6 +19,8 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
+
+from model.template import MotionLog, save
 
 CODEC = "libx264" if "libx264" in av.codecs_available else "mpeg4"
 TIME_BASE = Fraction(1, 1000)
@@ -36,16 +43,21 @@ class Recorder:
         if CODEC == "libx264":
             self._stream.options = {"preset": "veryfast", "crf": "20"}
         self._t0: float | None = None
+        self._t_last = 0.0
         self._pts = -1
+        self.motion = MotionLog()
+        self._no_motion = 0  # frames written before the first motion (the portrait at rest: the first one's)
+        self.template: Path | None = None  # the take's motion template, once closed (if motion was given)
         _open.add(self)
 
     @property
     def active(self) -> bool:
         return self._container is not None
 
-    def write(self, rgb: np.ndarray, t: float | None = None) -> None:
-        """Append an RGB uint8 frame taken at wall-clock time `t` (default: now); no-op once closed. The first
-        frame fixes the size (even, for yuv420p); later frames of another size are resized to it."""
+    def write(self, rgb: np.ndarray, t: float | None = None, motion: dict | None = None) -> None:
+        """Append an RGB uint8 frame taken at wall-clock time `t` (default: now), and the driving motion it was
+        animated with (a `Work.motion`; None for a frame without a face yet); no-op once closed. The first frame
+        fixes the size (even, for yuv420p); later frames of another size are resized to it."""
         t = time.time() if t is None else t
         with self._lock:
             if self._container is None:
@@ -65,25 +77,46 @@ class Recorder:
             frame.pts, frame.time_base = self._pts, TIME_BASE
             self._container.mux(self._stream.encode(frame))
             self.frames += 1
+            self._t_last = t
+            self._keep(motion)
+
+    def _keep(self, motion: dict | None) -> None:
+        """One motion per video frame: a frame without one repeats the last (a face lost), or, before the first,
+        takes the first (the portrait was at rest: the reference)."""
+        if motion is None or "exp" not in motion:
+            if len(self.motion):
+                self.motion.append(self.motion.frames[-1])
+            else:
+                self._no_motion += 1
+            return
+        for _ in range(self._no_motion + 1):
+            self.motion.append(motion)
+        self._no_motion = 0
 
     def close(self) -> Path | None:
-        """Flush the encoder and write the MP4 index: the file is playable after this. Idempotent. Returns the
-        path, or None when no frame was recorded (no file is written then)."""
+        """Flush the encoder and write the MP4 index: the file is playable after this; write the motion template
+        beside it (`template`). Idempotent. Returns the path, or None when no frame was recorded (no file is
+        written then)."""
         with self._lock:
             self._finish()
         return self.path if self.frames else None
 
     def _finish(self) -> None:
         """Flush and close; the container is closed (its file descriptor freed, the file no longer shielded from
-        clean-up) even if the flush fails."""
+        clean-up) even if the flush fails. Then the motion template beside the MP4, when every frame had one."""
         container, self._container = self._container, None
         _open.discard(self)
-        if container is not None:
-            try:
-                if self.frames:
-                    container.mux(self._stream.encode(None))
-            finally:
-                container.close()
+        if container is None:
+            return
+        try:
+            if self.frames:
+                container.mux(self._stream.encode(None))
+        finally:
+            container.close()
+        if len(self.motion) == self.frames > 0:
+            span = self._t_last - (self._t0 or 0.0)
+            fps = round((self.frames - 1) / span, 3) if self.frames > 1 and span > 0 else 30.0
+            self.template = save(self.motion.template(fps), self.path.with_suffix(".pkl"))
 
 
 def recording_paths() -> set[Path]:

@@ -44,11 +44,12 @@ The API needs only torch, numpy and OpenCV (no face stack), so a GPU check can f
     sched.call(fn)                             # fn() on the engine thread between batches (set_source, close...)
     sched.stats()                              # engine step p50/p95 ms, batch sizes, sessions, waited_max
 
-`Work(crop, session, setup, arrived, data)`: crop = the (256,256,3) uint8 driving crop for engine session `session`,
-or None when the frame needs no engine (finish then gets face=None); `setup()` runs on the engine thread right
-before the batch (source swap, reference reset, controls). `face` is the (S,S,3) uint8 output: a numpy array on
-CPU, a tensor on the engine's device on CUDA (so paste-back can stay there). `stream.serve_bench.simulate` drives
-sessions fed with ready crops this way.
+`Work(crop, session, setup, arrived, data, motion)`: crop = the (256,256,3) uint8 driving crop for engine session
+`session`, or None when the frame needs no engine (finish then gets face=None); `setup()` runs on the engine thread
+right before the batch (source swap, reference reset, controls); `motion`, if a dict, gets the driving motion the
+engine found in the crop (what a motion template keeps: model/template.py). `face` is the (S,S,3) uint8 output: a
+numpy array on CPU, a tensor on the engine's device on CUDA (so paste-back can stay there).
+`stream.serve_bench.simulate` drives sessions fed with ready crops this way.
 """
 from __future__ import annotations
 
@@ -75,6 +76,7 @@ class Work:
     setup: Callable[[], None] | None = None
     arrived: float = 0.0
     data: Any = None
+    motion: dict | None = None  # given as a dict: the engine's driving motion for this crop is added to it
 
 
 class Client(Protocol):
@@ -427,4 +429,11 @@ class Scheduler:
     def animate(self, works: list[Work]):
         """One engine call for these works (engine thread only): host arrays on CPU, device tensors on CUDA."""
         crops = np.stack([w.crop for w in works])
-        return self.engine.animate(crops, [w.session for w in works], as_tensor=self._as_tensor)
+        sessions = [w.session for w in works]
+        if all(w.motion is None for w in works):
+            return self.engine.animate(crops, sessions, as_tensor=self._as_tensor)
+        faces, motion = self.engine.animate(crops, sessions, as_tensor=self._as_tensor, motion=True)
+        for i, w in enumerate(works):
+            if w.motion is not None:
+                w.motion.update({k: v[i:i + 1] for k, v in motion.items()})
+        return faces

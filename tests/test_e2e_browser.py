@@ -175,9 +175,10 @@ def test_webrtc_in_chromium(server, browser, cam):
                and not new_threads(threads))
     assert pipeline.closed and tab.pipeline is None
     key = json.dumps({"session": session, "secret": app.pages[session].secret})
-    (path,), status = app.stop_recording(key, gr.Request(session_hash=session))  # the download of the finalised file
+    (path, motion), status = app.stop_recording(key, gr.Request(session_hash=session))  # the finalised take
     with av.open(path) as c:
         assert sum(1 for _ in c.decode(video=0)) == recorder.frames >= 5
+    assert motion.endswith(".pkl")  # and its motion, as a template
 
     # start again, then the tab goes away without pressing Stop: everything is freed all the same
     page.click(".lp-start")

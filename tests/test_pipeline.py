@@ -304,3 +304,56 @@ def test_on_cuda_only_the_streamed_planes_reach_the_host(source):
     small = cv2.resize(source.image, (w, h), interpolation=cv2.INTER_AREA)
     sent = cv2.cvtColor(video.to_ndarray(), cv2.COLOR_YUV2RGB_I420)
     assert np.abs(sent.astype(int) - small).mean() < 20  # the portrait, the face region animated
+
+
+def test_a_recorded_take_keeps_its_motion_and_re_renders_from_it(engine, source, tmp_path):
+    """A recording also writes the take's motion as a template beside the MP4; re-rendered onto the same portrait
+    it gives the frames the session showed (up to the batching tolerance and the re-render's encoding), and it
+    re-renders onto another portrait."""
+    from model.template import load
+    from stream.render import render
+    pipe = SessionPipeline(engine, source)
+    shown = []
+    try:
+        pipe.start_recording(tmp_path / "take.mp4")
+        for i, rgb in enumerate(frames(8)):  # one frame at a time, none dropped: the take has them all
+            pipe.submit(np.full_like(ASTRONAUT, 128) if i == 0 else rgb)  # no face yet on the first: at rest
+            drain(pipe, i + 1)
+            shown.append(pipe.latest()[1].copy())
+        pipe.stop_recording()
+    finally:
+        pipe.close()
+    assert (tmp_path / "take.pkl").exists()
+    take = load(tmp_path / "take.pkl")
+    assert len(take) == count_frames(tmp_path / "take.mp4")[0] == 8
+    assert np.allclose(take.R[0], take.R[1]) and np.allclose(take.exp[0], take.exp[1])  # the rest frame: the first
+
+    def frames_of(path):
+        with av.open(str(path)) as c:
+            return [f.to_ndarray(format="rgb24").astype(int) for f in c.decode(video=0)]
+
+    # the re-render's engine path without the encoding: the frames the session showed, to the batching tolerance
+    from stream.offline import Session
+    from stream.paste import PasteBack
+    session = Session(engine, pipe.settings)
+    try:
+        session.set_source(source.crop.image_256, source.eye, source.lip)
+        session.call(lambda: engine.set_reference_motion(take.kp_info(0), session.name))
+        faces = session.call(lambda: engine.animate_motion(take.kp_info(slice(1, 8)), [session.name] * 7))
+    finally:
+        session.close()
+    paste = PasteBack(source.image, source.crop.m_c2o, len(faces[0]))
+    for face, live in zip(faces, shown[1:]):  # frame 0 showed the photo itself (no face yet), not a rendering
+        d = np.abs(paste(face).astype(int) - live)
+        assert d.max() <= 1 and (d > 0).mean() < 0.01
+    moved = [np.abs(s.astype(int) - shown[1]).mean() for s in shown[2:]]
+    assert max(moved) > 1  # the frames differ: the motion is in the template, not the same frame again
+
+    info = render(engine, source, tmp_path / "take.pkl", tmp_path / "again.mp4")
+    assert info["frames"] == 8 and info["fps"] > 0
+    errors = [np.abs(a - s).mean() for a, s in zip(frames_of(tmp_path / "again.mp4")[1:], shown[1:])]
+    assert max(errors) < 5, errors  # the same frames, H.264-encoded
+
+    other = prepare_source(ASTRONAUT[:, ::-1].copy())
+    info = render(engine, other, tmp_path / "take.pkl", tmp_path / "other.mp4")
+    assert info["frames"] == 8 and count_frames(tmp_path / "other.mp4")[2] == (512, 512)

@@ -2,6 +2,7 @@
 serving; the HTTP streaming fallback animates; the signalling route refuses strangers and cleans up bad offers."""
 import json
 import socket
+from pathlib import Path
 
 import av
 import gradio as gr
@@ -83,10 +84,12 @@ def test_http_streaming_fallback_animates_and_cleans_up(app):
     assert "Recording" in app.start_recording(r)
     for _ in range(3):
         app.http_frame(ASTRONAUT, r)
-    (path,), status = app.stop_recording(key, r)
-    assert "Saved" in status
+    (path, motion), status = app.stop_recording(key, r)  # the take, and its motion as a template
+    assert "Saved" in status and Path(motion).name == Path(path).with_suffix(".pkl").name
     with av.open(path) as c:
-        assert sum(1 for _ in c.decode(video=0)) >= 3
+        frames = sum(1 for _ in c.decode(video=0))
+    from model.template import load
+    assert frames >= 3 and len(load(motion)) == frames
     assert "Recording" in app.start_recording(r)
     app.http_frame(ASTRONAUT, r)
     app.close_page(r)  # tab closed while recording: the file is finalised, the engine session freed
@@ -98,13 +101,21 @@ def test_http_streaming_fallback_animates_and_cleans_up(app):
 def test_video_file_tab(app, files, tmp_path):
     from test_render import driving_video
     driving_video(tmp_path / "driving.mp4", frames=6)
+    driving_video(tmp_path / "source.mp4", frames=4)
     r = request("render")
-    path, status = app.render_video(str(tmp_path / "driving.mp4"), r)
-    assert "6 frames at 15 fps, with audio" in status
+    path, image, template, status = app.render_video(str(tmp_path / "driving.mp4"), None, True, False, r)
+    assert "6 frames at 15 fps, with audio; motion template saved" in status and image is None
     with av.open(path) as c:
         assert len(c.streams.audio) == 1 and sum(1 for _ in c.decode(video=0)) == 6
-    path, status = app.render_video(str(files / "notes.png"), r)
-    assert path is None and "driving video 'notes.png'" in status
+    assert template.endswith(".pkl") and Path(template).parent == Path(path).parent  # in the work dir's quota
+    # the saved template drives a source video; a driving image gives one image
+    path, image, _, status = app.render_video(template, str(tmp_path / "source.mp4"), False, True, r)
+    assert "4 frames at 15 fps, with audio" in status and image is None
+    path, image, _, status = app.render_video(str(files / "astronaut.jpg"), None, False, False, r)
+    assert path is None and image.endswith(".png") and status == "One image, 512×512."
+    for name, message in (("notes.png", "driving video 'notes.png'"), ("wall.png", "No face found in the driving")):
+        path, image, _, status = app.render_video(str(files / name), None, False, False, r)
+        assert path is None and image is None and message in status
 
 
 def test_ice_servers_parsing():

@@ -371,25 +371,33 @@ class LiveApp:
         takes = self.worker.stop_recording(request.session_hash) if self.holds_secret(request, key) else []
         if not takes:
             return gr.skip(), "Nothing recorded yet."
-        return [handed(p) for p in takes], f"Saved {', '.join(p.name for p in takes)}."
+        files = [f for p in takes for f in (p, p.with_suffix(".pkl")) if f.exists()]  # each take's motion template
+        return [handed(f) for f in files], f"Saved {', '.join(f.name for f in files)}."
 
-    def render_video(self, driving: str | None, request: gr.Request,
-                     progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple:
-        """Video-file tab: the page's portrait driven by an uploaded video, at its frame rate, with its audio."""
+    def render_video(self, driving: str | None, source_video: str | None, save_template: bool, eye: bool,
+                     request: gr.Request, progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple:
+        """Video-file tab: the page's portrait (or a source video) driven by an uploaded video (its frame rate and
+        audio kept), image (one image) or motion template. Returns (video, image, template, status)."""
+        none = (None, None, None)
         if not driving:
-            return None, "Upload a driving video first."
+            return *none, "Upload a driving video, image or motion template (.pkl) first."
         if self.gone(request):
-            return None, ""
-        if (size := Path(driving).stat().st_size) > self.limits.render_max_mb * 2**20:
-            return None, (f"⚠️ The video is {size / 2**20:.1f} MB; this server renders at most "
-                          f"{self.limits.render_max_mb:g} MB.")
+            return *none, ""
+        for name, path in (("driving file", driving), ("source video", source_video)):
+            if path and (size := Path(path).stat().st_size) > self.limits.render_max_mb * 2**20:
+                return *none, (f"⚠️ The {name} is {size / 2**20:.1f} MB; this server renders at most "
+                               f"{self.limits.render_max_mb:g} MB.")
         try:
-            out, info = self.worker.render(request.session_hash, driving)
-        except InputError as e:
-            return None, f"⚠️ {e}"
+            out, info = self.worker.render(request.session_hash, driving, source_video, save_template, eye)
+        except (InputError, NoFaceError) as e:
+            return *none, f"⚠️ {e}"
         if out is None:
-            return None, info
-        return handed(out), f"{info['frames']} frames at {info['fps']:g} fps{', with audio' if info['audio'] else ''}."
+            return *none, info
+        template = info["template"] and handed(Path(info["template"]))
+        if info["fps"] is None:
+            return None, handed(out), template, f"One image, {info['size'][0]}×{info['size'][1]}."
+        return (handed(out), None, template, f"{info['frames']} frames at {info['fps']:g} fps"
+                f"{', with audio' if info['audio'] else ''}{'; motion template saved' if template else ''}.")
 
     def speed_note(self) -> str:
         """What to expect, measured at start-up, said before anyone starts the camera."""
@@ -435,11 +443,24 @@ class LiveApp:
                                 cam = gr.Image(sources=["webcam"], streaming=True, label="Webcam", elem_id="lp-http-cam")
                                 view = gr.Image(label="Animated", format="jpeg", interactive=False, elem_id="lp-http-view")
                         with gr.Tab("Video file"):
-                            driving = gr.Video(label="Driving video (its frame rate and audio are kept)",
-                                               sources=["upload"])
-                            go = gr.Button("Render", variant="primary")
-                            rendered = gr.Video(label="Result", interactive=False)
-                            render_status = gr.Markdown()
+                            with gr.Row():
+                                driving = gr.File(label="Driving: a video (its frame rate and audio are kept), an "
+                                                        "image (one image out) or a motion template (.pkl)",
+                                                  file_types=["video", "image", ".pkl"], elem_id="lp-driving")
+                                source_video = gr.Video(label="Source video (optional): animated instead of the "
+                                                              "portrait, its own head motion kept",
+                                                        sources=["upload"], elem_id="lp-source-video")
+                            with gr.Row():
+                                save_template = gr.Checkbox(label="Also save the driving video's motion as a "
+                                                                  "template (.pkl)", elem_id="lp-save-template")
+                                eye = gr.Checkbox(label="Source video: keep its first frame's eye opening",
+                                                  elem_id="lp-source-eyes")
+                            go = gr.Button("Render", variant="primary", elem_id="lp-render")
+                            rendered = gr.Video(label="Result", interactive=False, elem_id="lp-rendered")
+                            rendered_image = gr.Image(label="Result (image)", format="png", interactive=False,
+                                                      elem_id="lp-rendered-image")
+                            template = gr.File(label="Motion template", interactive=False, elem_id="lp-template")
+                            render_status = gr.Markdown(elem_id="lp-render-status")
                         with gr.Tab("Portrait editing"):
                             gr.Markdown("No webcam needed: the expression, pose and retargeting controls applied to "
                                         "the portrait itself (the official app's retargeting image).")
@@ -455,7 +476,8 @@ class LiveApp:
                         link = gr.Textbox(label="View-only link (OBS Browser Source: see docs/obs.md); a new one "
                                                 "revokes it", interactive=False, buttons=["copy"],
                                           elem_id="lp-link", scale=4)
-                    recording = gr.File(label="Recordings (MP4)", file_count="multiple", interactive=False)
+                    recording = gr.File(label="Recordings (MP4, and each take's motion as a template .pkl)",
+                                        file_count="multiple", interactive=False)
 
             demo.load(self.open_page, None, live)
             demo.unload(self.close_page)
@@ -470,7 +492,8 @@ class LiveApp:
             c.reset_reference.click(self.reset_reference, None, status)
             cam.stream(self.http_frame, cam, view, stream_every=0.1, concurrency_limit=None,
                        show_progress="hidden")
-            go.click(self.render_video, driving, [rendered, render_status], concurrency_limit=self.max_renders,
+            go.click(self.render_video, [driving, source_video, save_template, eye],
+                     [rendered, rendered_image, template, render_status], concurrency_limit=self.max_renders,
                      concurrency_id="render")  # a bounded queue: the page shows its position
             share.click(self.share_output, [link, live], link,  # js: the page's address, and its secret
                         js="(link, page) => [document.baseURI, page]")

@@ -151,7 +151,7 @@ class WorkDir:
 
     def _files(self) -> list[Path]:
         files = []
-        for f in self.path.glob("*.mp4"):
+        for f in (f for pattern in ("*.mp4", "*.png", "*.pkl") for f in self.path.glob(pattern)):  # renders, takes
             try:
                 files.append((f.stat().st_mtime, f))
             except FileNotFoundError:  # deleted meanwhile

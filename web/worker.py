@@ -34,6 +34,7 @@ from stream import encode
 from stream.editor import PortraitEditor
 from stream.face import SourceFace, prepare_source
 from stream.pipeline import RecordingRunning, SessionPipeline, Settings, draw_text
+from stream import offline
 from stream.render import read_image, render
 from stream.scheduler import Scheduler
 from web.limits import Limits, WorkDir, release_memory
@@ -263,8 +264,9 @@ class Worker:
         return t
 
     def _takes(self) -> set[Path]:
-        """Every open tab's finished recordings that its page has not been given yet (the clean-up keeps them)."""
-        return {p for t in list(self.tabs.values()) for p in list(t.takes)}
+        """Every open tab's finished recordings (and their motion templates) that its page has not been given yet
+        (the clean-up keeps them)."""
+        return {f for t in list(self.tabs.values()) for p in list(t.takes) for f in (p, p.with_suffix(".pkl"))}
 
     def live(self) -> int:
         """Live connections, counting the ones being made and the replaced ones still closing."""
@@ -545,14 +547,21 @@ class Worker:
             return t.hand_over()
         return self._on_loop(run)
 
-    def render(self, tab: str, driving: str) -> tuple[Path | None, dict | str]:
-        """The tab's portrait driven by a video file: (path, info), or (None, why) when the disk quota is full.
-        Raises InputError for a video that cannot be used."""
+    def render(self, tab: str, driving: str, source_video: str | None = None, save_template: bool = False,
+               source_eye_retargeting: bool = False) -> tuple[Path | None, dict | str]:
+        """The tab's portrait (or `source_video`) driven by a video, an image or a motion template: (path, info;
+        info["template"]: the driving motion's .pkl when asked), or (None, why) when the disk quota is full.
+        Raises InputError for a file that cannot be used, NoFaceError for a face not found."""
         t = self.tab(tab)
         if (out := self.work.reserve("render")) is None:
             return None, "⚠️ The server's storage for renders is full; try again later."
+        if source_video is None and offline.kind(driving) == "image":
+            out = out.with_suffix(".png")  # one image
+        template = out.with_suffix(".pkl") if save_template and offline.kind(driving) == "video" else None
         with self.work.writing(out):
-            return out, render(self.engine, t.source, driving, out, t.settings, self.limits.render_max_s)
+            info = render(self.engine, source_video or t.source, driving, out, t.settings, self.limits.render_max_s,
+                          save_template=template, source_eye_retargeting=source_eye_retargeting)
+        return out, dict(info, template=str(template) if template else None)
 
     def stats(self, tab: str) -> dict:
         """The tab's live state for the page's metrics line (it is polled every second: the tab is open)."""
