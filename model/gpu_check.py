@@ -211,7 +211,7 @@ def paste_back(c: Check) -> dict:
     m_c2o = np.array([[s * np.cos(a), -s * np.sin(a), 260.0], [s * np.sin(a), s * np.cos(a), 90.0]])
     cpu = PasteBack(portrait, m_c2o, size=face.shape[0])
     dev = TorchPasteBack(portrait, m_c2o, c.device)
-    face_t = torch.from_numpy(face).to(c.device).permute(2, 0, 1)[None].float() / 255
+    face_t = torch.from_numpy(face).to(c.device)  # (S,S,3) uint8, as the engine returns it
     ref, ours = cpu(face), dev(face_t).cpu().numpy()
     timing = {}
     for name, call in (("cv2_ms", lambda: cpu(face)), ("torch_ms", lambda: dev(face_t))):

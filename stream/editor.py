@@ -14,7 +14,7 @@ import numpy as np
 
 from model.engine import Engine
 from stream.face import SourceFace
-from stream.paste import PasteBack
+from stream.paste import Pastes
 from stream.pipeline import Settings, host
 from stream.scheduler import Scheduler, Work
 
@@ -26,7 +26,7 @@ class PortraitEditor:
         self.engine = engine
         self.name = name or f"edit-{uuid.uuid4().hex[:12]}"
         self._source: SourceFace | None = None
-        self._paste: PasteBack | None = None
+        self._pastes = Pastes()
         self._closed = False
         self._lock = threading.Lock()  # a page's events may overlap
 
@@ -42,17 +42,15 @@ class PortraitEditor:
                 if source is not self._source:
                     self.engine.set_source(crop, self.name, ratios=[*source.eye, *source.lip])
                     self.engine.set_reference(crop, self.name)
-                    self._source, self._paste = source, None
+                    self._source = source
                 self.engine.set_controls(self.name, **still.engine_controls(1.0))
             # an item of the live batches; on CUDA brought to the host, where this editor pastes
             face = host(Scheduler.of(self.engine).run(Work(crop, self.name, setup)))
-            if self._paste is None:
-                self._paste = PasteBack(source.image, source.crop.m_c2o, len(face))
-            return self._paste(face)
+            return self._pastes(source, face)
 
     def close(self) -> None:
         """Free the engine session; later calls return None."""
         with self._lock:
             self._closed = True
             Scheduler.of(self.engine).call(lambda: self.engine.close(self.name))
-            self._source = self._paste = None
+            self._source, self._pastes = None, Pastes()

@@ -1,22 +1,22 @@
-"""The outgoing video after paste-back: one resize to the streamed size and one colour conversion, straight to the
-yuv420p frame aiortc's encoder takes, and encoders tuned for live video inside aiortc.
+"""The outgoing video: one resize to the streamed size and one colour conversion, straight to the yuv420p frame
+aiortc's encoder takes, and encoders tuned for live video inside aiortc; on the way in, the webcam's decoders and
+the decoded frame's conversion to RGB.
 
 aiortc hands an rgb24 frame to its encoder, which converts it again (VP8 with a new SwsContext per frame), and it
 encodes at the portrait's full size with a general-purpose x264 ("medium") or libvpx setting. Here:
 
-    frames = StreamFrames(stream_max)       # one per session; no per-frame converter set-up (cv2, in place)
-    video_frame = frames(image)                  # full-size RGB (ndarray on the host, or HxWx3 uint8 tensor on a
-                                                 # device) -> yuv420p av.VideoFrame, long side <= stream_max
-    paste = StreamPaste(image, m_c2o, face_size, stream_max)   # or, without StreamFrames: paste-back
-    video_frame = paste(face)                    # straight into the streamed frame (host; no full-size image)
-    install()                                    # once per process: aiortc builds the tuned encoders/decoders
-    rgb = to_rgb(webcam_frame)                   # a decoded webcam frame -> RGB for the face tracker
-    prefer_codec(transceiver, codec)        # per peer, on a transceiver made before setRemoteDescription
-    negotiated_codec(pc.localDescription.sdp)    # "H264" / "VP8": what the page's metrics line names
+    frames = StreamFrames(stream_max)        # one per session; no per-frame converter set-up (cv2, in place)
+    video_frame = frames(image)              # full-size RGB (ndarray on the host, or HxWx3 uint8 tensor on a
+                                             # device) -> yuv420p av.VideoFrame, long side <= stream_max
+    install()                                # once per process: aiortc builds the tuned encoders/decoders
+    rgb = to_rgb(webcam_frame)               # a decoded webcam frame -> RGB for the face tracker
+    prefer_codec(transceiver, codec)         # per peer, on a transceiver made before setRemoteDescription
+    negotiated_codec(pc.localDescription.sdp)  # "H264" / "VP8": what the page's metrics line names
 
-The recording keeps the full-size image: only the encoder's copy is resized, here. preferCodec in
-web/static/live.js is the browser half of the codec choice. The measured trade-offs behind the settings are in
-docs/benchmarks.md.
+Paste-back straight into the streamed frame (no full-size image) is stream/paste.py's `StreamPaste`, which uses the
+conversion here. The recording keeps the full-size image: only the encoder's copy is resized. preferCodec in
+web/static/live.js is the browser half of the codec choice. The measurements behind the settings are in
+docs/benchmarks.md ("The live path per stage").
 """
 from __future__ import annotations
 
@@ -35,8 +35,6 @@ from aiortc.codecs import H264Decoder, H264Encoder, Vp8Decoder, Vp8Encoder, get_
 from aiortc.codecs.base import Decoder, Encoder
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.sdp import SessionDescription
-
-from stream.paste import _as3x3, _face_to_crop, mask_template
 
 CODECS = ("h264", "vp8")
 FRAME_RATE = 30  # aiortc's MAX_FRAME_RATE: the encoders' time base
@@ -58,9 +56,9 @@ def stream_size(width: int, height: int, stream_max: int) -> tuple[int, int]:
 
 
 def yuv420_host(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """HxWx3 uint8 RGB -> I420 planes (h*3/2, w) at `size` = (w, h): bilinear resize (cv2's INTER_AREA is
-    several times slower at a non-integer ratio), BT.601 limited range, chroma averaged over each 2x2 block
-    (cv2's own I420 chroma takes the top-left pixel, which aliases colour edges, so only its luma is kept)."""
+    """HxWx3 uint8 RGB -> I420 planes (h*3/2, w) at `size` = (w, h): bilinear resize (cheaper than INTER_AREA at a
+    non-integer ratio: docs/benchmarks.md), BT.601 limited range, chroma averaged over each 2x2 block (cv2's own
+    I420 chroma takes the top-left pixel, which aliases colour edges, so only its luma is kept)."""
     w, h = size
     if rgb.shape[1::-1] != (w, h):
         rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
@@ -111,54 +109,10 @@ class StreamFrames:
         return av.VideoFrame.from_ndarray(planes, format="yuv420p")
 
 
-class StreamPaste:
-    """Paste-back straight into the streamed yuv420p frame, on the host: for one source image and face size S,
-    build once, call per frame. The portrait's planes at the streamed size are converted once; per frame only the
-    face's box is warped (from the face straight to the streamed size), blended and converted, and the full-size
-    image is never made. The same math as PasteBack followed by StreamFrames, resampled once instead of twice.
-    A recording, which keeps the full size, still needs PasteBack."""
-
-    def __init__(self, image: np.ndarray, m_c2o: np.ndarray, size: int, stream_max: int = 720):
-        h, w = image.shape[:2]
-        self.size = w2, h2 = stream_size(w, h, stream_max)
-        kx, ky = w2 / w, h2 / h  # pixel-centre aligned, as cv2.resize maps pixels
-        scale = np.array([[kx, 0, (kx - 1) / 2], [0, ky, (ky - 1) / 2], [0, 0, 1]]) @ _as3x3(m_c2o)
-        small = image if (w2, h2) == (w, h) else cv2.resize(image, (w2, h2), interpolation=cv2.INTER_LINEAR)
-        planes = yuv420_host(np.ascontiguousarray(small), (w2, h2))
-        self.planes = (planes[:h2], *chroma_planes(planes, w2, h2))  # Y, U, V
-        mask = cv2.warpAffine(mask_template(), scale[:2], (w2, h2), flags=cv2.INTER_LINEAR)
-        ys, xs = np.nonzero(mask)
-        if len(xs) == 0:
-            raise ValueError("The face crop lies outside the source image.")
-        # even corners: every 2x2 chroma block is wholly inside the box or wholly outside it
-        x0, y0 = int(xs.min()) & ~1, int(ys.min()) & ~1
-        x1, y1 = min(w2, (int(xs.max()) + 2) & ~1), min(h2, (int(ys.max()) + 2) & ~1)
-        self.box = x0, y0, x1, y1
-        m = (mask[y0:y1, x0:x1] / 255.0).astype(np.float32)
-        self.mask, self.inv_mask = m, np.ascontiguousarray(1.0 - m)
-        self.orig = np.ascontiguousarray(small[y0:y1, x0:x1])
-        shift = np.array([[1, 0, -x0], [0, 1, -y0], [0, 0, 1]], np.float64)
-        self.m_face2box = (shift @ scale @ _face_to_crop(size))[:2]
-
-    def __call__(self, face: np.ndarray) -> av.VideoFrame:
-        """`face` (SxSx3 uint8) pasted in -> the yuv420p frame to send."""
-        (x0, y0, x1, y1), (w, h) = self.box, self.size
-        warped = cv2.warpAffine(face, self.m_face2box, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR)
-        box = yuv420_host(cv2.blendLinear(warped, self.orig, self.mask, self.inv_mask), (x1 - x0, y1 - y0))
-        frame = av.VideoFrame(w, h, "yuv420p")  # written in place: one copy of the portrait's planes
-        parts = (box[:y1 - y0], *chroma_planes(box, x1 - x0, y1 - y0))
-        for plane, base, part, k in zip(frame.planes, self.planes, parts, (1, 2, 2)):
-            view = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, :plane.width]
-            view[:] = base
-            view[y0 // k:y1 // k, x0 // k:x1 // k] = part
-        return frame
-
-
 # ---- encoders and decoders ----
 
-# Chosen by `launch.py bench live` (docs/benchmarks.md): the fastest settings that stay within 1 dB of aiortc's VP8.
-# x264's PSNR is best per ms with ultrafast plus its deblocking filter and subpixel refinement 1: the faster
-# presets' adaptive quantisation and psy tuning trade PSNR for their idea of what looks sharp.
+# Chosen by `launch.py bench live`: the fastest settings that stay within 1 dB of aiortc's VP8 (the measurements and
+# why x264's ultrafast with its deblocking filter and subpixel refinement 1 wins: docs/benchmarks.md).
 H264_PRESET, H264_PARAMS = "ultrafast", "deblock=0,0:subme=1"
 VP8_CPU_USED = -12  # libvpx realtime speed, fixed (negative); aiortc uses -6
 VP8_NOISE_SENSITIVITY = 0  # aiortc's 4 runs a temporal denoiser: it costs time and blurs what it sends
@@ -213,7 +167,7 @@ class TunedVp8Encoder(Vp8Encoder):
 
 
 class FastVp8Decoder(Vp8Decoder):
-    """FFmpeg's own VP8 decoder (aiortc uses libvpx's, which is slower: docs/benchmarks.md), on one thread."""
+    """FFmpeg's own VP8 decoder (aiortc uses libvpx's, slower: docs/benchmarks.md), on one thread."""
 
     def __init__(self) -> None:
         self.codec = av.CodecContext.create("vp8", "r")

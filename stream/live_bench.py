@@ -3,11 +3,11 @@
     python launch.py bench live --weights recipe --config tiny --device cpu --json live.json
 
 A 640x480 moving-face webcam clip, encoded as a browser would send it, goes through the real path frame by frame:
-decode to RGB (aiortc's decoder), face track + crop (LiveFaceDriver), the engine, paste-back (PasteBack, as the
-pipeline's Animator uses it), colour conversion + resize for the encoder, and the encoder (aiortc's, as its
-sender calls it, packetisation included). Face, engine and paste-back run once per frame; every codec set-up then
-converts and encodes that same output with its own encoder, so all rows come from the same frames and the same
-run. The reference row of each portrait is today's path: the full pasted-back image handed to aiortc's VP8
+decode to RGB (aiortc's decoder), face track + crop (LiveFaceDriver), the engine, paste-back (stream/paste.py's
+`Pastes`, as the pipeline's Animator uses it), colour conversion + resize for the encoder, and the encoder
+(aiortc's, as its sender calls it, packetisation included). Face, engine and paste-back run once per frame; every
+codec set-up then converts and encodes that same output with its own encoder, so all rows come from the same
+frames and the same run. The reference row of each portrait is today's path: the full pasted-back image handed to aiortc's VP8
 encoder as rgb24.
 
 Each row also has the stream's bitrate and its luma PSNR: every encoded frame is decoded (aiortc's decoder, not
@@ -34,7 +34,7 @@ from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
 from stream import encode
-from stream.encode import StreamPaste
+from stream.paste import PasteBack, Pastes
 
 log = logging.getLogger("liveportrait.live_bench")
 CLOCK = Fraction(1, 90000)
@@ -74,7 +74,7 @@ class Setup:
     make_encoder: Callable[[], Encoder]
     stream_max: int | None  # None: the full pasted-back size, as rgb24 (today)
     rgb: Callable[[av.VideoFrame], np.ndarray] = pyav_rgb  # webcam frame -> RGB
-    fused: bool = False  # StreamPaste: paste-back straight into the streamed frame (replaces paste + convert)
+    fused: bool = False  # paste-back straight into the streamed frame (replaces paste + convert)
     reference: bool = False
 
 
@@ -114,14 +114,11 @@ class Sent:
         self.codec = rtp_codec(setup.codec)
         self.decoder = get_decoder(self.codec)
         self.bytes, self.psnr, self.size = 0, [], (0, 0)
-        self.paste: Callable | None = None
+        self.pastes = Pastes()
 
     def fused(self, source, face: np.ndarray | torch.Tensor) -> av.VideoFrame:
-        """StreamPaste on the host; on a device, paste-back and conversion there (the device path)."""
-        if self.paste is None:
-            self.paste = StreamPaste(source.image, source.crop.m_c2o, len(face), self.setup.stream_max) \
-                if not isinstance(face, torch.Tensor) else lambda f, p=paster(source, face): self.frames(p(f))
-        return self.paste(face)
+        """Paste-back straight into the streamed frame, as the pipeline's Animator.video does it."""
+        return self.pastes(source, face, self.setup.stream_max)
 
     def convert(self, image: np.ndarray | torch.Tensor) -> av.VideoFrame:
         if self.frames:
@@ -169,15 +166,6 @@ def portrait(size: int):
     return prepare_source(cv2.resize(skimage.data.astronaut(), (size, size), interpolation=cv2.INTER_CUBIC))
 
 
-def paster(source, face: np.ndarray | torch.Tensor) -> Callable:
-    """Paste-back as the pipeline's Animator builds it: cv2 on the host; on a device, there (its output stays)."""
-    from stream.paste import PasteBack, TorchPasteBack
-    if not isinstance(face, torch.Tensor):
-        return PasteBack(source.image, source.crop.m_c2o, len(face))
-    paste = TorchPasteBack(source.image, source.crop.m_c2o, face.device)
-    return lambda f: paste(f.permute(2, 0, 1).float() / 255)
-
-
 def measure(engine, size: int, clip: list[np.ndarray], frames: int, warmup: int, stream_max: int,
             bitrate: int, quality_frames: int = 60) -> list[dict]:
     """One portrait size: every stage per frame, for every setup; a row per setup."""
@@ -190,7 +178,7 @@ def measure(engine, size: int, clip: list[np.ndarray], frames: int, warmup: int,
     incoming = {c: webcam([clip[i % len(clip)] for i in range(total)], c) for c in encode.CODECS}
     sent = [Sent(s, bitrate) for s in setups(stream_max)]
     decoders = {k: k[1]() for k in dict.fromkeys((s.setup.codec, s.setup.make_decoder, s.setup.rgb) for s in sent)}
-    driver, paste = LiveFaceDriver(), None
+    driver, pastes = LiveFaceDriver(), Pastes()
     ms: dict[str, list[float]] = {}
     per: list[dict[str, list[float]]] = [{} for _ in sent]
 
@@ -215,8 +203,7 @@ def measure(engine, size: int, clip: list[np.ndarray], frames: int, warmup: int,
             if crop is None:
                 raise RuntimeError("no face found in the webcam clip")
             face = timed(ms, "engine", lambda: engine.animate(crop[None], [name], as_tensor=cuda)[0])
-            paste = paste or paster(source, face)
-            image = timed(ms, "paste", paste, face)
+            image = timed(ms, "paste", pastes, source, face)
             for s, stages in zip(sent, per):
                 if s.setup.fused:
                     frame = timed(stages, "paste", s.fused, source, face)
@@ -260,7 +247,6 @@ def quality(source, size: int, frames: int, stream_max: int, bitrate: int) -> li
     """(kbps, luma PSNR) of every setup on natural content: the portrait's own face, nodding and swaying, pasted
     back as the live path does. Untrained (recipe) weights make a high-frequency pattern in the face, which no
     codec handles as it handles a face."""
-    from stream.paste import PasteBack
     face = cv2.resize(source.crop.image, (size, size), interpolation=cv2.INTER_AREA)
     faces = []
     for i in range(frames):

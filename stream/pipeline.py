@@ -1,4 +1,18 @@
-"""The live frame path of one session: webcam frame -> face crop -> engine -> paste-back -> output.
+"""The live frame path of one session. Where each stage of a frame lives:
+
+| stage                 | where                                                                                 |
+|-----------------------|---------------------------------------------------------------------------------------|
+| webcam                | the browser (web/static/live.js); it comes in through web/webrtc.py's track or        |
+|                       | web/worker.py's `http_frame` (HTTP streaming), both calling `SessionPipeline.submit`  |
+| decode                | aiortc, with stream/encode.py's decoders; to RGB: `encode.to_rgb` (`prepare` here)    |
+| crop                  | stream/face.py `LiveFaceDriver`, from `Animator.prepare`                              |
+| M, keypoints, S, W, G | model/engine.py `Engine.animate`, on the scheduler's engine thread                    |
+| paste-back            | stream/paste.py, from `Animator.image` (full size) and `Animator.video` (streamed)    |
+| colour                | stream/encode.py `StreamFrames` (inside stream/paste.py's `StreamPaste` on the host)  |
+| encoder               | stream/encode.py's tuned aiortc encoders, which web/webrtc.py's track feeds           |
+
+`SessionPipeline.finish` decides once per frame which outputs it makes (`Outputs`: the shown image, the streamed
+frame, the recorded image), then makes each with a function of its own.
 
 A webcam delivers frames faster than a CPU (or a busy GPU) animates them, and a live view wants the newest frame,
 not a backlog. Every session runs on its engine's scheduler (stream/scheduler.py): a single-slot mailbox where a
@@ -23,9 +37,9 @@ import torch
 
 from model.editing import Edits
 from model.engine import Engine
-from stream.encode import StreamFrames, StreamPaste, to_rgb
+from stream.encode import StreamFrames, to_rgb
 from stream.face import LiveFaceDriver, SourceFace
-from stream.paste import PasteBack, TorchPasteBack
+from stream.paste import Face, Pastes
 from stream.recorder import Recorder
 from stream.scheduler import Scheduler, Work
 
@@ -60,16 +74,15 @@ def smoothing_cutoff(strength: float) -> float:
 class Animator:
     """One portrait driven by one face stream (a webcam or a video file). Owns engine session `name` and a face
     tracker. A frame goes `prepare` (track, crop: one frame at a time, in order) -> the engine (on the scheduler's
-    engine thread) -> `finish` (paste-back); calling the animator does all three for one frame. A frame without
-    a face reuses the last driving crop, eased towards rest."""
+    engine thread) -> `image` or `video` (paste-back); calling the animator does all three for one frame. A frame
+    without a face reuses the last driving crop, eased towards rest."""
 
     def __init__(self, engine: Engine, source: SourceFace, settings: Settings | None = None, name: str | None = None):
         self.engine, self.settings = engine, settings or Settings()
         self.name = name or f"session-{uuid.uuid4().hex[:12]}"
         self.driver = LiveFaceDriver()
         self.source, self._new_source = source, source
-        self._paste: tuple[SourceFace, int, Callable] | None = None  # (source, face size, its paste-back)
-        self._stream: tuple | None = None  # (source, face size, stream_max, its StreamPaste)
+        self.pastes = Pastes()  # the portrait's paste-backs, one per target (stream/paste.py)
         self._crop: np.ndarray | None = None  # last driving crop seen
         self.faceless_since: float | None = None  # when the frames lost the face (monotonic); None: it is seen
         self.keep_motion = False  # ask the engine for each frame's driving motion (templates: model/template.py)
@@ -114,44 +127,30 @@ class Animator:
         motion = dict(zip(("eyes", "lip"), self._ratios)) if self.keep_motion else None
         return Work(self._crop, self.name, setup, t or 0.0, self.source, motion)
 
-    def finish(self, work: Work, face: np.ndarray | torch.Tensor | None) -> np.ndarray | torch.Tensor:
-        """The engine's output for `work` -> the image to show: a host array, or on CUDA (face a device tensor) an
-        HxWx3 uint8 tensor on the device, so that what follows can stay there."""
-        source = work.data
+    def image(self, work: Work, face: Face | None) -> Face:
+        """The full-size picture for the engine's output `face` (None: no engine ran): the face pasted back into the
+        portrait, or with paste-back off the face itself; without a face, the portrait (or its crop) at rest. A host
+        array, or on CUDA (face a device tensor) an HxWx3 uint8 tensor on the device, so what follows can stay there."""
         if face is None:
-            return source.image if self.settings.paste else source.crop.image
-        if not self.settings.paste:
-            return face
-        if self._paste is None or self._paste[0] is not source or self._paste[1] != len(face):
-            self._paste = source, len(face), self._paster(source, face)
-        return self._paste[2](face)
+            return work.data.image if self.settings.paste else work.data.crop.image
+        return self.pastes(work.data, face) if self.settings.paste else face
 
-    def stream(self, work: Work, face: np.ndarray, stream_max: int) -> av.VideoFrame:
-        """The engine's host output pasted straight into the streamed yuv420p frame (stream/encode.py): the
-        full-size image is never made."""
-        source = work.data
-        key = source, len(face), stream_max
-        if self._stream is None or self._stream[:3] != key:
-            self._stream = *key, StreamPaste(source.image, source.crop.m_c2o, len(face), stream_max)
-        return self._stream[3](face)
-
-    @staticmethod
-    def _paster(source: SourceFace, face: np.ndarray | torch.Tensor) -> Callable:
-        """cv2 paste-back on the host; on a device, paste there (the image stays on the device)."""
-        if not isinstance(face, torch.Tensor):
-            return PasteBack(source.image, source.crop.m_c2o, len(face))
-        paste = TorchPasteBack(source.image, source.crop.m_c2o, face.device)
-        return lambda f: paste(f.permute(2, 0, 1).float() / 255)
+    def video(self, work: Work, face: Face | None, frames: StreamFrames) -> av.VideoFrame:
+        """The same picture as the streamed yuv420p frame: a face to paste goes straight into it (on the host no
+        full-size image is made; on CUDA only the streamed planes leave the device)."""
+        if face is not None and self.settings.paste:
+            return self.pastes(work.data, face, frames.stream_max)
+        return frames(self.image(work, face))
 
     def __call__(self, rgb: np.ndarray, t: float | None = None) -> np.ndarray:
         """One driving frame -> the animated image (uint8 RGB), synchronously (video files: no frame dropped)."""
         work = self.prepare(rgb, t)
         self.last_motion = None
         if work.crop is None:
-            return host(self.finish(work, None))
+            return host(self.image(work, None))
         face = Scheduler.of(self.engine).run(work)  # joins the live batches: starves none
         self.last_motion = work.motion
-        return host(self.finish(work, face))
+        return host(self.image(work, face))
 
     def close(self) -> None:
         """Free the engine session and the tracker."""
@@ -180,6 +179,15 @@ class Metrics:
                     frames_in=self.frames_in, frames_out=self.frames_out, dropped=self.dropped, failed=self.failed,
                     latency_p50_ms=round(float(np.percentile(lat, 50)), 1),
                     latency_p95_ms=round(float(np.percentile(lat, 95)), 1))
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What one output frame is made into; SessionPipeline.finish decides it once per frame."""
+    image: bool  # the clean full-size image on the host: kept (`images`), drawn on (overlay) or recorded
+    overlay: bool  # the shown image carries the metrics line
+    video: bool  # the streamed yuv420p frame: a track listens (with `stream_max`)
+    recorder: Recorder | None  # where the clean image goes
 
 
 class RecordingRunning(RuntimeError):
@@ -312,26 +320,35 @@ class SessionPipeline:
         self.animator.keep_motion = self.recorder is not None  # a recording keeps the motion too (a template)
         return self.animator.prepare(rgb, arrived)
 
-    def finish(self, work: Work, face: np.ndarray | torch.Tensor | None) -> None:
-        rec, s = self.recorder, self.settings
+    def finish(self, work: Work, face: Face | None) -> None:
+        out = self._outputs()
+        image = host(self.animator.image(work, face)) if out.image else None
+        shown = self._overlay(image) if out.overlay else image
+        video = self._streamed(work, face, shown) if out.video else None
+        self._publish(work, shown, video)
+        if out.recorder is not None:  # after the frame is out: a failing recording must not freeze the live view
+            self._record(out.recorder, image, work.motion)
+
+    def _outputs(self) -> Outputs:
+        overlay = self.settings.overlay
         with self._cond:
-            stream = self._frames is not None and bool(self._listeners)  # a track sends it: a yuv420p frame
-        full = None  # the clean full-size host image, made only when it is kept, recorded or overlaid
-        only_stream = stream and not (rec or s.overlay or self.images)
-        if only_stream and isinstance(face, np.ndarray) and s.paste:
-            shown, video = None, self.animator.stream(work, face, self.stream_max)  # pasted into the stream frame
-        else:
-            image = self.animator.finish(work, face)
-            if only_stream:  # on CUDA, resized and converted on the device
-                shown, video = (image if isinstance(image, np.ndarray) else None), self._frames(image)
-            else:
-                full = host(image)
-                shown = full
-                if s.overlay:  # on a copy: recordings stay clean
-                    with self._cond:  # submit appends to the metrics meanwhile
-                        m = self.metrics.snapshot()
-                    shown = draw_metrics(full, m)
-                video = self._frames(shown) if stream else None
+            rec, listened = self.recorder, bool(self._listeners)
+        return Outputs(image=self.images or overlay or rec is not None, overlay=overlay,
+                       video=self._frames is not None and listened, recorder=rec)
+
+    def _overlay(self, image: np.ndarray) -> np.ndarray:
+        """The metrics line on a copy: the recording stays clean."""
+        with self._cond:  # submit appends to the metrics meanwhile
+            m = self.metrics.snapshot()
+        return draw_metrics(image, m)
+
+    def _streamed(self, work: Work, face: Face | None, shown: np.ndarray | None) -> av.VideoFrame:
+        """The streamed frame: of the shown image when one was made (it may carry the overlay), else straight from
+        the engine's output (stream/paste.py)."""
+        return self._frames(shown) if shown is not None else self.animator.video(work, face, self._frames)
+
+    def _publish(self, work: Work, shown: np.ndarray | None, video: av.VideoFrame | None) -> None:
+        """Make this frame the newest output, count it, and wake whoever waits or listens."""
         now = time.monotonic()
         with self._cond:
             m = self.metrics
@@ -342,12 +359,13 @@ class SessionPipeline:
             self._output, self._video, self.seq = shown, video, self.seq + 1
             self._cond.notify_all()
         self._notify()
-        if rec is not None:  # after the frame is out: a failing recording must not freeze the live view
-            try:
-                rec.write(full, motion=work.motion)
-            except Exception as e:
-                log.exception("recording failed")
-                self._abort_recording(rec, e)
+
+    def _record(self, rec: Recorder, image: np.ndarray, motion: dict | None) -> None:
+        try:
+            rec.write(image, motion=motion)
+        except Exception as e:
+            log.exception("recording failed")
+            self._abort_recording(rec, e)
 
     def _abort_recording(self, rec: Recorder, error: Exception) -> None:
         """Stop only the recording (a full disk, say); the live view goes on and the page says why."""

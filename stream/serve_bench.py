@@ -231,7 +231,7 @@ class LockReference:
                 (rgb, arrived), self.pending = self.pending, None
             work = self.tally.timed("prepare", self.animator.prepare, rgb, arrived)
             face = None if work.crop is None else self._step(work)
-            out = self.tally.timed("paste", self.animator.finish, work, face)
+            out = self.tally.timed("paste", self.animator.image, work, face)
             self.tally.output(self.index, arrived)
             self.encoder.put(out)
 

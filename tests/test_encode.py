@@ -1,5 +1,6 @@
-"""The streamed video path (stream/encode.py): one resize + BT.601 conversion, paste-back into the streamed frame,
-the tuned aiortc encoders and decoders as aiortc builds them, and the codec a real aiortc peer pair negotiates."""
+"""The streamed video path (stream/encode.py): one resize + BT.601 conversion, paste-back into the streamed frame
+(stream/paste.py), the tuned aiortc encoders and decoders as aiortc builds them, and the codec a real aiortc peer
+pair negotiates."""
 import asyncio
 import re
 from fractions import Fraction
@@ -18,7 +19,8 @@ from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
 from stream import encode
-from stream.encode import StreamFrames, StreamPaste, stream_size, yuv420_device, yuv420_host
+from stream.encode import StreamFrames, stream_size, yuv420_device, yuv420_host
+from stream.paste import PasteBack, StreamPaste
 
 CLOCK = Fraction(1, 90000)
 
@@ -102,7 +104,6 @@ def sources():
 
 @pytest.mark.parametrize("size", [512, 1280])
 def test_stream_paste_is_paste_back_then_conversion(sources, size):
-    from stream.paste import PasteBack
     src = sources[size]
     face = np.ascontiguousarray(cv2.resize(src.crop.image, (256, 256))[::-1])  # not the portrait's own face
     direct = StreamPaste(src.image, src.crop.m_c2o, 256, 720)(face)

@@ -191,8 +191,7 @@ def test_paste_back_of_unmodified_crop_reproduces_source(source):
     inside, outside = mask > 0.99, mask == 0
     assert inside.sum() > 20000
     out = PasteBack(img, crop.m_c2o)(crop.image)
-    face = torch.from_numpy(crop.image).permute(2, 0, 1).float() / 255
-    out_t = TorchPasteBack(img, crop.m_c2o)(face).numpy()
+    out_t = TorchPasteBack(img, crop.m_c2o)(torch.from_numpy(crop.image)).numpy()
     for o in (out, out_t):
         assert o.shape == img.shape and o.dtype == np.uint8
         assert psnr(o[inside], img[inside]) >= 40
@@ -206,7 +205,7 @@ def test_torch_paste_back_matches_numpy(source, size):
     face = cv2.resize(crop.image, (size, size), interpolation=cv2.INTER_AREA)
     face = np.clip(face.astype(int) + rng.integers(-40, 40, face.shape), 0, 255).astype(np.uint8)  # not the source
     out = PasteBack(img, crop.m_c2o, size)(face)
-    out_t = TorchPasteBack(img, crop.m_c2o)(torch.from_numpy(face).permute(2, 0, 1)[None].float() / 255).numpy()
+    out_t = TorchPasteBack(img, crop.m_c2o)(torch.from_numpy(face)).numpy()
     diff = np.abs(out.astype(int) - out_t)
     assert diff.max() <= 3 and diff.mean() < 0.3
     assert np.abs(out.astype(int) - img).mean() > 1  # the face really was pasted

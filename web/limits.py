@@ -178,8 +178,9 @@ class WorkDir:
 
 def release_memory() -> None:
     """Give the heap's free pages back to the OS. A connection's codecs, face tracker and threads allocate from
-    glibc's per-thread arenas, which keep freed memory: measured, server RSS grew 170 MB per round of three
-    tabs with nothing left alive (docs/reliability.md). No-op without glibc."""
+    glibc's per-thread arenas, which keep freed memory, so a server's RSS would grow with every round of tabs even
+    with nothing of them left alive (measured: docs/reliability.md, "Memory, threads, file descriptors"). No-op
+    without glibc."""
     gc.collect()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
