@@ -17,7 +17,7 @@ import httpx
 import pytest
 import skimage.data
 
-from conftest import ROOT
+from conftest import ROOT, run, tiny
 from stream.serve_bench import moving_face
 from test_reliability import valid_offer_sdp, wait_until
 from web import loadtest
@@ -32,13 +32,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def engine():
-    from model.engine import Engine, load_networks
-    return Engine(load_networks("recipe", "tiny"))
-
-
-@pytest.fixture(scope="module")
-def created(engine):
+def created():
     """Counts of the peers and pipelines the server creates (the real classes, counted)."""
     from web import webrtc, worker
     counts = {"peers": 0, "pipelines": 0, "delay": 0.0}  # delay: a slower pipeline set-up, so that requests overlap
@@ -60,11 +54,11 @@ def created(engine):
 
 
 @pytest.fixture(scope="module")
-def served(engine, created, tmp_path_factory, loopback_only):
+def served(created, tmp_path_factory, loopback_only):
     """One live session at most, so that admission shows."""
     from web.app import LiveApp
     loadtest.loopback_ice()
-    app = LiveApp(engine, untrained=True, workdir=tmp_path_factory.mktemp("integrity"), max_sessions=1)
+    app = LiveApp(tiny(max_sessions=1), untrained=True, workdir=tmp_path_factory.mktemp("integrity"))
     port = free_port()
     demo = app.launch(port=port, block=False)
     yield app, f"http://127.0.0.1:{port}/"
@@ -73,7 +67,7 @@ def served(engine, created, tmp_path_factory, loopback_only):
 
 
 def idle(app) -> bool:
-    return not any(app.worker.counts()[k] for k in ("live", "peers", "engine_sessions", "lanes"))
+    return not any(app.workers[0].worker.counts()[k] for k in ("live", "peers", "engine_sessions", "lanes"))
 
 
 async def stream(url: str, frames: int = 3) -> tuple[dict, dict]:
@@ -99,7 +93,7 @@ def test_a_valid_offer_makes_one_peer_and_one_pipeline(served, created):
     page, health = asyncio.run(stream(url))
     assert created["peers"] - before["peers"] == 1 and created["pipelines"] - before["pipelines"] == 1
     assert health["live_sessions"] == 1
-    assert wait_until(lambda: idle(app)), app.worker.counts()
+    assert wait_until(lambda: idle(app)), app.workers[0].worker.counts()
 
 
 def offer_with_audio_codec_nobody_has() -> str:
@@ -122,13 +116,13 @@ def offer_with_audio_codec_nobody_has() -> str:
 
 def test_an_offer_aiortc_refuses_gets_a_4xx_and_makes_nothing(served, created):
     app, url = served
-    page = json.loads(app.open_page(gr.Request(session_hash="foo")))
+    page = json.loads(run(app.open_page(gr.Request(session_hash="foo"))))
     before = dict(created)
     r = httpx.post(url + "offer", json={"sdp": offer_with_audio_codec_nobody_has(), "type": "offer", **page},
                    timeout=60)
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
-    assert created["pipelines"] == before["pipelines"] and idle(app), app.worker.counts()
-    app.close_page(gr.Request(session_hash="foo"))
+    assert created["pipelines"] == before["pipelines"] and idle(app), app.workers[0].worker.counts()
+    run(app.close_page(gr.Request(session_hash="foo")))
 
 
 def test_two_concurrent_offers_for_the_last_slot(served, created):
@@ -153,22 +147,22 @@ def test_two_concurrent_offers_for_the_last_slot(served, created):
     before = dict(created)
     assert asyncio.run(both()) == [200, 503]
     assert created["pipelines"] - before["pipelines"] == 1
-    assert wait_until(lambda: idle(app)), app.worker.counts()
+    assert wait_until(lambda: idle(app)), app.workers[0].worker.counts()
 
 
 def test_an_offer_needs_its_pages_secret(served):
     """Another tab's session hash is not enough: without its page's secret the offer is refused and the tab is
     untouched."""
     app, url = served
-    victim = json.loads(app.open_page(gr.Request(session_hash="victim")))
-    app.http_frame(ASTRONAUT, gr.Request(session_hash="victim"))
-    pipeline = app.worker.tabs["victim"].pipeline
+    victim = json.loads(run(app.open_page(gr.Request(session_hash="victim"))))
+    run(app.http_frame(ASTRONAUT, gr.Request(session_hash="victim")))
+    pipeline = app.workers[0].worker.tabs["victim"].pipeline
     for secret in ("", "guess", victim["secret"][::-1]):
         r = httpx.post(url + "offer", json={"sdp": valid_offer_sdp(), "type": "offer", "session": "victim",
                                             "secret": secret})
         assert r.status_code in (400, 403), r.status_code
-    assert app.worker.tabs["victim"].pipeline is pipeline and not pipeline.closed
-    app.close_page(gr.Request(session_hash="victim"))
+    assert app.workers[0].worker.tabs["victim"].pipeline is pipeline and not pipeline.closed
+    run(app.close_page(gr.Request(session_hash="victim")))
     assert idle(app)
 
 
@@ -178,13 +172,13 @@ def test_a_stopped_http_webcam_frees_its_slot(served):
     app, url = served
     r = gr.Request(session_hash="http")
     for _ in range(3):
-        app.http_frame(ASTRONAUT, r)
+        run(app.http_frame(ASTRONAUT, r))
     assert httpx.get(url + "healthz").status_code == 503  # the one slot is taken
     start = time.monotonic()
-    assert wait_until(lambda: app.stats(r) and httpx.get(url + "healthz").json()["live_sessions"] == 0, 30)
+    assert wait_until(lambda: run(app.stats(r)) and httpx.get(url + "healthz").json()["live_sessions"] == 0, 30)
     assert time.monotonic() - start < 10 + 2  # the issue's bound, with the poll's slack
-    assert httpx.get(url + "healthz").status_code == 200 and "http" in app.worker.tabs  # the tab stays
-    app.close_page(r)
+    assert httpx.get(url + "healthz").status_code == 200 and "http" in app.workers[0].worker.tabs  # the tab stays
+    run(app.close_page(r))
 
 
 def test_overlapping_http_frames_make_one_connection(served, created):
@@ -194,7 +188,7 @@ def test_overlapping_http_frames_make_one_connection(served, created):
     app, url = served
     r = gr.Request(session_hash="burst")
     before, created["delay"] = created["pipelines"], 0.5
-    threads = [threading.Thread(target=app.http_frame, args=(ASTRONAUT, r)) for _ in range(6)]
+    threads = [threading.Thread(target=lambda: run(app.http_frame(ASTRONAUT, r))) for _ in range(6)]
     try:
         for t in threads:
             t.start()
@@ -203,27 +197,27 @@ def test_overlapping_http_frames_make_one_connection(served, created):
             t.join(120)
     finally:
         created["delay"] = 0.0
-    assert created["pipelines"] - before == 1 and app.worker.counts()["live"] == 1
-    app.close_page(r)
+    assert created["pipelines"] - before == 1 and app.workers[0].worker.counts()["live"] == 1
+    run(app.close_page(r))
     assert idle(app)
 
 
 # ---- recordings: no take is lost ----
 
 @pytest.fixture
-def app(engine, tmp_path):
+def app(tmp_path):
     from web.app import LiveApp
     from web.limits import Limits
-    a = LiveApp(engine, untrained=True, workdir=tmp_path, limits=Limits(record_max_s=0.6), step_s=0.1)
+    a = LiveApp(tiny(limits=Limits(record_max_s=0.6), step_s=0.1), untrained=True, workdir=tmp_path)
     yield a
     a.close()
 
 
 def frames_until(app, r, text: str, timeout: float = 60) -> None:
     end = time.monotonic() + timeout
-    while text not in app.stats(r) and time.monotonic() < end:
-        app.http_frame(ASTRONAUT, r)
-    assert text in app.stats(r)
+    while text not in run(app.stats(r)) and time.monotonic() < end:
+        run(app.http_frame(ASTRONAUT, r))
+    assert text in run(app.stats(r))
 
 
 def decoded(path) -> int:
@@ -235,60 +229,60 @@ def stop_webcam(app, monkeypatch) -> None:
     """What stopping the HTTP-streaming webcam does: no more frames, so the connection ends (sooner here)."""
     from web import worker
     monkeypatch.setattr(worker, "HTTP_QUIET_S", 0.5)
-    assert wait_until(lambda: app.worker.counts()["live"] == 0, 30)
+    assert wait_until(lambda: app.workers[0].worker.counts()["live"] == 0, 30)
     monkeypatch.undo()
 
 
 def test_record_twice_says_so_and_no_take_is_lost(app, monkeypatch):
     r = gr.Request(session_hash="rec")
-    app.http_frame(ASTRONAUT, r)
-    assert "Recording" in app.start_recording(r)
-    app.http_frame(ASTRONAUT, r)
-    assert "already running" in app.start_recording(r)  # the first take goes on
+    run(app.http_frame(ASTRONAUT, r))
+    assert "Recording" in run(app.start_recording(r))
+    run(app.http_frame(ASTRONAUT, r))
+    assert "already running" in run(app.start_recording(r))  # the first take goes on
     frames_until(app, r, "stopped at the 0.6 s limit")
-    assert "Recording" in app.start_recording(r)  # after the limit: a new take; the full one is kept
+    assert "Recording" in run(app.start_recording(r))  # after the limit: a new take; the full one is kept
     for _ in range(3):
-        app.http_frame(ASTRONAUT, r)
+        run(app.http_frame(ASTRONAUT, r))
     stop_webcam(app, monkeypatch)  # the webcam stops, then starts again: a new connection and a third take
-    app.http_frame(ASTRONAUT, r)
-    assert "Recording" in app.start_recording(r)
+    run(app.http_frame(ASTRONAUT, r))
+    assert "Recording" in run(app.start_recording(r))
     for _ in range(3):
-        app.http_frame(ASTRONAUT, r)
-    takes, status = app.stop_recording(r)
+        run(app.http_frame(ASTRONAUT, r))
+    takes, status = run(app.stop_recording(r))
     assert len(takes) == 3 and len(set(takes)) == 3 and all(decoded(t) >= 1 for t in takes), takes
-    assert app.stop_recording(r)[1] == "Nothing recorded yet."  # handed out once
+    assert run(app.stop_recording(r))[1] == "Nothing recorded yet."  # handed out once
 
 
 def test_a_failing_recorder_stops_only_the_recording(app, monkeypatch):
     from stream.recorder import Recorder
     r = gr.Request(session_hash="disk")
-    app.http_frame(ASTRONAUT, r)
-    app.start_recording(r)
+    run(app.http_frame(ASTRONAUT, r))
+    run(app.start_recording(r))
 
     def full_disk(self, rgb, t=None):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(Recorder, "write", full_disk)
-    pipeline = app.worker.tabs["disk"].pipeline
+    pipeline = app.workers[0].worker.tabs["disk"].pipeline
     made = pipeline.metrics.frames_out
     for _ in range(4):
-        app.http_frame(ASTRONAUT, r)
+        run(app.http_frame(ASTRONAUT, r))
     assert pipeline.metrics.frames_out >= made + 3  # the live view goes on
-    assert "the recording stopped: [Errno 28] No space left on device" in app.stats(r)
+    assert "the recording stopped: [Errno 28] No space left on device" in run(app.stats(r))
 
 
 def test_a_failing_recording_close_still_frees_the_engine_session(app, monkeypatch):
     from stream.recorder import Recorder
     r = gr.Request(session_hash="close")
-    app.http_frame(ASTRONAUT, r)
-    app.start_recording(r)
-    app.http_frame(ASTRONAUT, r)
-    name = app.worker.tabs["close"].pipeline.name
+    run(app.http_frame(ASTRONAUT, r))
+    run(app.start_recording(r))
+    run(app.http_frame(ASTRONAUT, r))
+    name = app.workers[0].worker.tabs["close"].pipeline.name
 
     def broken(self):
         raise OSError(5, "Input/output error")
     monkeypatch.setattr(Recorder, "close", broken)
     stop_webcam(app, monkeypatch)  # the connection ends: its recording cannot be finalised
-    assert name not in app.worker.engine.sessions and not app.worker.counts()["lanes"]
+    assert name not in app.workers[0].worker.engine.sessions and not app.workers[0].worker.counts()["lanes"]
 
 
 # ---- clean-up survives faults ----
@@ -296,7 +290,7 @@ def test_a_failing_recording_close_still_frees_the_engine_session(app, monkeypat
 def test_reaping_outlives_a_failing_reap(app, monkeypatch):
     calls = []
 
-    def reap():
+    async def reap():
         calls.append(time.monotonic())
         if len(calls) == 1:
             raise RuntimeError("reap failed on purpose")
@@ -316,16 +310,16 @@ def test_reaping_outlives_a_failing_reap(app, monkeypatch):
 
 
 def test_a_failing_step_of_reap_leaves_the_others(app, monkeypatch):
-    app.stats(gr.Request(session_hash="gone-quiet"))  # a tab that then vanishes without an unload
+    run(app.stats(gr.Request(session_hash="gone-quiet")))  # a tab that then vanishes without an unload
     app.limits.idle_timeout = 0.2
-    monkeypatch.setattr(app.worker.work, "clean", lambda: (_ for _ in ()).throw(RuntimeError("clean failed")))
+    monkeypatch.setattr(app.workers[0].worker.work, "clean", lambda: (_ for _ in ()).throw(RuntimeError("clean failed")))
     time.sleep(0.4)
-    assert app.reap() == ["gone-quiet"] and "gone-quiet" not in app.worker.tabs
+    assert run(app.reap()) == ["gone-quiet"] and "gone-quiet" not in app.workers[0].worker.tabs
 
 
 def test_work_dir_usage_tolerates_a_file_deleted_meanwhile(app, monkeypatch):
     from pathlib import Path
-    f = app.dir / "render-vanishing.mp4"
+    f = app.workers[0].worker.work.path / "render-vanishing.mp4"
     f.write_bytes(b"x" * 10)
     real = Path.stat
 
@@ -333,15 +327,15 @@ def test_work_dir_usage_tolerates_a_file_deleted_meanwhile(app, monkeypatch):
         if self == f and getattr(stat, "listed", False):
             raise FileNotFoundError(2, "gone", str(self))
         return real(self, *a, **k)
-    real_files = app.worker.work._files
+    real_files = app.workers[0].worker.work._files
 
     def files():
         out = real_files()
         stat.listed = True  # listed: then a failed render deletes it before usage() stats it
         return out
     monkeypatch.setattr(Path, "stat", stat)
-    monkeypatch.setattr(app.worker.work, "_files", files)
-    assert app.worker.work.usage() == 0 and app.worker.work.reserve("recording") is not None
+    monkeypatch.setattr(app.workers[0].worker.work, "_files", files)
+    assert app.workers[0].worker.work.usage() == 0 and app.workers[0].worker.work.reserve("recording") is not None
 
 
 # ---- flags ----
@@ -384,9 +378,9 @@ def test_options_before_or_after_the_sub_command_mean_the_same(monkeypatch):
 
 # ---- what a CPU user is told ----
 
-def test_the_page_states_the_expected_time_per_frame(engine, tmp_path):
+def test_the_page_states_the_expected_time_per_frame(tmp_path):
     from web.app import LiveApp
-    slow = LiveApp(engine, untrained=True, workdir=tmp_path, step_s=8.4)
+    slow = LiveApp(tiny(step_s=8.4), untrained=True, workdir=tmp_path)
     try:
         note = slow.speed_note()
         assert "about one frame every 8 s" in note and "CUDA GPU" in note and "Video file" in note
@@ -394,18 +388,18 @@ def test_the_page_states_the_expected_time_per_frame(engine, tmp_path):
         assert any(note in v for v in shown)  # on the page, before anyone starts
     finally:
         slow.close()
-    fast = LiveApp(engine, untrained=True, workdir=tmp_path, step_s=0.02)
+    fast = LiveApp(tiny(step_s=0.02), untrained=True, workdir=tmp_path)
     assert fast.speed_note() == "Measured at start-up: 20 ms per frame for one live session."
     fast.close()
-    measured = LiveApp(engine, untrained=True, workdir=tmp_path)  # one engine call at start-up
-    assert measured.worker.step_s > 0
+    measured = LiveApp(tiny(), untrained=True, workdir=tmp_path)  # one engine call at start-up
+    assert measured.info["step_s"] > 0
     measured.close()
 
 
-def test_renders_wait_in_a_bounded_queue(engine, tmp_path):
+def test_renders_wait_in_a_bounded_queue(tmp_path):
     """--max-renders at once; the others wait in Gradio's queue, which shows each its position."""
     from web.app import LiveApp
-    app = LiveApp(engine, untrained=True, workdir=tmp_path, max_renders=2, step_s=0.1)
+    app = LiveApp(tiny(step_s=0.1), untrained=True, workdir=tmp_path, max_renders=2)
     try:
         demo = app.blocks()
         (fn,) = [f for f in demo.fns.values() if f.name == "render_video"]

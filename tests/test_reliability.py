@@ -19,7 +19,7 @@ import httpx
 import pytest
 from gradio_client import Client, handle_file
 
-from conftest import ROOT
+from conftest import ROOT, run, tiny
 from stream.serve_bench import moving_face
 from web import loadtest
 from web.guard import MAX_OFFER_BYTES
@@ -62,13 +62,11 @@ def back_to(threads: list[str], files: int) -> bool:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, loopback_only):
     """The app on a loopback port, ICE on 127.0.0.1 only, with the short limits the tests need."""
-    from model.engine import Engine, load_networks
     from web.app import LiveApp
     from web.limits import Limits
 
     loadtest.loopback_ice()
-    app = LiveApp(Engine(load_networks("recipe", "tiny")), untrained=True, workdir=tmp_path_factory.mktemp("work"),
-                  limits=Limits(render_max_mb=1))
+    app = LiveApp(tiny(limits=Limits(render_max_mb=1)), untrained=True, workdir=tmp_path_factory.mktemp("work"))
     port = free_port()
     demo = app.launch(port=port, block=False)
     yield app, f"http://127.0.0.1:{port}/"
@@ -78,7 +76,7 @@ def served(tmp_path_factory, loopback_only):
 
 def idle(app) -> dict:
     """What must be back to nothing once every client left (empty dict: all clear)."""
-    left = dict(pages=list(app.pages), **app.worker.counts(), sessions=list(app.worker.engine.sessions))
+    left = dict(pages=list(app.pages), **app.workers[0].worker.counts(), sessions=list(app.workers[0].worker.engine.sessions))
     return {k: v for k, v in left.items() if v}
 
 
@@ -220,15 +218,15 @@ def test_malformed_offers_get_4xx_and_the_live_tab_streams_on(served):
     app, url = served
     live = LiveTab(url)
     try:
-        pipeline = app.worker.tabs[live.session].pipeline
+        pipeline = app.workers[0].worker.tabs[live.session].pipeline
         statuses: dict[str, set[int]] = {}
         for what, body, headers in malformed_offers(FUZZ, live.page):
             r = httpx.post(url + "offer", content=body, headers=headers, timeout=60)
             statuses.setdefault(what, set()).add(r.status_code)
             assert 400 <= r.status_code < 500, (what, r.status_code, r.text)
         print(json.dumps({k: sorted(v) for k, v in statuses.items()}, indent=1))
-        assert app.worker.tabs[live.session].pipeline is pipeline and not pipeline.closed  # untouched
-        assert app.worker.counts()["peers"] == 1 and list(app.worker.engine.sessions) == [pipeline.name]  # nothing leaked
+        assert app.workers[0].worker.tabs[live.session].pipeline is pipeline and not pipeline.closed  # untouched
+        assert app.workers[0].worker.counts()["peers"] == 1 and list(app.workers[0].worker.engine.sessions) == [pipeline.name]  # nothing leaked
         assert live.still_streaming()
     finally:
         live.close()
@@ -286,7 +284,7 @@ def test_abrupt_drops_leave_nothing_behind(served):
         asyncio.run(drop(url, modes[cycle % 3], cycle))
     assert wait_until(lambda: not idle(app), 120), idle(app)
     assert wait_until(lambda: back_to(threads, files)), (own_threads(), threads, fds(), files)
-    recordings = sorted(app.dir.glob("recording-*.mp4"))
+    recordings = sorted(app.dir.glob("**/recording-*.mp4"))  # not downloaded: the worker's
     assert len(recordings) >= DROPS // 3 - 1  # each mid-recording drop finalised its file (at most one had no frame)
     for path in recordings:
         with av.open(str(path)) as c:
@@ -298,18 +296,17 @@ def test_offer_needs_the_login_the_page_secret_and_the_same_user(tmp_path, loopb
     """With --auth, /offer is behind Gradio's login like the page: 401 without it, nothing created. An offer is
     bound to the secret its page got at load and to the user who loaded it: another tab's session hash alone, or
     another user's offer, gets a 403 and the tab streams on. /healthz tells a stranger only ready/full."""
-    from model.engine import Engine, load_networks
     from web.app import LiveApp
 
     loadtest.loopback_ice()
-    app = LiveApp(Engine(load_networks("recipe", "tiny")), untrained=True, workdir=tmp_path)
+    app = LiveApp(tiny(), untrained=True, workdir=tmp_path)
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     demo = app.launch(port=port, auth=[("ada", "lovelace"), ("bob", "builder")], block=False)
     try:
         sdp = valid_offer_sdp()
         r = httpx.post(url + "offer", json={"sdp": sdp, "type": "offer", "session": "tab", "secret": "s"})
-        assert r.status_code == 401 and app.worker.counts()["live"] == 0
+        assert r.status_code == 401 and app.workers[0].worker.counts()["live"] == 0
         assert httpx.post(url + "offer", json={"sdp": sdp, "type": "offer", "session": "tab", "secret": "s"},
                           cookies={"access-token-unsecure-x": "guess"}).status_code == 401
         stranger = httpx.get(url + "healthz")
@@ -336,7 +333,8 @@ def test_offer_needs_the_login_the_page_secret_and_the_same_user(tmp_path, loopb
         got = asyncio.run(logged_in())
         assert got["https"] == 200 and got["evil"] == 403  # an HTTPS page on this host passes, another site does not
         assert got["no_secret"] == 403 and got["other_user"] == 403
-        assert {"live_sessions", "capacity", "device", "engine_step_p50_ms"} <= set(got["health"])  # logged in
+        assert {"live_sessions", "capacity", "workers"} <= set(got["health"])  # logged in
+        assert {"device", "engine_step_p50_ms", "alive"} <= set(got["health"]["workers"][0])
     finally:
         demo.close()
         app.close()
@@ -370,7 +368,7 @@ def test_sigterm_during_a_recording_leaves_a_playable_file(tmp_path, loopback_on
         assert server.returncode == 0
     finally:
         server.kill()
-    files = list(tmp_path.glob("liveportrait-*/recording-*.mp4"))
+    files = list(tmp_path.glob("liveportrait-*/**/recording-*.mp4"))
     assert len(files) == 1
     with av.open(str(files[0])) as c:
         assert sum(1 for _ in c.decode(video=0)) >= 3
@@ -385,11 +383,10 @@ def _up(port: int) -> bool:
 
 @pytest.fixture
 def app(tmp_path):
-    from model.engine import Engine, load_networks
     from web.app import LiveApp
     from web.limits import Limits
-    return LiveApp(Engine(load_networks("recipe", "tiny")), untrained=True, workdir=tmp_path,
-                   limits=Limits(idle_timeout=0.5, record_max_s=0.6, render_max_s=0.2, render_max_mb=0.01))
+    return LiveApp(tiny(limits=Limits(idle_timeout=0.5, record_max_s=0.6, render_max_s=0.2, render_max_mb=0.01)),
+                   untrained=True, workdir=tmp_path)
 
 
 def test_vanished_tabs_are_reaped_and_markers_expire(app):
@@ -397,16 +394,16 @@ def test_vanished_tabs_are_reaped_and_markers_expire(app):
     frame = skimage.data.astronaut()
     quiet, streaming = gr.Request(session_hash="quiet"), gr.Request(session_hash="streaming")
     for r in (quiet, streaming):
-        app.http_frame(frame, r)  # both go live over HTTP streaming; then `quiet` vanishes without an unload
-    name = app.worker.tabs["quiet"].pipeline.name
-    app.close_page(gr.Request(session_hash="closed"))
+        run(app.http_frame(frame, r))  # both go live over HTTP streaming; then `quiet` vanishes without an unload
+    name = app.workers[0].worker.tabs["quiet"].pipeline.name
+    run(app.close_page(gr.Request(session_hash="closed")))
     for _ in range(5):  # `streaming` keeps sending frames (the pipeline's arrivals keep it alive)
         time.sleep(0.2)
-        app.worker.tabs["streaming"].pipeline.submit(frame)
-    assert app.reap() == ["quiet"]
-    assert list(app.worker.tabs) == ["streaming"] and name not in app.worker.engine.sessions and "closed" not in app.closed
-    app.http_frame(frame, quiet)  # the reaped tab comes back: it starts afresh
-    assert app.worker.tabs["quiet"].pipeline.name != name
+        app.workers[0].worker.tabs["streaming"].pipeline.submit(frame)
+    assert run(app.reap()) == ["quiet"]
+    assert list(app.workers[0].worker.tabs) == ["streaming"] and name not in app.workers[0].worker.engine.sessions and "closed" not in app.closed
+    run(app.http_frame(frame, quiet))  # the reaped tab comes back: it starts afresh
+    assert app.workers[0].worker.tabs["quiet"].pipeline.name != name
     app.close()
 
 
@@ -414,13 +411,13 @@ def test_recording_stops_at_its_limit_and_the_page_says_so(app):
     import skimage.data
     r = gr.Request(session_hash="rec")
     frame = skimage.data.astronaut()
-    app.http_frame(frame, r)
-    assert "at most 0.6 s" in app.start_recording(r)
+    run(app.http_frame(frame, r))
+    assert "at most 0.6 s" in run(app.start_recording(r))
     end = time.monotonic() + 60
-    while "stopped at the 0.6 s limit" not in app.stats(r) and time.monotonic() < end:
-        app.http_frame(frame, r)
-    assert "stopped at the 0.6 s limit" in app.stats(r)
-    (path,), status = app.stop_recording(r)
+    while "stopped at the 0.6 s limit" not in run(app.stats(r)) and time.monotonic() < end:
+        run(app.http_frame(frame, r))
+    assert "stopped at the 0.6 s limit" in run(app.stats(r))
+    (path,), status = run(app.stop_recording(r))
     with av.open(path) as c:
         n = sum(1 for _ in c.decode(video=0))
         assert n >= 1 and float(c.duration / av.time_base) <= 0.6 + 0.1
@@ -431,21 +428,22 @@ def test_render_limits(app, tmp_path):
     from test_render import driving_video
     driving_video(tmp_path / "short.mp4", frames=4)
     r = gr.Request(session_hash="render")
-    assert "this server renders at most 0.01 MB" in app.render_video(str(tmp_path / "short.mp4"), r)[1]
+    assert "this server renders at most 0.01 MB" in run(app.render_video(str(tmp_path / "short.mp4"), r))[1]
     app.limits.render_max_mb = 10
-    out, status = app.render_video(str(tmp_path / "short.mp4"), r)
+    out, status = run(app.render_video(str(tmp_path / "short.mp4"), r))
     assert out is None and "longer than 0.2 s" in status
-    assert not list(app.dir.glob("render-*"))  # nothing half-written left behind
+    assert not list(app.dir.glob("**/render-*"))  # nothing half-written left behind
 
 
 def test_work_directory_quota_age_and_names(app):
-    old, big, new = (app.dir / f"recording-{n}.mp4" for n in ("old", "big", "new"))
+    work = app.workers[0].worker.work
+    old, big, new = (work.path / f"recording-{n}.mp4" for n in ("old", "big", "new"))
     for f, size in ((old, 10), (big, 3 * 2**20), (new, 10)):
         f.write_bytes(b"x" * size)
     os.utime(old, (time.time() - 48 * 3600,) * 2)
     os.utime(big, (time.time() - 3600,) * 2)
     app.limits.work_quota_mb = 1
-    path = app.worker.work.reserve("recording")
+    path = work.reserve("recording")
     assert not old.exists() and not big.exists() and new.exists()  # past the age limit; the oldest over quota
-    assert path.parent == app.dir and len(path.stem.rsplit("-", 1)[1]) == 32  # 128 random bits in the name
-    assert app.worker.work.reserve("recording") != path
+    assert path.parent == work.path and len(path.stem.rsplit("-", 1)[1]) == 32  # 128 random bits in the name
+    assert work.reserve("recording") != path

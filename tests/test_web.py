@@ -9,10 +9,11 @@ import httpx
 import numpy as np
 import PIL.Image
 import pytest
+
+from conftest import run, tiny
 import skimage.data
 from gradio_client import Client, handle_file
 
-from model.engine import Engine, load_networks
 from web.app import LiveApp
 from web.webrtc import parse_ice_servers
 
@@ -21,8 +22,7 @@ ASTRONAUT = skimage.data.astronaut()
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    return LiveApp(Engine(load_networks("recipe", "tiny")), untrained=True,
-                   workdir=tmp_path_factory.mktemp("recordings"))
+    return LiveApp(tiny(), untrained=True, workdir=tmp_path_factory.mktemp("recordings"))
 
 
 @pytest.fixture(scope="module")
@@ -54,42 +54,43 @@ def request(session: str) -> gr.Request:
     ("wall.png", "No face found in the portrait"),
 ])
 def test_bad_portraits_explain_and_keep_the_old_one(app, files, name, message):
-    preview, status = app.set_portrait(str(files / name), request("bad"))
+    run(app.open_page(request("bad")))
+    preview, status = run(app.set_portrait(str(files / name), request("bad")))
     assert message in status and "Portrait not used" in status
-    assert app.worker.tab("bad").source is app.worker.sample
+    assert app.workers[0].worker.tabs["bad"].source is app.workers[0].worker.sample
 
 
 def test_good_portrait_and_sample(app, files):
-    preview, status = app.set_portrait(str(files / "astronaut.jpg"), request("good"))
+    preview, status = run(app.set_portrait(str(files / "astronaut.jpg"), request("good")))
     assert "Portrait ready (512×512)" in status and preview.shape == (512, 512, 3)
-    assert app.worker.tab("good").source is not app.worker.sample
-    preview, status = app.use_sample(request("good"))
-    assert app.worker.tab("good").source is app.worker.sample and "Sample portrait" in status
+    assert app.workers[0].worker.tabs["good"].source is not app.workers[0].worker.sample
+    preview, status = run(app.use_sample(request("good")))
+    assert app.workers[0].worker.tabs["good"].source is app.workers[0].worker.sample and "Sample portrait" in status
 
 
 def test_http_streaming_fallback_animates_and_cleans_up(app):
     r = request("http")
-    app.set_controls(True, True, False, 1.0, True, 0.3, False, 0.1, 0.5, False, r)  # paste-back off: 256² face
-    assert "not connected" in app.stats(r)
-    outputs = [app.http_frame(np.roll(ASTRONAUT, i, axis=1), r) for i in range(4)]
+    run(app.set_controls(True, True, False, 1.0, True, 0.3, False, 0.1, 0.5, False, r))  # paste-back off: 256² face
+    assert "not connected" in run(app.stats(r))
+    outputs = [run(app.http_frame(np.roll(ASTRONAUT, i, axis=1), r)) for i in range(4)]
     assert outputs[-1].shape == (256, 256, 3)
-    page = app.worker.tabs["http"]
+    page = app.workers[0].worker.tabs["http"]
     assert page.settings.eye_target == 0.3 and page.settings.lip_target is None
-    assert "Live via HTTP streaming" in app.stats(r)
+    assert "Live via HTTP streaming" in run(app.stats(r))
     assert page.pipeline.metrics.frames_out >= 3
     name = page.pipeline.name
-    assert name in app.worker.engine.sessions
-    assert "Recording" in app.start_recording(r)
+    assert name in app.workers[0].worker.engine.sessions
+    assert "Recording" in run(app.start_recording(r))
     for _ in range(3):
-        app.http_frame(ASTRONAUT, r)
-    (path,), status = app.stop_recording(r)
+        run(app.http_frame(ASTRONAUT, r))
+    (path,), status = run(app.stop_recording(r))
     assert "Saved" in status
     with av.open(path) as c:
         assert sum(1 for _ in c.decode(video=0)) >= 3
-    assert "Recording" in app.start_recording(r)
-    app.http_frame(ASTRONAUT, r)
-    app.close_page(r)  # tab closed while recording: the file is finalised, the engine session freed
-    assert name not in app.worker.engine.sessions and "http" not in app.pages
+    assert "Recording" in run(app.start_recording(r))
+    run(app.http_frame(ASTRONAUT, r))
+    run(app.close_page(r))  # tab closed while recording: the file is finalised, the engine session freed
+    assert name not in app.workers[0].worker.engine.sessions and "http" not in app.pages
     (take,) = page.takes  # kept for a download that will not come: the tab is gone, the work dir's limits apply
     assert take.stat().st_size > 0
 
@@ -98,11 +99,11 @@ def test_video_file_tab(app, files, tmp_path):
     from test_render import driving_video
     driving_video(tmp_path / "driving.mp4", frames=6)
     r = request("render")
-    path, status = app.render_video(str(tmp_path / "driving.mp4"), r)
+    path, status = run(app.render_video(str(tmp_path / "driving.mp4"), r))
     assert "6 frames at 15 fps, with audio" in status
     with av.open(path) as c:
         assert len(c.streams.audio) == 1 and sum(1 for _ in c.decode(video=0)) == 6
-    path, status = app.render_video(str(files / "notes.png"), r)
+    path, status = run(app.render_video(str(files / "notes.png"), r))
     assert path is None and "driving video 'notes.png'" in status
 
 
@@ -148,7 +149,7 @@ def test_offer_route(app, server):
     assert httpx.post(server + "offer", content=b"{not json").status_code == 415  # not application/json
     assert httpx.post(server + "offer", content=b"{not json", headers={"content-type": "application/json"}
                       ).status_code == 400
-    page = json.loads(app.open_page(request("tab")))
+    page = json.loads(run(app.open_page(request("tab"))))
     bad = httpx.post(server + "offer", json={**page, "sdp": "not sdp", "type": "offer"})
     assert bad.status_code == 400 and "bad offer" in bad.json()["error"]
-    assert app.worker.tabs["tab"].pipeline is None and not app.worker.counts()["peers"]
+    assert app.workers[0].worker.tabs["tab"].pipeline is None and not app.workers[0].worker.counts()["peers"]

@@ -2,16 +2,23 @@
 
 Two live transports: WebRTC (our POST /offer on the same server, aiortc on this side, a small JS client in the
 page) for the lowest latency, and Gradio's own webcam streaming over HTTP as the fallback that works through share
-links without a TURN server. One engine serves every browser tab; a tab is a `Page`, keyed by Gradio's session
-hash, which the page also hands to its WebRTC client so the signalling route finds the same tab. A tab can share
-its output as a view-only link: GET /view/<token> is a page of its own (web/static/view.html) whose receive-only
-offer goes to POST /view/<token>/offer; the worker finds the tab by the token.
+links without a TURN server. A tab is a `Page`, keyed by Gradio's session hash, which the page also hands to its
+WebRTC client so the signalling route finds the same tab. A tab can share its output as a view-only link:
+GET /view/<token> is a page of its own (web/static/view.html) whose receive-only offer goes to
+POST /view/<token>/offer.
+
+Everything live is a worker's (web/worker.py): one in this process by default, or several Ray actors in cluster
+mode (--workers, --ray: web/cluster.py), called the same way with plain data. A tab is placed on the worker with
+the most room at its first call and stays there; a view token is routed to its tab's worker. Files the worker
+hands back (recordings, renders) are written to this front's work directory, from where Gradio serves them.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import os
 import json
@@ -22,31 +29,30 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Awaitable, Callable, TypeVar
 from urllib.parse import urljoin
 
 import fastapi
 import gradio as gr
 import numpy as np
-import skimage.data
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
 
 from model.editing import SLIDERS, Edits
-from model.engine import Engine, load_networks
 from stream import encode
-from stream.face import NoFaceError, prepare_source
+from stream.face import NoFaceError
 from stream.render import MAX_BYTES, MAX_SIDE, InputError
-from stream.scheduler import Scheduler
 from web import controls as panel
 from web import tls
 from web.guard import Refused, check_offer, gradio_user, login_required
-from web.limits import Limits, argument, positive
+from web.limits import Limits, WorkDir, argument, positive
 from web.limits import add_arguments as add_limit_arguments
 from web.webrtc import parse_ice_servers, turn_server
-from web.worker import MAX_VIEWERS, NotLive, ServerFull, TabClosed, UnknownView, ViewersFull, Worker
+from web.worker import (CALL_TIMEOUT_S, LOAD_TIMEOUT_S, DEFAULT_MAX_SESSIONS, MAX_VIEWERS, Local, NotLive, ServerFull, TabClosed, UnknownView,
+                        ViewersFull, WorkerConfig)
 
 log = logging.getLogger("liveportrait.app")
+T = TypeVar("T")
 STATIC = Path(__file__).parent / "static"
 LIVE_HTML = """<div class="lp-live"><div class="lp-notice" hidden></div><div class="lp-stage">
 <video autoplay playsinline muted></video><video class="lp-self" autoplay playsinline muted hidden></video>
@@ -65,9 +71,6 @@ LIVE_CSS = """video { width: 100%; height: min(62vh, 560px); object-fit: contain
 .lp-bar { display: flex; gap: .6em; align-items: center; margin-top: .4em; flex-wrap: wrap; }
 button { padding: .35em 1em; border-radius: 6px; border: 1px solid #888; cursor: pointer; }
 .lp-frames { opacity: .7; font-size: .9em; }"""
-# Live sessions admitted per device unless --max-sessions says otherwise (docs/benchmarks.md, "Serving"). CPU:
-# measured with `launch.py bench serve`; CUDA: not measured yet, one full batch of the scheduler (--max-batch 8).
-DEFAULT_MAX_SESSIONS = {"cpu": 4, "cuda": 8}
 PAGE_CSS = """.lp-banner { background: #b71c1c; color: #fff; padding: .6em 1em; border-radius: 8px; font-weight: 600; }
 .lp-notice { background: #fff3cd; color: #3b2f00; border: 1px solid #e0b400; padding: .6em 1em; border-radius: 8px;
              margin-bottom: .5em; }
@@ -90,21 +93,42 @@ class Page:
 
 
 class LiveApp:
-    """The Gradio front: the pages, the signalling route, every event handler. Live work is the worker's."""
+    """The Gradio front: the pages, the signalling route, every event handler. Live work is the workers':
+    `workers` (web/cluster.py's, in cluster mode), else one built in this process from `config`."""
 
-    def __init__(self, engine: Engine, ice_servers: list[dict] | None = None, untrained: bool = False,
-                 workdir: str | Path | None = None, max_sessions: int | None = None, limits: Limits | None = None,
-                 max_renders: int = 1, step_s: float | None = None, codec: str = "h264", stream_max: int = 720,
-                 max_viewers: int = MAX_VIEWERS):
+    def __init__(self, config: WorkerConfig, untrained: bool = False, workdir: str | Path | None = None,
+                 max_renders: int = 1, workers: list | None = None):
         self.untrained, self.max_renders = untrained, max_renders
-        self.ice_servers = ice_servers or []
-        self.limits = limits or Limits()
+        self.ice_servers, self.limits = config.ice_servers, config.limits
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="liveportrait-"))
-        self.worker = Worker(engine, prepare_source(skimage.data.astronaut()),  # NASA, public domain
-                             max_sessions or DEFAULT_MAX_SESSIONS.get(engine.device.type, 1), self.ice_servers,
-                             self.limits, self.dir, step_s, codec, stream_max, max_viewers)
+        self.work = WorkDir(self.dir, self.limits)  # the recordings and renders handed to Gradio
+        self.workers = workers or [Local(dataclasses.replace(config, workdir=config.workdir or str(self.dir / "worker")))]
+        self.placed: dict[str, Any] = {}  # session hash -> the worker that holds the tab
+        self.shared: dict[str, str] = {}  # view token -> the session hash whose output it shows
+        self.info = _wait(self.workers[0].call("about"))  # what the page shows: device, engine, codec, sample
         self.pages: dict[str, Page] = {}
         self.closed: dict[str, float] = {}  # session hashes of closed tabs -> when (they expire: see reap)
+
+    async def _on(self, session: str) -> Any:
+        """The tab's worker: the one that holds it, else the one with the most free capacity from now on."""
+        if (worker := self.placed.get(session)) is None:
+            if len(self.workers) > 1:
+                loads = await asyncio.gather(*(w.call("load", timeout=LOAD_TIMEOUT_S) for w in self.workers))
+                worker = max(zip(loads, self.workers), key=lambda lw: lw[0])[1]
+            else:
+                worker = self.workers[0]
+            worker = self.placed.setdefault(session, worker)
+        return worker
+
+    async def _call(self, session: str, method: str, *args: Any, **kw: Any) -> Any:
+        """`method` of the tab's worker, for the tab."""
+        return await (await self._on(session)).call(method, session, *args, **kw)
+
+    def _forget(self, session: str) -> None:
+        """The tab is gone: its worker and its view token are no longer the front's to route to."""
+        self.placed.pop(session, None)
+        for token in [t for t, s in self.shared.items() if s == session]:
+            del self.shared[token]
 
     def gone(self, request: gr.Request) -> bool:
         """The tab was closed: a request that raced its unload must not bring it back."""
@@ -112,28 +136,35 @@ class LiveApp:
 
     # ---- page lifecycle ----
 
-    def open_page(self, request: gr.Request) -> str:
+    async def open_page(self, request: gr.Request) -> str:
         """Page load: register the tab; its id and secret go to the WebRTC client."""
         if self.gone(request):
             return ""
         page = self.pages.setdefault(request.session_hash, Page(request.username))
-        self.worker.stats(request.session_hash)  # its idle clock starts
+        await self._call(request.session_hash, "stats")  # its idle clock starts
         return json.dumps({"session": request.session_hash, "secret": page.secret})
 
-    def close_page(self, request: gr.Request) -> None:
+    async def close_page(self, request: gr.Request) -> None:
         """Tab closed: end its live connection and forget it."""
         self.closed[request.session_hash] = time.monotonic()
         while len(self.closed) > MAX_GONE:
             del self.closed[next(iter(self.closed))]
         self.pages.pop(request.session_hash, None)
-        self.worker.close_tab(request.session_hash)
+        if worker := self.placed.get(request.session_hash):
+            await worker.call("close_tab", request.session_hash)
+        self._forget(request.session_hash)
 
-    def reap(self) -> list[str]:
-        """Free the tabs gone quiet for longer than the idle timeout, and expire old closed-tab markers. Returns
-        the tabs freed; a reaped tab that comes back later starts afresh."""
-        freed = self.worker.reap()
+    async def reap(self) -> list[str]:
+        """Free the tabs gone quiet for longer than the idle timeout, expire old closed-tab markers and clean the
+        work directory. Returns the tabs freed; a reaped tab that comes back later starts afresh."""
+        freed = [t for tabs in await asyncio.gather(*(w.call("reap") for w in self.workers)) for t in tabs]
+        try:
+            await asyncio.to_thread(self.work.clean)
+        except Exception:
+            log.exception("cleaning the work directory failed")
         for session in freed:
             self.pages.pop(session, None)
+            self._forget(session)
         now = time.monotonic()
         for session, when in list(self.closed.items()):
             if now - when > self.limits.idle_timeout:
@@ -144,83 +175,85 @@ class LiveApp:
         while True:
             await asyncio.sleep(min(30.0, self.limits.idle_timeout / 4))
             try:
-                await asyncio.to_thread(self.reap)
+                await self.reap()
             except Exception:  # reaping must outlive any one failure
                 log.exception("reaping failed")
 
     def close(self) -> None:
         """Server shutdown: end every live connection (recordings are finalised)."""
-        self.worker.close()
+        for worker in self.workers:
+            worker.close()
 
     # ---- portrait and controls ----
 
-    def set_portrait(self, path: str | None, request: gr.Request) -> tuple:
+    async def set_portrait(self, path: str | None, request: gr.Request) -> tuple:
         """Upload handler: validate and detect the face; the error is shown in the page, the old portrait stays."""
         if not path or self.gone(request):
             return gr.skip(), ""
         try:
-            image = self.worker.set_portrait(request.session_hash, path)
+            data = await asyncio.to_thread(Path(path).read_bytes)
+            image = await self._call(request.session_hash, "set_portrait", data)
         except (InputError, NoFaceError) as e:
             return gr.skip(), f"⚠️ **Portrait not used.** {e}"
         return image, f"✓ Portrait ready ({image.shape[1]}×{image.shape[0]})."
 
-    def use_sample(self, request: gr.Request) -> tuple:
+    async def use_sample(self, request: gr.Request) -> tuple:
         if self.gone(request):
             return gr.skip(), ""
-        image = self.worker.use_sample(request.session_hash)
+        image = await self._call(request.session_hash, "use_sample")
         return image, "✓ Sample portrait (astronaut Eileen Collins, NASA, public domain)."
 
-    def set_controls(self, relative: bool, stitching: bool, paste: bool, multiplier: float, eye_on: bool,
+    async def set_controls(self, relative: bool, stitching: bool, paste: bool, multiplier: float, eye_on: bool,
                      eye: float, lip_on: bool, lip: float, smoothing: float, overlay: bool,
                      request: gr.Request) -> np.ndarray | None:
         """Any control changed: the live connection picks the new values up at its next frame."""
         if self.gone(request):
             return gr.skip()
-        self.worker.set_controls(request.session_hash, relative=relative, stitching=stitching, paste=paste,
-                                 multiplier=float(multiplier), eye_target=float(eye) if eye_on else None,
-                                 lip_target=float(lip) if lip_on else None, smoothing=float(smoothing),
-                                 overlay=overlay)
-        return self.edited(request)
+        await self._call(request.session_hash, "set_controls", dict(
+            relative=relative, stitching=stitching, paste=paste, multiplier=float(multiplier),
+            eye_target=float(eye) if eye_on else None, lip_target=float(lip) if lip_on else None,
+            smoothing=float(smoothing), overlay=overlay))
+        return await self.edited(request)
 
-    def set_edits(self, request: gr.Request, region: str, *sliders: float) -> np.ndarray | None:
+    async def set_edits(self, request: gr.Request, region: str, *sliders: float) -> np.ndarray | None:
         """Animation region or an expression/pose slider changed (values in model.editing.SLIDERS order)."""
         if self.gone(request):
             return gr.skip()
-        self.worker.set_controls(request.session_hash, region=region,
-                                 edits=Edits(**{k: float(v) for k, v in zip(SLIDERS, sliders, strict=True)}))
-        return self.edited(request)
+        await self._call(request.session_hash, "set_controls", dict(
+            region=region, edits=Edits(**{k: float(v) for k, v in zip(SLIDERS, sliders, strict=True)})))
+        return await self.edited(request)
 
-    def reset_edits(self, request: gr.Request) -> list:
+    async def reset_edits(self, request: gr.Request) -> list:
         """Every expression/pose slider back to its default: the sliders' values, then the edited portrait."""
         if not self.gone(request):
-            self.worker.reset_edits(request.session_hash)
-        return [*Edits().values().values(), self.edited(request)]
+            await self._call(request.session_hash, "reset_edits")
+        return [*Edits().values().values(), await self.edited(request)]
 
-    def select_tab(self, event: gr.SelectData, request: gr.Request) -> np.ndarray | None:
+    async def select_tab(self, event: gr.SelectData, request: gr.Request) -> np.ndarray | None:
         """The Portrait editing tab renders while it is the one shown."""
         if not self.gone(request):
-            self.worker.set_editing(request.session_hash, event.value == "Portrait editing")
-        return self.edited(request)
+            await self._call(request.session_hash, "set_editing", event.value == "Portrait editing")
+        return await self.edited(request)
 
-    def edited(self, request: gr.Request) -> np.ndarray | None:
+    async def edited(self, request: gr.Request) -> np.ndarray | None:
         """The page's portrait with its sliders applied, pasted back (one engine call); skipped while the
         Portrait editing tab is not shown."""
-        image = self.worker.edited(request.session_hash) if not self.gone(request) else None
+        image = await self._call(request.session_hash, "edited") if not self.gone(request) else None
         return gr.skip() if image is None else image
 
-    def reset_reference(self, request: gr.Request) -> str:
-        if not self.gone(request) and self.worker.reset_reference(request.session_hash):
+    async def reset_reference(self, request: gr.Request) -> str:
+        if not self.gone(request) and await self._call(request.session_hash, "reset_reference"):
             return "Reference reset: the next frame is the neutral pose."
         return "Start the camera first."
 
     # ---- live: HTTP streaming fallback, WebRTC signalling, metrics ----
 
-    def http_frame(self, frame: np.ndarray | None, request: gr.Request) -> np.ndarray | None:
+    async def http_frame(self, frame: np.ndarray | None, request: gr.Request) -> np.ndarray | None:
         """One webcam frame from Gradio's streaming: hand it over, answer with the newest output."""
         if frame is None or self.gone(request):
             return None
         try:
-            return self.worker.http_frame(request.session_hash, frame)
+            return await self._call(request.session_hash, "http_frame", frame)
         except TabClosed:
             return None
 
@@ -239,7 +272,7 @@ class LiveApp:
         if login_required(request) and await gradio_user(request) != page.user:
             return JSONResponse({"error": "this page belongs to another login"}, status_code=403)
         try:
-            return JSONResponse(await self.worker.offer(body["session"], body))
+            return JSONResponse(await self._call(body["session"], "offer", body))
         except ServerFull as e:  # the offer was fine, the server is not: nothing was created
             return JSONResponse({"error": str(e)}, status_code=503)
         except TabClosed as e:
@@ -250,18 +283,32 @@ class LiveApp:
 
     # ---- view-only links: the output for OBS, a call or a second screen ----
 
-    def share_output(self, page_url: str, request: gr.Request) -> str:
+    async def share_output(self, page_url: str, request: gr.Request) -> str:
         """Share output: a new view-only link for this tab (`page_url`: the page's address, from the browser, so
         the link names the host the way the user reaches it); the previous link stops working."""
         if self.gone(request):
             return gr.skip()
-        return urljoin(page_url or "", f"view/{self.worker.share(request.session_hash)}")
+        return urljoin(page_url or "", f"view/{await self.share(request.session_hash)}")
+
+    async def share(self, session: str) -> str:
+        """A new view token for the tab's output (the old one is revoked), routed to the tab's worker."""
+        token = await self._call(session, "share")
+        for old in [t for t, s in self.shared.items() if s == session]:
+            del self.shared[old]
+        self.shared[token] = session
+        return token
+
+    async def _viewing(self, token: str) -> Any:
+        """The worker that holds view token `token`, or None for a wrong or revoked one."""
+        session = self.shared.get(token)
+        worker = self.placed.get(session) if session else None
+        return worker if worker and await worker.call("viewing", token) else None
 
     async def view_page(self, request: fastapi.Request) -> fastapi.Response:
         """GET /view/<token>[?bg=RRGGBB&fit=contain|cover]: the viewer page (web/static/view.html), not Gradio's; 404
         for a wrong or revoked token, 400 for a bad option. No login: the unguessable token is the permission to
         watch, and it grants nothing else."""
-        if not self.worker.viewing(request.path_params["token"]):
+        if not await self._viewing(request.path_params["token"]):
             return PlainTextResponse(INVALID_LINK, status_code=404, headers=VIEW_HEADERS)
         bg, fit = request.query_params.get("bg", "000000"), request.query_params.get("fit", "contain")
         if not re.fullmatch(r"[0-9a-fA-F]{6}", bg):
@@ -278,14 +325,14 @@ class LiveApp:
         token, 409 while the performer is not live (the page tries again), 429 beyond --max-viewers. A view offer
         reaches no page route: it can change nothing of the session."""
         token = request.path_params["token"]
-        if not self.worker.viewing(token):
+        if not (worker := await self._viewing(token)):
             return JSONResponse({"error": INVALID_LINK}, 404)
         try:
             body = await check_offer(request, view=True)
         except Refused as e:
             return JSONResponse({"error": str(e)}, status_code=e.status)
         try:
-            return JSONResponse(await self.worker.view_offer(token, body))
+            return JSONResponse(await worker.call("view_offer", token, body))
         except UnknownView:
             return JSONResponse({"error": INVALID_LINK}, 404)
         except NotLive as e:
@@ -296,11 +343,11 @@ class LiveApp:
             log.info("view offer refused: %s: %s", type(e).__name__, e)
             return JSONResponse({"error": f"bad offer: {e}"}, status_code=400)
 
-    def stats(self, request: gr.Request) -> str:
+    async def stats(self, request: gr.Request) -> str:
         """The metrics line the page polls."""
         if self.gone(request):
             return gr.skip()
-        m = self.worker.stats(request.session_hash)
+        m = await self._call(request.session_hash, "stats")
         if not m["live"]:
             if m["refused"]:
                 return f"**Live:** {m['refused']}."
@@ -318,30 +365,45 @@ class LiveApp:
                 f" · {size}{recording}{face}{viewers}")
 
     async def healthz(self, request: fastapi.Request) -> JSONResponse:
-        """GET /healthz: readiness and load for a load balancer; 503 while full. Under --auth, a request without
-        the login learns only `ready` and `full`."""
-        h = self.worker.health()
-        full = h["live_sessions"] >= h["capacity"]
-        body = dict(ready=True, full=full)
+        """GET /healthz: readiness and load for a load balancer, over every worker; 503 while full or while no
+        worker answers. Under --auth, a request without the login learns only `ready` and `full`."""
+        async def health(worker) -> dict:
+            try:
+                return dict(await worker.call("health", timeout=LOAD_TIMEOUT_S), worker=worker.name, alive=True)
+            except Exception as e:  # dead, restarting or silent: it takes no session meanwhile
+                return dict(worker=worker.name, alive=False, error=str(e))
+        workers = await asyncio.gather(*(health(w) for w in self.workers))
+        up = [h for h in workers if h["alive"]]
+        live, capacity = sum(h["live_sessions"] for h in up), sum(h["capacity"] for h in up)
+        body = dict(ready=bool(up), full=live >= capacity)
         if not login_required(request) or await gradio_user(request) is not None:
-            body.update(h)
-        return JSONResponse(body, status_code=503 if full else 200)
+            body.update(live_sessions=live, capacity=capacity, viewers=sum(h["viewers"] for h in up),
+                        workers=workers)
+        return JSONResponse(body, status_code=200 if body["ready"] and not body["full"] else 503)
 
     # ---- recording and rendering ----
 
-    def start_recording(self, request: gr.Request) -> str:
+    async def start_recording(self, request: gr.Request) -> str:
         if self.gone(request):
             return ""
-        return self.worker.start_recording(request.session_hash)
+        return await self._call(request.session_hash, "start_recording")
 
-    def stop_recording(self, request: gr.Request) -> tuple:
-        """Every take not yet downloaded (a second Record keeps the first; so do Stop and the limit)."""
-        takes = self.worker.stop_recording(request.session_hash) if not self.gone(request) else []
+    async def stop_recording(self, request: gr.Request) -> tuple:
+        """Every take not yet downloaded (a second Record keeps the first; so do Stop and the limit), written to
+        the work directory for Gradio to serve."""
+        takes = await self._call(request.session_hash, "stop_recording") if not self.gone(request) else []
         if not takes:
             return gr.skip(), "Nothing recorded yet."
-        return [str(p) for p in takes], f"Saved {', '.join(p.name for p in takes)}."
+        paths = [await asyncio.to_thread(self._keep, name, data) for name, data in takes]
+        return [str(p) for p in paths], f"Saved {', '.join(p.name for p in paths)}."
 
-    def render_video(self, driving: str | None, request: gr.Request,
+    def _keep(self, name: str, data: bytes) -> Path:
+        """A file from the worker, in the work directory under its own (unguessable) name."""
+        path = self.dir / Path(name).name
+        path.write_bytes(data)
+        return path
+
+    async def render_video(self, driving: str | None, request: gr.Request,
                      progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple:
         """Video-file tab: the page's portrait driven by an uploaded video, at its frame rate, with its audio."""
         if not driving:
@@ -352,21 +414,27 @@ class LiveApp:
             return None, (f"⚠️ The video is {size / 2**20:.1f} MB; this server renders at most "
                           f"{self.limits.render_max_mb:g} MB.")
         try:
-            out, info = self.worker.render(request.session_hash, driving)
+            data = await asyncio.to_thread(Path(driving).read_bytes)
+            out, info = await self._call(request.session_hash, "render", Path(driving).name, data,
+                                               timeout=self.render_timeout())
         except InputError as e:
             return None, f"⚠️ {e}"
         if out is None:
             return None, info
-        return str(out), f"{info['frames']} frames at {info['fps']:g} fps{', with audio' if info['audio'] else ''}."
+        return str(await asyncio.to_thread(self._keep, *out)), f"{info['frames']} frames at {info['fps']:g} fps{', with audio' if info['audio'] else ''}."
+
+    def render_timeout(self) -> float:
+        """How long a render may take: the longest video at up to 60 fps, at twice the measured time per frame."""
+        return CALL_TIMEOUT_S + self.limits.render_max_s * 60 * self.info["step_s"] * 2
 
     def speed_note(self) -> str:
         """What to expect, measured at start-up, said before anyone starts the camera."""
-        step = self.worker.step_s
+        step = self.info["step_s"]
         if step < 0.25:
             return f"Measured at start-up: {step * 1000:.0f} ms per frame for one live session."
         every = f"{step:.0f} s" if step >= 2 else f"{step:.1f} s"
         return (f"⏱ **This server animates about one frame every {every}** (measured at start-up on its "
-                f"{self.worker.device.upper()}): the live view will update that slowly, not like a "
+                f"{self.info['device'].upper()}): the live view will update that slowly, not like a "
                 "video. A CUDA GPU makes it live; meanwhile the **Video file** tab renders a whole clip without "
                 "waiting on the webcam.")
 
@@ -379,10 +447,10 @@ class LiveApp:
             if self.untrained:
                 gr.HTML('<div class="lp-banner">⚠️ Untrained weights (<code>--weights recipe</code>): the networks '
                         'are deterministic random numbers, so the output is not a real animation.</div>')
-            gr.Markdown(f"{self.speed_note()}\n\n<small>Engine: {self.worker.about}</small>", elem_id="lp-speed")
+            gr.Markdown(f"{self.speed_note()}\n\n<small>Engine: {self.info['about']}</small>", elem_id="lp-speed")
             with gr.Row():
                 with gr.Column(scale=2):
-                    portrait = gr.Image(self.worker.sample.image, label="Portrait", interactive=False, height=280)
+                    portrait = gr.Image(self.info["sample"], label="Portrait", interactive=False, height=280)
                     upload = gr.File(label=f"Upload a portrait (PNG/JPEG/WebP, ≤ {MAX_BYTES // 2**20} MB, "
                                            f"≤ {MAX_SIDE} px)", file_types=["image"], height=110)
                     sample = gr.Button("Use the sample portrait", size="sm")
@@ -394,7 +462,7 @@ class LiveApp:
                         with gr.Tab("Live (WebRTC)"):
                             live = gr.HTML("", html_template=LIVE_HTML, css_template=LIVE_CSS, elem_id="lp-live",
                                            js_on_load=(STATIC / "live.js").read_text(),
-                                           ice_servers=self.ice_servers, codec=self.worker.codec)
+                                           ice_servers=self.ice_servers, codec=self.info["codec"])
                         with gr.Tab("Live (HTTP streaming)"):
                             gr.Markdown("Fallback transport: frames go through Gradio's HTTP streaming, so it works "
                                         "through share links without a TURN server (higher latency).")
@@ -473,6 +541,13 @@ class LiveApp:
         return demo
 
 
+def _wait(coro: Awaitable[T]) -> T:
+    """`coro`'s result, from sync code, on a loop of its own in a thread (the caller may run a loop already: a
+    notebook's, a test browser's)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 def _auth(text: str) -> tuple[str, str]:
     user, sep, password = text.partition(":")
     if not (user and sep and password):
@@ -544,13 +619,12 @@ def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = N
         certfile, keyfile, cert, created = tls.self_signed(args.host)
         ssl = certfile, keyfile
         print(tls.advice(certfile, cert, args.host, args.port, created))
-    engine = Engine(load_networks(args.weights, args.config, download=not args.no_download), device=args.device)
-    Scheduler.of(engine).max_batch = args.max_batch
-    took = engine.warmup()  # compile and capture now, not in a user's first frame (minutes cold on CUDA, cached after)
-    step = took.get(1) if engine.device.type == "cpu" else None  # CUDA's first call compiles: the worker measures
-    app = LiveApp(engine, ice_servers, untrained=str(args.weights) == "recipe", max_sessions=args.max_sessions,
-                  limits=Limits.from_args(args), max_renders=args.max_renders, step_s=step, codec=args.codec,
-                  stream_max=args.stream_max, max_viewers=args.max_viewers)
+    config = WorkerConfig(weights=args.weights, config=args.config, device=args.device,
+                          download=not args.no_download, face_model=args.face_model, warmup=True,
+                          max_batch=args.max_batch, max_sessions=args.max_sessions, codec=args.codec,
+                          stream_max=args.stream_max, max_viewers=args.max_viewers, ice_servers=ice_servers,
+                          limits=Limits.from_args(args))
+    app = LiveApp(config, untrained=str(args.weights) == "recipe", max_renders=args.max_renders)
     if on_start:
         on_start(app)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop` / systemd: shut down like Ctrl-C
