@@ -596,6 +596,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream-max", type=positive(int), default=720,
                         help="longer side in pixels of the video sent to the browser (recordings keep the "
                              "portrait's full size; default: 720)")
+    parser.add_argument("--workers", type=positive(int), default=None,
+                        help="cluster mode: N workers, each a Ray actor in a process of its own with one GPU where "
+                             "there are GPUs (a private local Ray runtime unless --ray; docs/scale.md)")
+    parser.add_argument("--ray", metavar="ADDRESS", default=None,
+                        help="cluster mode on an existing Ray cluster (ADDRESS of its head, or 'auto'): a worker "
+                             "per GPU it offers, or --workers of them")
     add_limit_arguments(parser)
 
 
@@ -624,12 +630,29 @@ def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = N
                           max_batch=args.max_batch, max_sessions=args.max_sessions, codec=args.codec,
                           stream_max=args.stream_max, max_viewers=args.max_viewers, ice_servers=ice_servers,
                           limits=Limits.from_args(args))
-    app = LiveApp(config, untrained=str(args.weights) == "recipe", max_renders=args.max_renders)
-    if on_start:
-        on_start(app)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop` / systemd: shut down like Ctrl-C
+    cluster = None
+    if args.workers or args.ray:
+        try:
+            from web.cluster import Cluster  # the one import of Ray, in cluster mode only
+        except ImportError as e:
+            print(f"launch.py: error: --workers/--ray need Ray ({e}): pip install -e '.[cluster]'", file=sys.stderr)
+            return 2
+        try:
+            cluster = Cluster(config, args.workers, args.ray)
+        except ValueError as e:
+            print(f"launch.py: error: {e}", file=sys.stderr)
+            return 2
     try:
-        app.launch(args.host, args.port, args.share, args.auth, ssl=ssl)
+        app = LiveApp(config, untrained=str(args.weights) == "recipe", max_renders=args.max_renders,
+                      workers=cluster.workers if cluster else None)
+        if on_start:
+            on_start(app)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop` / systemd: shut down like Ctrl-C
+        try:
+            app.launch(args.host, args.port, args.share, args.auth, ssl=ssl)
+        finally:
+            app.close()
     finally:
-        app.close()
+        if cluster:
+            cluster.shutdown()
     return 0
