@@ -133,3 +133,47 @@ def test_two_concurrent_offers_for_the_last_slot(served):
             return sorted(r.status_code for r in rs)
     assert asyncio.run(scenario()) == [200, 503]
     assert wait_until(lambda: all(h["live_sessions"] == 0 for h in healths(app)), 60)
+
+
+def test_a_killed_worker_loses_only_its_tabs_session_and_they_come_back(served, tmp_path):
+    """SIGKILL of one worker's process: the tab on the other worker streams on without a stall over 6 s; the hit
+    tab's frames say why, and within 20 s it streams again (on the restarted worker or the other one), with the
+    portrait and controls the front kept."""
+    import signal
+    import time
+
+    import cv2
+    import numpy as np
+    import PIL.Image
+    app, _ = served
+    steady, hit = gr.Request(session_hash="steady"), gr.Request(session_hash="hit")
+    app.placed["steady"], app.placed["hit"] = app.workers  # one on each worker
+    for r in (steady, hit):
+        run(app.open_page(r))
+    portrait = tmp_path / "portrait.png"
+    PIL.Image.fromarray(cv2.resize(ASTRONAUT, (384, 384))).save(portrait)
+    assert "Portrait ready (384×384)" in run(app.set_portrait(str(portrait), hit))[1]
+    run(app.set_controls(True, True, True, 1.0, False, 0.3, False, 0.1, 0.0, False, hit))
+    for r in (steady, hit):
+        run(app.http_frame(ASTRONAUT, r))
+    pid = run(app.placed["hit"].call("health"))["pid"]
+    os.kill(pid, signal.SIGKILL)
+
+    start = last_steady = time.monotonic()
+    gaps, told, back = [], [], None
+    while time.monotonic() - start < 60 and back is None:
+        out = run(app.http_frame(ASTRONAUT, steady))
+        now = time.monotonic()
+        if out is not None and out.shape == (512, 512, 3) and out.mean() > ASTRONAUT.mean() / 2:
+            gaps.append(now - last_steady)
+            last_steady = now
+        out = run(app.http_frame(ASTRONAUT, hit))
+        if out.shape == ASTRONAUT.shape and out.mean() < ASTRONAUT.mean() / 2:
+            told.append(time.monotonic() - start)  # the darkened webcam frame with the reason on it
+        elif out.shape == (384, 384, 3):
+            back = time.monotonic() - start
+    assert back is not None and back < 20, (back, told)
+    assert max(gaps) < 6, gaps
+    for r in (steady, hit):
+        run(app.close_page(r))
+    assert wait_until(lambda: all(h["live_sessions"] == 0 for h in healths(app)), 60)

@@ -20,7 +20,8 @@ from model.weights import WeightsError
 from stream.face import FaceModelError, NoFaceError
 from stream.render import InputError
 from web import app as front
-from web.worker import Local, NotLive, ServerFull, TabClosed, UnknownView, ViewersFull
+from web.worker import (Local, NotLive, ServerFull, TabClosed, UnknownTab, UnknownView, ViewersFull,
+                        WorkerLost)
 
 PLAIN = (str, bytes, int, float, bool, type(None), np.ndarray)
 
@@ -38,7 +39,8 @@ def plain(x) -> bool:
 
 @pytest.mark.parametrize("error", [
     ServerFull.of(3), ServerFull.of(1), ViewersFull.of(2), UnknownView("a-token"), NotLive("the performer is not live"),
-    TabClosed("this tab was closed; reload the page"), InputError("The file is not an image."),
+    TabClosed("this tab was closed; reload the page"), UnknownTab("a-tab"), WorkerLost("the server lost worker-1"),
+    InputError("The file is not an image."),
     NoFaceError("No face found in the portrait."), FaceModelError("The face model is damaged."),
     WeightsError("No weights in /x.\nDownload them with ..."),
 ], ids=lambda e: type(e).__name__)
@@ -106,7 +108,7 @@ def test_every_tab_feature_through_plain_data(app, tmp_path):
     rendered, status = run(app.render_video(str(tmp_path / "driving.mp4"), r))
     assert rendered.startswith(str(app.dir)) and "4 frames" in status
     run(app.close_page(r))
-    assert {"about", "stats", "set_portrait", "set_controls", "http_frame", "start_recording", "stop_recording",
+    assert {"about", "restore", "stats", "set_portrait", "set_controls", "http_frame", "start_recording", "stop_recording",
             "reset_reference", "share", "set_editing", "edited", "render", "close_tab"} <= Pickling.seen
 
 

@@ -41,6 +41,7 @@ from fastapi.routing import APIRoute
 from model.editing import SLIDERS, Edits
 from stream import encode
 from stream.face import NoFaceError
+from stream.pipeline import draw_text
 from stream.render import MAX_BYTES, MAX_SIDE, InputError
 from web import controls as panel
 from web import tls
@@ -48,8 +49,8 @@ from web.guard import Refused, check_offer, gradio_user, login_required
 from web.limits import Limits, WorkDir, argument, positive
 from web.limits import add_arguments as add_limit_arguments
 from web.webrtc import parse_ice_servers, turn_server
-from web.worker import (CALL_TIMEOUT_S, LOAD_TIMEOUT_S, DEFAULT_MAX_SESSIONS, MAX_VIEWERS, Local, NotLive, ServerFull, TabClosed, UnknownView,
-                        ViewersFull, WorkerConfig)
+from web.worker import (CALL_TIMEOUT_S, DEFAULT_MAX_SESSIONS, LOAD_TIMEOUT_S, MAX_VIEWERS, Local, NotLive, ServerFull,
+                        TabClosed, UnknownTab, UnknownView, ViewersFull, WorkerConfig, WorkerLost)
 
 log = logging.getLogger("liveportrait.app")
 T = TypeVar("T")
@@ -86,10 +87,14 @@ NO_FACE_S = 1.0  # the page says "no face in view" once the tracker has found no
 
 class Page:
     """What the front knows of a browser tab: the secret its page was given at load (a WebRTC offer must carry
-    it) and, under --auth, who logged in. Everything live is the worker's (web/worker.py)."""
+    it), under --auth who logged in, and what a worker needs to restore the tab (its portrait's bytes, None for
+    the sample; its controls; whether its Portrait editing tab is shown). Everything live is a worker's."""
 
     def __init__(self, user: str | None = None):
         self.secret, self.user = secrets.token_urlsafe(24), user
+        self.portrait: bytes | None = None
+        self.controls: dict[str, Any] = {}
+        self.editing = False
 
 
 class LiveApp:
@@ -110,19 +115,45 @@ class LiveApp:
         self.closed: dict[str, float] = {}  # session hashes of closed tabs -> when (they expire: see reap)
 
     async def _on(self, session: str) -> Any:
-        """The tab's worker: the one that holds it, else the one with the most free capacity from now on."""
+        """The tab's worker: the one that holds it, else the answering one with the most free capacity."""
         if (worker := self.placed.get(session)) is None:
             if len(self.workers) > 1:
-                loads = await asyncio.gather(*(w.call("load", timeout=LOAD_TIMEOUT_S) for w in self.workers))
-                worker = max(zip(loads, self.workers), key=lambda lw: lw[0])[1]
+                loads = await asyncio.gather(*(w.call("load", timeout=LOAD_TIMEOUT_S) for w in self.workers),
+                                             return_exceptions=True)
+                up = [(load, w) for load, w in zip(loads, self.workers) if not isinstance(load, BaseException)]
+                if not up:
+                    raise WorkerLost("no worker of this server answers; try again shortly")
+                worker = max(up, key=lambda lw: lw[0])[1]
             else:
                 worker = self.workers[0]
             worker = self.placed.setdefault(session, worker)
         return worker
 
+    def _page(self, session: str) -> Page:
+        return self.pages.setdefault(session, Page())
+
     async def _call(self, session: str, method: str, *args: Any, **kw: Any) -> Any:
-        """`method` of the tab's worker, for the tab."""
-        return await (await self._on(session)).call(method, session, *args, **kw)
+        """`method` of the tab's worker, for the tab. A worker that does not hold the tab (it was just placed
+        there, or the worker restarted) gets it restored from what the front kept first; a lost worker's tabs
+        are placed again at their next call."""
+        worker = await self._on(session)
+        try:
+            try:
+                return await worker.call(method, session, *args, **kw)
+            except UnknownTab:
+                page = self._page(session)
+                await worker.call("restore", session, page.portrait, page.controls, page.editing)
+                return await worker.call(method, session, *args, **kw)
+        except WorkerLost:
+            if self.placed.get(session) is worker:
+                self._forget(session)
+            raise
+        except ServerFull:  # not live there: its next try is placed again, on the freest worker then
+            if len(self.workers) > 1 and self.placed.get(session) is worker:
+                self._forget(session)
+                with contextlib.suppress(Exception):
+                    await worker.call("close_tab", session)
+            raise
 
     def _forget(self, session: str) -> None:
         """The tab is gone: its worker and its view token are no longer the front's to route to."""
@@ -141,7 +172,8 @@ class LiveApp:
         if self.gone(request):
             return ""
         page = self.pages.setdefault(request.session_hash, Page(request.username))
-        await self._call(request.session_hash, "stats")  # its idle clock starts
+        with contextlib.suppress(WorkerLost):  # placed again at its next call
+            await self._call(request.session_hash, "stats")  # placed on a worker; its idle clock starts
         return json.dumps({"session": request.session_hash, "secret": page.secret})
 
     async def close_page(self, request: gr.Request) -> None:
@@ -157,14 +189,21 @@ class LiveApp:
     async def reap(self) -> list[str]:
         """Free the tabs gone quiet for longer than the idle timeout, expire old closed-tab markers and clean the
         work directory. Returns the tabs freed; a reaped tab that comes back later starts afresh."""
-        freed = [t for tabs in await asyncio.gather(*(w.call("reap") for w in self.workers)) for t in tabs]
+        reaped = await asyncio.gather(*(w.call("reap") for w in self.workers), return_exceptions=True)
         try:
             await asyncio.to_thread(self.work.clean)
         except Exception:
             log.exception("cleaning the work directory failed")
-        for session in freed:
-            self.pages.pop(session, None)
-            self._forget(session)
+        freed = []
+        for worker, tabs in zip(self.workers, reaped):
+            if isinstance(tabs, BaseException):
+                log.warning("reaping on %s failed: %s", worker.name, tabs)
+                continue
+            for session in tabs:
+                if self.placed.get(session) in (worker, None):  # not a tab placed elsewhere since
+                    self.pages.pop(session, None)
+                    self._forget(session)
+                    freed.append(session)
         now = time.monotonic()
         for session, when in list(self.closed.items()):
             if now - when > self.limits.idle_timeout:
@@ -195,43 +234,51 @@ class LiveApp:
             image = await self._call(request.session_hash, "set_portrait", data)
         except (InputError, NoFaceError) as e:
             return gr.skip(), f"⚠️ **Portrait not used.** {e}"
+        self._page(request.session_hash).portrait = data
         return image, f"✓ Portrait ready ({image.shape[1]}×{image.shape[0]})."
 
     async def use_sample(self, request: gr.Request) -> tuple:
         if self.gone(request):
             return gr.skip(), ""
+        self._page(request.session_hash).portrait = None
         image = await self._call(request.session_hash, "use_sample")
         return image, "✓ Sample portrait (astronaut Eileen Collins, NASA, public domain)."
 
     async def set_controls(self, relative: bool, stitching: bool, paste: bool, multiplier: float, eye_on: bool,
-                     eye: float, lip_on: bool, lip: float, smoothing: float, overlay: bool,
-                     request: gr.Request) -> np.ndarray | None:
+                           eye: float, lip_on: bool, lip: float, smoothing: float, overlay: bool,
+                           request: gr.Request) -> np.ndarray | None:
         """Any control changed: the live connection picks the new values up at its next frame."""
         if self.gone(request):
             return gr.skip()
-        await self._call(request.session_hash, "set_controls", dict(
+        await self._controls(request.session_hash, dict(
             relative=relative, stitching=stitching, paste=paste, multiplier=float(multiplier),
             eye_target=float(eye) if eye_on else None, lip_target=float(lip) if lip_on else None,
             smoothing=float(smoothing), overlay=overlay))
         return await self.edited(request)
 
+    async def _controls(self, session: str, values: dict[str, Any]) -> None:
+        """Controls changed: kept here (a worker that restarts gets them back) and sent to the tab's worker."""
+        self._page(session).controls.update(values)
+        await self._call(session, "set_controls", values)
+
     async def set_edits(self, request: gr.Request, region: str, *sliders: float) -> np.ndarray | None:
         """Animation region or an expression/pose slider changed (values in model.editing.SLIDERS order)."""
         if self.gone(request):
             return gr.skip()
-        await self._call(request.session_hash, "set_controls", dict(
+        await self._controls(request.session_hash, dict(
             region=region, edits=Edits(**{k: float(v) for k, v in zip(SLIDERS, sliders, strict=True)})))
         return await self.edited(request)
 
     async def reset_edits(self, request: gr.Request) -> list:
         """Every expression/pose slider back to its default: the sliders' values, then the edited portrait."""
         if not self.gone(request):
-            await self._call(request.session_hash, "reset_edits")
+            await self._controls(request.session_hash, dict(edits=Edits()))
         return [*Edits().values().values(), await self.edited(request)]
 
     async def select_tab(self, event: gr.SelectData, request: gr.Request) -> np.ndarray | None:
         """The Portrait editing tab renders while it is the one shown."""
         if not self.gone(request):
+            self._page(request.session_hash).editing = event.value == "Portrait editing"
             await self._call(request.session_hash, "set_editing", event.value == "Portrait editing")
         return await self.edited(request)
 
@@ -256,6 +303,8 @@ class LiveApp:
             return await self._call(request.session_hash, "http_frame", frame)
         except TabClosed:
             return None
+        except (ServerFull, WorkerLost) as e:  # the frame, darkened, says so; the next one tries again
+            return draw_text(frame // 3, str(e))
 
     async def offer(self, request: fastapi.Request) -> JSONResponse:
         """POST /offer {sdp, type, session, secret}: answer a page's WebRTC offer. The login, the origin, the
@@ -273,7 +322,7 @@ class LiveApp:
             return JSONResponse({"error": "this page belongs to another login"}, status_code=403)
         try:
             return JSONResponse(await self._call(body["session"], "offer", body))
-        except ServerFull as e:  # the offer was fine, the server is not: nothing was created
+        except (ServerFull, WorkerLost) as e:  # the offer was fine, the server is not: nothing was created
             return JSONResponse({"error": str(e)}, status_code=503)
         except TabClosed as e:
             return JSONResponse({"error": str(e)}, status_code=403)
@@ -347,7 +396,10 @@ class LiveApp:
         """The metrics line the page polls."""
         if self.gone(request):
             return gr.skip()
-        m = await self._call(request.session_hash, "stats")
+        try:
+            m = await self._call(request.session_hash, "stats")
+        except WorkerLost as e:
+            return f"**Live:** ⚠️ {e}."
         if not m["live"]:
             if m["refused"]:
                 return f"**Live:** {m['refused']}."

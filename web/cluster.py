@@ -21,16 +21,12 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayError, RayTaskError
 
-from web.worker import CALL_TIMEOUT_S, Worker, WorkerConfig
+from web.worker import CALL_TIMEOUT_S, Worker, WorkerConfig, WorkerLost
 
 log = logging.getLogger("liveportrait.cluster")
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = {"health", "load", "counts"}  # answered in their own concurrency group
 NAMESPACE = "liveportrait"
-
-
-class WorkerLost(RuntimeError):
-    """A worker died or stopped answering; the message is meant for the user."""
 
 
 class Remote:

@@ -37,12 +37,11 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 import skimage.data
 
-from model.editing import Edits
 from model.engine import Engine, load_networks
 from stream import encode
 from stream.editor import PortraitEditor
 from stream.face import SourceFace, prepare_source, use_face_model
-from stream.pipeline import RecordingRunning, SessionPipeline, Settings, draw_text
+from stream.pipeline import RecordingRunning, SessionPipeline, Settings
 from stream.render import read_image, render
 from stream.scheduler import Scheduler
 from web.limits import Limits, WorkDir, release_memory
@@ -107,6 +106,15 @@ class ServerFull(RuntimeError):
 
 class TabClosed(RuntimeError):
     """A request for a tab that was closed meanwhile; the message is meant for the user."""
+
+
+class UnknownTab(LookupError):
+    """A call for a tab this worker does not hold: it was never placed here, or the worker restarted, or it reaped
+    the tab. The front, which keeps the tab's portrait and controls, restores it (`Worker.restore`)."""
+
+
+class WorkerLost(RuntimeError):
+    """A worker died or stopped answering (cluster mode); the message is meant for the user."""
 
 
 class Connection:
@@ -250,14 +258,24 @@ class Worker:
                                log.error("worker task failed", exc_info=t.exception()))
 
     def tab(self, tab: str) -> Tab:
-        """On the loop: the tab's state, created with the sample portrait on first use; its idle clock restarts."""
-        if self._watch is None:
-            self._watch = asyncio.ensure_future(self._watch_http())
-        t = self.tabs.get(tab)
-        if t is None:
-            t = self.tabs.setdefault(tab, Tab(self.sample))
+        """On the loop: the tab's state (UnknownTab if this worker does not hold it); its idle clock restarts."""
+        if (t := self.tabs.get(tab)) is None:
+            raise UnknownTab(tab)
         t.seen = time.monotonic()
         return t
+
+    async def restore(self, tab: str, portrait: bytes | None, controls: dict[str, Any], editing: bool) -> None:
+        """Hold `tab` from now on, with what the front kept of it: its portrait (None: the sample), its controls and
+        whether its Portrait editing tab is shown. A tab this worker holds already keeps its state."""
+        if self._watch is None:
+            self._watch = asyncio.ensure_future(self._watch_http())
+        if tab in self.tabs:
+            return
+        source = self.sample if portrait is None else await asyncio.to_thread(
+            lambda: prepare_source(read_image(portrait)))
+        t = self.tabs.setdefault(tab, Tab(source))
+        await self.set_controls(tab, controls)
+        t.editing = editing
 
     def live(self) -> int:
         return sum(1 for t in list(self.tabs.values()) if t.conn or t.admitting)
@@ -298,7 +316,7 @@ class Worker:
 
     async def http_frame(self, tab: str, frame: np.ndarray) -> np.ndarray | None:
         """One webcam frame over HTTP streaming: connect if needed, hand it over, answer with the newest output
-        (within 2 s). While the server is full, the frame itself, darkened, says so; the next frame tries again."""
+        (within 2 s). ServerFull while the worker is full; the next frame tries again."""
         async def make(t: Tab) -> Connection:
             self._admit(t)
             t.admitting += 1
@@ -314,10 +332,7 @@ class Worker:
             if t.connecting is None:
                 t.connecting = asyncio.ensure_future(make(t))
                 t.connecting.add_done_callback(lambda _: setattr(t, "connecting", None))
-            try:
-                await asyncio.shield(t.connecting)
-            except ServerFull as e:
-                return draw_text(frame // 3, str(e))
+            await asyncio.shield(t.connecting)
         pipeline = t.conn.pipeline
         seq = pipeline.seq
         pipeline.submit(frame)
@@ -441,9 +456,6 @@ class Worker:
             if not hasattr(s, k):
                 raise AttributeError(f"no control {k!r}")
             setattr(s, k, v)
-
-    async def reset_edits(self, tab: str) -> None:
-        self.tab(tab).settings.edits = Edits()
 
     async def reset_reference(self, tab: str) -> bool:
         """The next frame becomes the neutral pose; False without a live connection."""
