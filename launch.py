@@ -49,6 +49,7 @@ LIVE = ("stream.live_bench", "benchmark: one live frame stage by stage, per port
 
 
 def main(argv: list[str] | None = None) -> int:
+    from model.engine import ConfigError
     from model.weights import WeightsError
 
     argv = sys.argv[1:] if argv is None else argv
@@ -81,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         return module.run(args) or 0
     except WeightsError as e:
         print(f"\n{e}\n", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
 
 

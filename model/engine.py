@@ -69,6 +69,10 @@ def compile_cache_dir() -> Path:
     return Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default)))
 
 
+class ConfigError(ValueError):
+    """A network config that the chosen weights cannot fill; str() is the one line the user is told."""
+
+
 def load_networks(weights: str | Path | None = None, config: str = "full", seed: int = 1,
                   download: bool = True) -> LivePortraitNetworks:
     """Official checkpoints (weights = a directory, or None for the default locations), or `weights="recipe"`:
@@ -77,7 +81,8 @@ def load_networks(weights: str | Path | None = None, config: str = "full", seed:
     if str(weights) == "recipe":
         return nets.fill_recipe(seed)
     if config != "full":
-        raise ValueError("the official weights exist only for the full config; use --weights recipe with --config tiny")
+        raise ConfigError(f"--config {config} runs only with --weights recipe (untrained weights): the official "
+                          "weights exist only for the full config")
     from .weights import load_official
     return load_official(nets, weights, download=download)
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import av
 import gradio as gr
@@ -342,9 +343,8 @@ def test_offer_needs_the_login_the_page_secret_and_the_same_user(tmp_path, loopb
 
 def test_sigterm_during_a_recording_leaves_a_playable_file(tmp_path, loopback_only):
     port = free_port()
-    env = dict(os.environ, TMPDIR=str(tmp_path))  # the server's work directory is made under it
     server = subprocess.Popen([sys.executable, "-m", "web.loadtest", "serve", "--weights", "recipe", "--config",
-                               "tiny", "--port", str(port)], cwd=ROOT, env=env,
+                               "tiny", "--port", str(port), "--work-dir", str(tmp_path)], cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}/"
@@ -368,7 +368,7 @@ def test_sigterm_during_a_recording_leaves_a_playable_file(tmp_path, loopback_on
         assert server.returncode == 0
     finally:
         server.kill()
-    files = list(tmp_path.glob("liveportrait-*/**/recording-*.mp4"))
+    files = list(tmp_path.glob("recording-*.mp4"))
     assert len(files) == 1
     with av.open(str(files[0])) as c:
         assert sum(1 for _ in c.decode(video=0)) >= 3
@@ -447,3 +447,80 @@ def test_work_directory_quota_age_and_names(app):
     assert not old.exists() and not big.exists() and new.exists()  # past the age limit; the oldest over quota
     assert path.parent == work.path and len(path.stem.rsplit("-", 1)[1]) == 32  # 128 random bits in the name
     assert work.reserve("recording") != path
+
+
+def test_the_work_directory_outlives_a_run_and_its_limits_cover_earlier_runs(tmp_path, monkeypatch):
+    """By default recordings and renders go to one directory under the user's cache, the same for every run, so the
+    quota and the age limit also cover the files every earlier run left there (cleaned at start, then every 30 s)."""
+    from web.app import LiveApp
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = LiveApp(tiny(step_s=0.1), untrained=True)
+    old, recent = first.dir / "recording-old.mp4", first.dir / "render-recent.mp4"
+    for f in (old, recent):
+        f.write_bytes(b"x" * 10)
+    os.utime(old, (time.time() - 48 * 3600,) * 2)
+    first.close()
+    second = LiveApp(tiny(step_s=0.1), untrained=True)
+    try:
+        assert second.dir == first.dir == tmp_path / "liveportrait-live" / "work"
+        assert not old.exists() and recent.exists()  # the first run's file past --work-max-age-h went at start
+    finally:
+        second.close()
+
+
+def test_nothing_not_yet_downloaded_is_removed(app):
+    """A finished take the page has not been given yet stays, past the age limit and over the quota alike; once
+    handed out (the page downloads Gradio's copy) or once its tab has gone, the limits apply to it."""
+    r = gr.Request(session_hash="takes")
+    run(app.open_page(r))
+    earlier, take = app.dir / "recording-earlier.mp4", app.dir / "recording-take.mp4"
+    for f, size in ((earlier, 2 * 2**20), (take, 1000)):
+        f.write_bytes(b"x" * size)
+        os.utime(f, (time.time() - 48 * 3600,) * 2)
+    app.workers[0].worker.tabs[r.session_hash].takes.append(take)  # stopped at --record-max-s, say: not handed out yet
+    app.limits.work_quota_mb = 1
+    assert app.workers[0].worker.work.reserve("recording") is not None
+    assert not earlier.exists() and take.exists()
+    (copy,), status = run(app.stop_recording(r))
+    app.workers[0].worker.work.clean()
+    assert not take.exists() and Path(copy).read_bytes() == b"x" * 1000  # the page's copy is Gradio's
+    app.limits.work_quota_mb = 0.0001  # a take fills the quota: it stays, and the next recording waits
+    app.workers[0].worker.tabs[r.session_hash].takes.append(take)
+    take.write_bytes(b"x" * 1000)
+    assert app.workers[0].worker.work.reserve("recording") is None and take.exists()
+    run(app.close_page(r))  # its tab has gone: nobody can be given it any more
+    assert app.workers[0].worker.work.reserve("recording") is not None and not take.exists()
+
+
+def test_a_work_directory_anywhere_hands_its_files_to_the_page(tmp_path, monkeypatch, loopback_only):
+    """--work-dir may be outside the temp and working directories, the only places Gradio copies a file from: the
+    page still gets its recording (Gradio's copy), and the work directory itself is still not served."""
+    import tempfile
+    from web.app import LiveApp
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # what Gradio takes for the system temp dir
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
+    (tmp_path / "tmp").mkdir()
+    app = LiveApp(tiny(step_s=0.1), untrained=True, workdir=tmp_path / "work")
+    port = free_port()
+    demo = app.launch(port=port, block=False)
+    url = f"http://127.0.0.1:{port}/"
+    take = app.dir / "recording-take.mp4"
+    take.write_bytes(b"an mp4")
+
+    async def stop_recording() -> list:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            tab = loadtest.Tab(http)
+            try:
+                page = await tab.open()
+                app.workers[0].worker.tabs[page["session"]].takes.append(take)
+                return await tab.call("stop_recording")
+            finally:
+                await tab.close()
+    try:
+        (files, status) = asyncio.run(stop_recording())
+        assert status == "Saved recording-take.mp4."
+        assert httpx.get(files[0]["url"]).content == b"an mp4"
+        assert httpx.get(url + f"gradio_api/file={take}").status_code == 403
+    finally:
+        demo.close()
+        app.close()

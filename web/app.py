@@ -26,7 +26,6 @@ import re
 import secrets
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
@@ -37,6 +36,7 @@ import gradio as gr
 import numpy as np
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
+from gradio.utils import get_upload_folder
 
 from model.editing import SLIDERS, Edits
 from stream import encode
@@ -46,7 +46,7 @@ from stream.render import MAX_BYTES, MAX_SIDE, InputError
 from web import controls as panel
 from web import tls
 from web.guard import Refused, check_offer, gradio_user, login_required
-from web.limits import Limits, WorkDir, argument, positive
+from web.limits import Limits, argument, claim, default_work_dir, positive
 from web.limits import add_arguments as add_limit_arguments
 from web.webrtc import parse_ice_servers, turn_server
 from web.worker import (CALL_TIMEOUT_S, DEFAULT_MAX_SESSIONS, LOAD_TIMEOUT_S, MAX_VIEWERS, Local, NotLive, ServerFull,
@@ -105,9 +105,8 @@ class LiveApp:
                  max_renders: int = 1, workers: list | None = None):
         self.untrained, self.max_renders = untrained, max_renders
         self.ice_servers, self.limits = config.ice_servers, config.limits
-        self.dir = Path(workdir or tempfile.mkdtemp(prefix="liveportrait-"))
-        self.work = WorkDir(self.dir, self.limits)  # the recordings and renders handed to Gradio
-        self.workers = workers or [Local(dataclasses.replace(config, workdir=config.workdir or str(self.dir / "worker")))]
+        self.dir = Path(workdir or config.workdir or default_work_dir())  # the in-process worker's work directory
+        self.workers = workers or [Local(dataclasses.replace(config, workdir=str(self.dir)))]
         self.placed: dict[str, Any] = {}  # session hash -> the worker that holds the tab
         self.shared: dict[str, str] = {}  # view token -> the session hash whose output it shows
         self.info = _wait(self.workers[0].call("about"))  # what the page shows: device, engine, codec, sample
@@ -187,13 +186,9 @@ class LiveApp:
         self._forget(request.session_hash)
 
     async def reap(self) -> list[str]:
-        """Free the tabs gone quiet for longer than the idle timeout, expire old closed-tab markers and clean the
-        work directory. Returns the tabs freed; a reaped tab that comes back later starts afresh."""
+        """Free the tabs gone quiet for longer than the idle timeout (each worker also cleans its work directory)
+        and expire old closed-tab markers. Returns the tabs freed; one that comes back later is restored."""
         reaped = await asyncio.gather(*(w.call("reap") for w in self.workers), return_exceptions=True)
-        try:
-            await asyncio.to_thread(self.work.clean)
-        except Exception:
-            log.exception("cleaning the work directory failed")
         freed = []
         for worker, tabs in zip(self.workers, reaped):
             if isinstance(tabs, BaseException):
@@ -446,14 +441,8 @@ class LiveApp:
         takes = await self._call(request.session_hash, "stop_recording") if not self.gone(request) else []
         if not takes:
             return gr.skip(), "Nothing recorded yet."
-        paths = [await asyncio.to_thread(self._keep, name, data) for name, data in takes]
-        return [str(p) for p in paths], f"Saved {', '.join(p.name for p in paths)}."
-
-    def _keep(self, name: str, data: bytes) -> Path:
-        """A file from the worker, in the work directory under its own (unguessable) name."""
-        path = self.dir / Path(name).name
-        path.write_bytes(data)
-        return path
+        paths = [await asyncio.to_thread(handed, name, data) for name, data in takes]
+        return paths, f"Saved {', '.join(Path(p).name for p in paths)}."
 
     async def render_video(self, driving: str | None, request: gr.Request,
                      progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple:
@@ -473,7 +462,8 @@ class LiveApp:
             return None, f"⚠️ {e}"
         if out is None:
             return None, info
-        return str(await asyncio.to_thread(self._keep, *out)), f"{info['frames']} frames at {info['fps']:g} fps{', with audio' if info['audio'] else ''}."
+        path = await asyncio.to_thread(handed, *out)
+        return path, f"{info['frames']} frames at {info['fps']:g} fps{', with audio' if info['audio'] else ''}."
 
     def render_timeout(self) -> float:
         """How long a render may take: the longest video at up to 60 fps, at twice the measured time per frame."""
@@ -540,8 +530,8 @@ class LiveApp:
                     record_status = gr.Markdown()
                     with gr.Row(equal_height=True):
                         share = gr.Button("🔗 Share output", size="sm", scale=0, elem_id="lp-share")
-                        link = gr.Textbox(label="View-only link (OBS Browser Source, 720×720: see docs/obs.md); a "
-                                                "new one revokes it", interactive=False, buttons=["copy"],
+                        link = gr.Textbox(label="View-only link (OBS Browser Source: see docs/obs.md); a new one "
+                                                "revokes it", interactive=False, buttons=["copy"],
                                           elem_id="lp-link", scale=4)
                     recording = gr.File(label="Recordings (MP4)", file_count="multiple", interactive=False)
 
@@ -591,6 +581,16 @@ class LiveApp:
                                            APIRoute("/view/{token}/offer", self.view_offer, methods=["POST"])],
                                 "lifespan": lifespan})
         return demo
+
+
+def handed(name: str, data: bytes) -> str:
+    """The page's copy of a recording or render the worker handed over (its bytes): a file of its own in Gradio's
+    cache, which Gradio serves and expires (delete_cache). The workers' work directories are never served."""
+    folder = Path(get_upload_folder()) / secrets.token_hex(16)
+    folder.mkdir(parents=True)
+    path = folder / Path(name).name
+    path.write_bytes(data)
+    return str(path)
 
 
 def _wait(coro: Awaitable[T]) -> T:
@@ -648,6 +648,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream-max", type=positive(int), default=720,
                         help="longer side in pixels of the video sent to the browser (recordings keep the "
                              "portrait's full size; default: 720)")
+    parser.add_argument("--work-dir", type=Path, default=default_work_dir(),
+                        help="recordings and renders, kept across runs within --work-quota-mb and --work-max-age-h; "
+                             "one server per directory (default: %(default)s)")
     parser.add_argument("--workers", type=positive(int), default=None,
                         help="cluster mode: N workers, each a Ray actor in a process of its own with one GPU where "
                              "there are GPUs (a private local Ray runtime unless --ray; docs/scale.md)")
@@ -669,6 +672,7 @@ def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = N
         for flag, path in (("--ssl-certfile", args.ssl_certfile), ("--ssl-keyfile", args.ssl_keyfile)):
             if path and not Path(path).is_file():
                 raise ValueError(f"{flag} {path}: no such file")
+        lock = claim(args.work_dir)  # this server's until it exits: another may not clean up our files
     except ValueError as e:
         print(f"launch.py: error: {e}", file=sys.stderr)
         return 2
@@ -681,7 +685,7 @@ def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = N
                           download=not args.no_download, face_model=args.face_model, warmup=True,
                           max_batch=args.max_batch, max_sessions=args.max_sessions, codec=args.codec,
                           stream_max=args.stream_max, max_viewers=args.max_viewers, ice_servers=ice_servers,
-                          limits=Limits.from_args(args))
+                          limits=Limits.from_args(args), workdir=str(args.work_dir))
     cluster = None
     if args.workers or args.ray:
         try:
@@ -703,8 +707,9 @@ def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = N
         try:
             app.launch(args.host, args.port, args.share, args.auth, ssl=ssl)
         finally:
-            app.close()
+            app.close()  # recordings finalised
     finally:
         if cluster:
             cluster.shutdown()
+        lock.close()  # recordings finalised, then the work directory is free for the next server
     return 0

@@ -13,6 +13,7 @@ Only this module imports Ray, and only cluster mode imports this module.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayError, RayTaskError
 
+from web.limits import default_work_dir
 from web.worker import CALL_TIMEOUT_S, Worker, WorkerConfig, WorkerLost
 
 log = logging.getLogger("liveportrait.cluster")
@@ -74,8 +76,9 @@ class Cluster:
             raise ValueError(f"--workers {n}: the cluster has {gpus} GPUs (one worker per GPU)")
         actor = ray.remote(max_restarts=-1, max_concurrency=1000, concurrency_groups={"quick": 4})(Worker)
         options = dict(num_gpus=1 if gpus else 0, num_cpus=resources.get("CPU", 1) / n, namespace=NAMESPACE)
-        self.workers = [Remote(actor.options(name=f"worker-{i}", **options).remote(config), f"worker-{i}")
-                        for i in range(n)]
+        work = Path(config.workdir or default_work_dir())  # a directory per worker: each cleans only its own
+        self.workers = [Remote(actor.options(name=f"worker-{i}", **options).remote(
+            dataclasses.replace(config, workdir=str(work / f"worker-{i}"))), f"worker-{i}") for i in range(n)]
 
     def shutdown(self) -> None:
         """After the front closed the workers: the private runtime ends with the front (a joined cluster stays)."""

@@ -1,6 +1,6 @@
 """What keeps a long-running public server bounded: its limits (flags, with defaults stated here), the work
-directory where recordings and renders go (unguessable names, a size quota, age-based clean-up), and the idle
-test that reaps tabs which vanished without an unload event.
+directory where recordings and renders go (one per user, kept across runs; unguessable names, a size quota,
+age-based clean-up), and the idle test that reaps tabs which vanished without an unload event.
 """
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ import argparse
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import gc
 import logging
+import os
 import secrets
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import IO, Callable, TypeVar
 
 from stream.recorder import recording_paths
 
@@ -78,16 +80,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f"{HELP[name]} (default: {default.default:g})")
 
 
+def default_work_dir() -> Path:
+    """Where recordings and renders go unless --work-dir says otherwise: the same directory for every run, so the
+    quota and the age limit also cover what earlier runs left."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "liveportrait-live" / "work"
+
+
+def claim(path: Path) -> IO:
+    """Make `path` this server's work directory: created if need be, and locked while the returned file stays open
+    (the process's lifetime), so that a second server cannot clean up files the first is still handing out.
+    Raises ValueError with the one line the user is told."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        lock = open(path / ".lock", "w")
+    except OSError as e:  # mkdir(exist_ok=True) raises FileExistsError only for a file in the way
+        raise ValueError(f"--work-dir {path}: "
+                         f"{'not a directory' if isinstance(e, FileExistsError) else e.strerror.lower()}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ValueError(f"--work-dir {path} is in use by another running server; give each its own") from None
+    return lock
+
+
 class WorkDir:
     """Recordings and renders on disk. Names carry 128 random bits, so a file's URL cannot be guessed; only the
-    tab that made a file is given its name. `reserve` cleans up first and says no when files still being written
-    fill the quota."""
+    tab that made a file is given its name. The clean-up (at start, on `reserve`, and every 30 s from the worker's
+    reaper) never deletes a file being written or one in `pending()`: finished, not yet handed to the page.
+    `reserve` says no when those fill the quota."""
 
-    def __init__(self, path: Path, limits: Limits):
-        self.path, self.limits = path, limits
+    def __init__(self, path: Path, limits: Limits, pending: Callable[[], set[Path]] = set):
+        self.path, self.limits, self.pending = path, limits, pending
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._rendering: set[Path] = set()  # renders being written (recordings: stream.recorder knows them)
+        self.clean()  # what earlier runs left past the limits
 
     def reserve(self, kind: str) -> Path | None:
         """A fresh path for a `kind` ("recording", "render") file, or None when the disk quota is used up."""
@@ -131,9 +159,10 @@ class WorkDir:
         return [f for _, f in sorted(files)]
 
     def _clean(self) -> None:
-        """Delete files past the age limit, then the oldest while over the quota (files being written stay)."""
+        """Delete files past the age limit, then the oldest while over the quota (files being written or not yet
+        handed to the page stay)."""
         oldest = time.time() - self.limits.work_max_age_h * 3600
-        busy = self._rendering | recording_paths()
+        busy = self._rendering | recording_paths() | self.pending()
         files = [f for f in self._files() if f not in busy]
         total = self.usage()
         for f in files:

@@ -44,7 +44,7 @@ from stream.face import SourceFace, prepare_source, use_face_model
 from stream.pipeline import RecordingRunning, SessionPipeline, Settings
 from stream.render import read_image, render
 from stream.scheduler import Scheduler
-from web.limits import Limits, WorkDir, release_memory
+from web.limits import Limits, WorkDir, default_work_dir, release_memory
 from web.webrtc import Peer, Viewer
 
 log = logging.getLogger("liveportrait.worker")
@@ -221,8 +221,8 @@ class Worker:
         self.device = self.engine.device.type  # what the page says it runs on
         self.ice_servers, self.limits = config.ice_servers, config.limits
         encode.install()  # aiortc's senders and receivers use the tuned encoders and decoders
-        self.work = WorkDir(Path(config.workdir or tempfile.mkdtemp(prefix="liveportrait-worker-")), self.limits)
         self.tabs: dict[str, Tab] = {}
+        self.work = WorkDir(Path(config.workdir or default_work_dir()), self.limits, self._takes)
         self.views: dict[str, Tab] = {}  # view token -> the tab that shared its output
         step = self.engine.warmup().get(1) if config.warmup else None  # compile and capture now, not in a first frame
         self.step_s = config.step_s or (step if self.device == "cpu" and step else self._measure_step())
@@ -276,6 +276,10 @@ class Worker:
         t = self.tabs.setdefault(tab, Tab(source))
         await self.set_controls(tab, controls)
         t.editing = editing
+
+    def _takes(self) -> set[Path]:
+        """Every open tab's finished recordings that its page has not been given yet (the clean-up keeps them)."""
+        return {p for t in list(self.tabs.values()) for p in list(t.takes)}
 
     def live(self) -> int:
         return sum(1 for t in list(self.tabs.values()) if t.conn or t.admitting)
