@@ -318,7 +318,11 @@ class SessionPipeline:
                 shown, video = (image if isinstance(image, np.ndarray) else None), self._frames(image)
             else:
                 full = host(image)
-                shown = draw_metrics(full, self.metrics.snapshot()) if s.overlay else full  # recordings stay clean
+                shown = full
+                if s.overlay:  # on a copy: recordings stay clean
+                    with self._cond:  # submit appends to the metrics meanwhile
+                        m = self.metrics.snapshot()
+                    shown = draw_metrics(full, m)
                 video = self._frames(shown) if stream else None
         now = time.monotonic()
         with self._cond:

@@ -74,12 +74,16 @@ class Recorder:
         return self.path if self.frames else None
 
     def _finish(self) -> None:
-        if self._container is not None:
-            if self.frames:
-                self._container.mux(self._stream.encode(None))
-            self._container.close()
-            self._container = None
+        """Flush and close; the container is closed (its file descriptor freed, the file no longer shielded from
+        clean-up) even if the flush fails."""
+        container, self._container = self._container, None
         _open.discard(self)
+        if container is not None:
+            try:
+                if self.frames:
+                    container.mux(self._stream.encode(None))
+            finally:
+                container.close()
 
 
 def recording_paths() -> set[Path]:

@@ -253,6 +253,8 @@ class Scheduler:
             lane.dropped += replaced
             lane.inbox = (item, arrived)
             self._kick(lane)
+            if lane.inbox is not None:  # deferred until prepare_at: the clock may be asleep without a timeout
+                self._cond.notify_all()
             return replaced
 
     def _kick(self, lane: Lane) -> None:

@@ -94,7 +94,7 @@ async def run(url: str, viewers: int, seconds: float, fps: float) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=30) as http:
         tab = loadtest.Tab(http)
         page = await tab.open()
-        token = (await tab.call("share_output", [url]))[0].rsplit("/", 1)[1]
+        token = (await tab.call("share_output", [url, json.dumps(page)]))[0].rsplit("/", 1)[1]
         performer, received = loadtest.new_peer(moving_face(), fps)
         watchers = []
         try:

@@ -2,6 +2,7 @@
 starts WebRTC over loopback and receives the engine's animated frames; then the tab goes away mid-recording.
 
 Needs Debian's Chromium (/usr/bin/chromium); skipped without it unless LP_REQUIRE_BROWSER=1."""
+import json
 import os
 import shutil
 import socket
@@ -171,7 +172,8 @@ def test_webrtc_in_chromium(server, browser, cam):
     wait_until(lambda: not app.workers[0].worker.counts()["peers"] and not app.workers[0].worker.engine.sessions and tab.takes
                and not new_threads(threads))
     assert pipeline.closed and tab.pipeline is None
-    (path,), status = run(app.stop_recording(gr.Request(session_hash=session)))  # the download of the finalised file
+    key = json.dumps({"session": session, "secret": app.pages[session].secret})
+    (path,), status = run(app.stop_recording(key, gr.Request(session_hash=session)))  # the download of the finalised file
     with av.open(path) as c:
         assert sum(1 for _ in c.decode(video=0)) == recorder.frames >= 5
 

@@ -63,14 +63,14 @@ def https(engine, tmp_path_factory):
 @pytest.fixture(scope="module")
 def turn(loopback_only, tmp_path_factory):
     """coturn with docs/deploy.md's configuration, moved to 127.0.0.1 (and allowed to relay between loopback
-    peers): the ICE entry of its user."""
+    peers): its URL and its shared secret (static-auth-secret)."""
     if not os.path.exists(TURNSERVER):
         if os.environ.get("LP_REQUIRE_BROWSER") == "1":
             pytest.fail("LP_REQUIRE_BROWSER=1 but coturn is not installed (apt-get install coturn)", pytrace=False)
         pytest.skip("coturn is not installed (apt-get install coturn)")
     d, port = tmp_path_factory.mktemp("turn"), free_port()
     conf = CONF.search((ROOT / "docs" / "deploy.md").read_text())[1].replace("APP-SERVER-IP", "127.0.0.1")
-    user, password = re.search(r"^user=(.+):(.+)$", conf, re.M).groups()
+    secret = re.search(r"^static-auth-secret=(.+)$", conf, re.M)[1]
     (d / "turnserver.conf").write_text(conf.replace("listening-port=3478", f"listening-port={port}"))
     log = d / "turn.log"
     proc = subprocess.Popen([TURNSERVER, "-c", str(d / "turnserver.conf"), "--listening-ip=127.0.0.1",
@@ -78,7 +78,7 @@ def turn(loopback_only, tmp_path_factory):
                              f"--log-file={log}", "--simple-log"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: log.exists() and "Total General servers" in log.read_text(), 30)
-        yield {"urls": f"turn:127.0.0.1:{port}", "username": user, "credential": password}
+        yield {"urls": f"turn:127.0.0.1:{port}", "secret": secret}
     finally:
         proc.terminate()
         proc.wait(10)
@@ -86,9 +86,10 @@ def turn(loopback_only, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def turned(engine, turn, tmp_path_factory):
-    """The app over plain HTTP with the TURN server as its only ICE server: (app, port)."""
+    """The app over plain HTTP with the TURN server as its only ICE server, given its shared secret (--turn-secret):
+    (app, port)."""
     from web.webrtc import turn_server
-    ice = turn_server(turn["urls"], turn["username"], turn["credential"])
+    ice = turn_server(turn["urls"], None, None, turn["secret"])
     with serve(engine, tmp_path_factory.mktemp("turned"), ice_servers=ice) as served:
         yield served
 

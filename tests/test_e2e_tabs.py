@@ -51,8 +51,9 @@ def test_second_tab_is_told_the_server_is_full(server, browser):
         first.wait_for_function("() => window.lpLive.frames >= 15", timeout=120_000, polling=250)
         assert tab1.pipeline.metrics.frames_out > frames
 
-        first.click(".lp-stop")  # the slot frees up: the next connection is admitted
-        wait_until(lambda: tab1.pipeline is None and not Scheduler.of(app.workers[0].worker.engine).lanes)
+        first.click(".lp-stop")  # the slot frees up once the connection is closed: the next one is admitted
+        wait_until(lambda: tab1.pipeline is None and not Scheduler.of(app.workers[0].worker.engine).lanes
+                   and not app.workers[0].worker.live())
         second.click(".lp-start")
         second.wait_for_function("() => window.lpLive.frames >= 5", timeout=120_000, polling=250)
         assert tab2.pipeline.transport == "WebRTC"

@@ -9,7 +9,9 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import av
 import gradio as gr
@@ -151,19 +153,94 @@ def test_two_concurrent_offers_for_the_last_slot(served, created):
 
 
 def test_an_offer_needs_its_pages_secret(served):
-    """Another tab's session hash is not enough: without its page's secret the offer is refused and the tab is
+    """Another tab's session hash is not enough: a second page load naming it gets no secret, and an offer with a
+    wrong secret (each one the parser accepts, so that the secret check itself refuses it) gets 403; the tab is
     untouched."""
     app, url = served
     victim = json.loads(run(app.open_page(gr.Request(session_hash="victim"))))
+    assert run(app.open_page(gr.Request(session_hash="victim"))) == ""  # the open_page route gives it only once
     run(app.http_frame(ASTRONAUT, gr.Request(session_hash="victim")))
     pipeline = app.workers[0].worker.tabs["victim"].pipeline
-    for secret in ("", "guess", victim["secret"][::-1]):
-        r = httpx.post(url + "offer", json={"sdp": valid_offer_sdp(), "type": "offer", "session": "victim",
-                                            "secret": secret})
-        assert r.status_code in (400, 403), r.status_code
+    sdp = valid_offer_sdp()
+    secret = victim["secret"]
+    for wrong in ("guess", secret[::-1], secret[:-1], secret + "A", secret[:-1] + "é", "x" * 128):
+        r = httpx.post(url + "offer", json={"sdp": sdp, "type": "offer", "session": "victim", "secret": wrong})
+        assert r.status_code == 403 and r.json()["error"] == "unknown page; reload it", (wrong, r.text)
     assert app.workers[0].worker.tabs["victim"].pipeline is pipeline and not pipeline.closed
     run(app.close_page(gr.Request(session_hash="victim")))
     assert idle(app)
+
+
+def test_a_stranger_with_only_the_session_hash_gets_nothing(served):
+    """Gradio lets a client choose its session hash (web/loadtest.py does, through its queue): a stranger who knows
+    only a tab's hash gets neither its secret from open_page, nor its connection by an offer, nor a view link, nor
+    its recordings; the tab's own page still gets its take."""
+    app, url = served
+    r = gr.Request(session_hash="victim-tab")
+    key = run(app.open_page(r))
+    run(app.http_frame(ASTRONAUT, r))
+    assert "Recording" in run(app.start_recording(r))
+    for _ in range(3):
+        run(app.http_frame(ASTRONAUT, r))
+    sdp = valid_offer_sdp()
+
+    async def stranger() -> dict:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            tab = loadtest.Tab(http)
+            tab.session = "victim-tab"
+            got = dict(page=(await tab.call("open_page"))[0])
+            secret = json.loads(got["page"])["secret"] if got["page"] else "guess"
+            got["offer"] = (await http.post("offer", json={"sdp": sdp, "type": "offer",
+                                                           "session": "victim-tab", "secret": secret})).status_code
+            got["share"] = (await tab.call("share_output", [url, got["page"]]))[0]
+            got["stop"] = await tab.call("stop_recording", [got["page"]])
+            return got
+    got = asyncio.run(stranger())
+    assert got["page"] == "" and got["offer"] == 403, got
+    assert "view/" not in json.dumps(got["share"]) and not app.workers[0].worker.views, got
+    assert "Nothing recorded yet." in json.dumps(got["stop"]), got
+    takes, status = run(app.stop_recording(key, r))
+    assert len(takes) == 1 and decoded(takes[0]) >= 1, status
+    run(app.close_page(r))
+    assert wait_until(lambda: idle(app)), app.workers[0].worker.counts()
+
+
+def test_under_auth_every_tab_handler_acts_only_for_its_login(tmp_path, loopback_only):
+    """With --auth, another login that names a tab's session hash, even with its page's secret, acts on nothing:
+    no recording starts, no link is shared, no take is handed over, its controls stay, the tab stays open."""
+    from web.app import LiveApp
+    app = LiveApp(tiny(step_s=0.1), untrained=True, workdir=tmp_path)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    demo = app.launch(port=port, auth=[("ada", "lovelace"), ("bob", "builder")], block=False)
+    try:
+        async def scenario() -> dict:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as ada, \
+                    httpx.AsyncClient(base_url=url, timeout=60) as bob:
+                for http, user, password in ((ada, "ada", "lovelace"), (bob, "bob", "builder")):
+                    assert (await http.post("login", data={"username": user, "password": password})).status_code == 200
+                mine = loadtest.Tab(ada)
+                page = await mine.open()
+                await app.http_frame(ASTRONAUT, gr.Request(session_hash=mine.session, username="ada"))
+                theirs = loadtest.Tab(bob)
+                theirs.session = mine.session
+                key = json.dumps(page)
+                got = dict(record=(await theirs.call("start_recording"))[0],
+                           share=(await theirs.call("share_output", [url, key]))[0],
+                           stop=await theirs.call("stop_recording", [key]),
+                           stats=(await theirs.call("stats"))[0],
+                           reset=(await theirs.call("reset_reference"))[0])
+                got["own"] = (await mine.call("start_recording"))[0]
+                await mine.close()
+                return got
+        got = asyncio.run(scenario())
+        assert "Recording" not in json.dumps(got["record"]) and "view/" not in json.dumps(got["share"]), got
+        assert "Nothing recorded yet." in json.dumps(got["stop"]) and "Live via" not in json.dumps(got["stats"]), got
+        assert "Reference reset" not in json.dumps(got["reset"]) and not app.workers[0].worker.views, got
+        assert "Recording" in got["own"]  # the tab's own login still can
+    finally:
+        demo.close()
+        app.close()
 
 
 def test_a_stopped_http_webcam_frees_its_slot(served):
@@ -235,6 +312,7 @@ def stop_webcam(app, monkeypatch) -> None:
 
 def test_record_twice_says_so_and_no_take_is_lost(app, monkeypatch):
     r = gr.Request(session_hash="rec")
+    key = run(app.open_page(r))
     run(app.http_frame(ASTRONAUT, r))
     assert "Recording" in run(app.start_recording(r))
     run(app.http_frame(ASTRONAUT, r))
@@ -248,9 +326,9 @@ def test_record_twice_says_so_and_no_take_is_lost(app, monkeypatch):
     assert "Recording" in run(app.start_recording(r))
     for _ in range(3):
         run(app.http_frame(ASTRONAUT, r))
-    takes, status = run(app.stop_recording(r))
+    takes, status = run(app.stop_recording(key, r))
     assert len(takes) == 3 and len(set(takes)) == 3 and all(decoded(t) >= 1 for t in takes), takes
-    assert run(app.stop_recording(r))[1] == "Nothing recorded yet."  # handed out once
+    assert run(app.stop_recording(key, r))[1] == "Nothing recorded yet."  # handed out once
 
 
 def test_a_failing_recorder_stops_only_the_recording(app, monkeypatch):
@@ -270,19 +348,184 @@ def test_a_failing_recorder_stops_only_the_recording(app, monkeypatch):
     assert "the recording stopped: [Errno 28] No space left on device" in run(app.stats(r))
 
 
-def test_a_failing_recording_close_still_frees_the_engine_session(app, monkeypatch):
+def test_a_failing_recording_close_still_frees_everything(app, monkeypatch, caplog):
+    """The tab closes while its recording cannot be finalised (a full disk): the connection's engine session, its
+    scheduler lane and the portrait editor's engine session are freed all the same, and the error is logged."""
     from stream.recorder import Recorder
     r = gr.Request(session_hash="close")
+    run(app.open_page(r))
     run(app.http_frame(ASTRONAUT, r))
     run(app.start_recording(r))
     run(app.http_frame(ASTRONAUT, r))
-    name = app.workers[0].worker.tabs["close"].pipeline.name
+    run(app.workers[0].call("set_editing", "close", True))
+    assert run(app.workers[0].call("edited", "close")) is not None  # the Portrait editing tab: an engine session too
+    t = app.workers[0].worker.tabs["close"]
+    assert {t.pipeline.name, t.editor.name} <= set(app.workers[0].worker.engine.sessions)
 
     def broken(self):
         raise OSError(5, "Input/output error")
     monkeypatch.setattr(Recorder, "close", broken)
-    stop_webcam(app, monkeypatch)  # the connection ends: its recording cannot be finalised
-    assert name not in app.workers[0].worker.engine.sessions and not app.workers[0].worker.counts()["lanes"]
+    run(app.close_page(r))  # returns once the tab is closed
+    assert not app.workers[0].worker.engine.sessions and not app.workers[0].worker.counts()["lanes"], app.workers[0].worker.counts()
+    assert any("Input/output error" in str(rec.exc_info[1]) for rec in caplog.records if rec.exc_info)
+
+
+def test_a_failing_close_does_not_refuse_the_new_connection(served, monkeypatch):
+    """The webcam switches from HTTP streaming to WebRTC while the old connection's recording cannot be finalised:
+    the new connection is answered and live, the old one's engine session is freed, and the page says what was
+    lost."""
+    from stream.recorder import Recorder
+    app, url = served
+    r = gr.Request(session_hash="switch")
+    page = json.loads(run(app.open_page(r)))
+    run(app.http_frame(ASTRONAUT, r))
+    run(app.start_recording(r))
+    run(app.http_frame(ASTRONAUT, r))
+    old = app.workers[0].worker.tabs["switch"].pipeline.name
+
+    def broken(self):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Recorder, "close", broken)
+    answer = httpx.post(url + "offer", json={"sdp": valid_offer_sdp(), "type": "offer", **page}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    t = app.workers[0].worker.tabs["switch"]
+    assert t.conn.peer is not None and old not in app.workers[0].worker.engine.sessions
+    assert "its recording is lost: [Errno 28] No space left on device" in run(app.stats(r))
+    monkeypatch.undo()
+    run(app.close_page(r))
+    assert wait_until(lambda: idle(app)), app.workers[0].worker.counts()
+
+
+def test_a_failing_flush_still_closes_the_recording_file(tmp_path):
+    """The encoder's flush fails (a full disk): the container is closed all the same (no file descriptor is left
+    open) and the file is no longer shielded from clean-up."""
+    from stream import recorder
+    path = tmp_path / "take.mp4"
+    fds = len(os.listdir("/proc/self/fd"))
+    rec = recorder.Recorder(path)
+    rec.write(ASTRONAUT[:64, :64])
+    real = rec._container
+
+    class FullDisk:
+        def mux(self, packets):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            real.close()
+    rec._container = FullDisk()
+    with pytest.raises(OSError, match="No space left"):
+        rec.close()
+    assert path not in recorder.recording_paths() and not rec.active
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+# ---- bounds a shared link needs ----
+
+def test_portrait_editors_are_bounded(tmp_path):
+    """Each open Portrait editing tab holds an engine session: at most --max-sessions of them; past that, a clear
+    message, and a closed tab's editor frees its place."""
+    from web.app import LiveApp
+    app = LiveApp(tiny(max_sessions=1, step_s=0.1), untrained=True, workdir=tmp_path)
+    try:
+        engine = app.workers[0].worker.engine
+        w = lambda *args: run(app.workers[0].call(*args))
+        before = len(engine.sessions)
+        for tab in ("a", "b"):
+            w("restore", tab, None, {}, True)  # the Portrait editing tab shown
+        assert w("edited", "a") is not None
+        with pytest.raises(RuntimeError, match="the server is editing 1 portrait already"):  # EditorsFull
+            w("edited", "b")
+        assert len(engine.sessions) == before + 1
+        w("close_tab", "a")
+        assert w("edited", "b") is not None and len(engine.sessions) == before + 1
+        w("close_tab", "b")
+    finally:
+        app.close()
+
+
+def test_a_take_waiting_for_its_page_survives_the_clean_up(app):
+    """A finished take is not deleted by the quota or the age limit before its page has it; once handed over,
+    the clean-up may."""
+    r = gr.Request(session_hash="keep")
+    key = run(app.open_page(r))
+    run(app.http_frame(ASTRONAUT, r))
+    run(app.start_recording(r))
+    for _ in range(2):
+        run(app.http_frame(ASTRONAUT, r))
+    t = app.workers[0].worker.tabs["keep"]
+    asyncio.run_coroutine_threadsafe(t.end(), app.workers[0].loop).result(30)  # Stop: its take waits in the tab
+    (take,) = t.takes
+    app.limits.work_quota_mb, app.limits.work_max_age_h = 1e-9, 1e-9  # every file is over both limits
+    time.sleep(0.01)
+    app.workers[0].worker.work.clean()
+    assert take.exists()
+    takes, status = run(app.stop_recording(key, r))
+    assert [Path(p).name for p in takes] == [take.name] and not take.exists()  # handed over: the page's copy
+
+
+def test_a_replaced_connection_holds_its_slot_until_closed(tmp_path):
+    """While a tab's ended connection is still closing (frames in flight, a recording being finalised), it still
+    counts: another tab is told the server is full, and is admitted once the close is done."""
+    from web.app import LiveApp
+    app = LiveApp(tiny(max_sessions=1, step_s=0.1), untrained=True, workdir=tmp_path)
+    try:
+        a, b = gr.Request(session_hash="a"), gr.Request(session_hash="b")
+        run(app.http_frame(ASTRONAUT, a))
+        t = app.workers[0].worker.tabs["a"]
+        pipeline, release = t.pipeline, threading.Event()
+        real = pipeline.close
+        pipeline.close = lambda: (release.wait(30), real())[1]
+        ending = asyncio.run_coroutine_threadsafe(t.end(), app.workers[0].loop)
+        assert wait_until(lambda: t.conn is None, 30)
+        run(app.http_frame(ASTRONAUT, b))
+        assert app.workers[0].worker.tabs["b"].pipeline is None and "the server is full" in run(app.stats(b))
+        release.set()
+        ending.result(30)
+        run(app.http_frame(ASTRONAUT, b))
+        assert app.workers[0].worker.tabs["b"].pipeline is not None
+    finally:
+        release.set()
+        app.close()
+
+
+def test_a_closed_tab_stays_closed(app):
+    """Calls that raced the page's unload reach the worker after it: none brings the tab back or makes anything
+    for it."""
+    from web.worker import TabClosed
+    r = gr.Request(session_hash="shut")
+    run(app.open_page(r))
+    run(app.http_frame(ASTRONAUT, r))
+    run(app.close_page(r))
+    call, w = (lambda *args: run(app.workers[0].call(*args))), app.workers[0].worker
+    assert not call("stats", "shut")["live"]
+    call("set_controls", "shut", dict(overlay=True))
+    call("set_editing", "shut", True)
+    assert call("edited", "shut") is None
+    with pytest.raises(TabClosed):
+        call("http_frame", "shut", ASTRONAUT)
+    with pytest.raises(TabClosed):
+        call("share", "shut")
+    call("restore", "shut", None, {}, False)
+    assert "shut" not in w.tabs and not w.views and w.counts()["live"] == 0 and not w.engine.sessions
+
+
+def test_pages_get_turn_credentials_minted_for_them(tmp_path):
+    """With --turn-secret, each page load and each view page gets TURN credentials of its own that expire; the
+    secret is in none of them, nor in the page's configuration."""
+    import fastapi
+    from web.app import LiveApp
+    app = LiveApp(tiny(ice_servers=[{"urls": "turn:127.0.0.1:3478", "secret": "s3cret"}], step_s=0.1), untrained=True,
+                  workdir=tmp_path)
+    try:
+        (ice,) = json.loads(run(app.open_page(gr.Request(session_hash="turn-tab"))))["ice"]
+        assert set(ice) == {"urls", "username", "credential"} and int(ice["username"].split(":")[0]) > time.time()
+        token = run(app.share("turn-tab"))
+        view = asyncio.run(app.view_page(fastapi.Request({"type": "http", "path_params": {"token": token},
+                                                          "query_string": b"", "headers": []}))).body.decode()
+        assert '"username": "' in view and "s3cret" not in view
+        assert "s3cret" not in json.dumps(app.blocks().config)
+    finally:
+        app.close()
 
 
 # ---- clean-up survives faults ----
@@ -357,7 +600,6 @@ def launch(*args: str) -> subprocess.CompletedProcess:
     (["--ice-servers", "https://x"], "bad ICE server URL 'https://x'"),
     (["--codec", "av1"], "argument --codec: invalid choice: 'av1'"),
     (["--stream-max", "0"], "argument --stream-max: 0 must be above 0"),
-    (["--workers", "0"], "argument --workers: 0 must be above 0"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, message):
     proc = launch(*args)
@@ -397,13 +639,42 @@ def test_the_page_states_the_expected_time_per_frame(tmp_path):
     measured.close()
 
 
-def test_renders_wait_in_a_bounded_queue(tmp_path):
-    """--max-renders at once; the others wait in Gradio's queue, which shows each its position."""
+def test_renders_wait_in_a_bounded_queue(tmp_path, loopback_only):
+    """--max-renders at once; the others wait in Gradio's queue, which tells each its position. Four users render
+    at once on a server with --max-renders 2 (each render held until the test lets it go): two run, two wait in
+    the queue with a rank, and each gets its answer once the ones before it are done."""
+    from gradio_client import Client, handle_file
+    from gradio_client.utils import Status
+    import threading
     from web.app import LiveApp
     app = LiveApp(tiny(step_s=0.1), untrained=True, workdir=tmp_path, max_renders=2)
+    running, most, release, lock = [0], [0], threading.Event(), threading.Lock()
+
+    async def render(tab: str, name: str, driving: bytes):  # the worker's render, held until released
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        await asyncio.to_thread(release.wait, 60)
+        with lock:
+            running[0] -= 1
+        return None, f"rendered for {tab}"
+    app.workers[0].worker.render = render
+    port = free_port()
+    demo = app.launch(port=port, block=False)
+    video = tmp_path / "driving.mp4"
+    video.write_bytes(b"\0" * 1000)  # never decoded: the render is the test's
     try:
-        demo = app.blocks()
-        (fn,) = [f for f in demo.fns.values() if f.name == "render_video"]
-        assert fn.concurrency_limit == 2 and fn.concurrency_id == "render" and fn.show_progress == "full"
+        jobs = [Client(f"http://127.0.0.1:{port}/", verbose=False).submit(handle_file(str(video)),
+                                                                           api_name="/render_video")
+                for _ in range(4)]
+        queued = lambda: [j.status() for j in jobs if j.status().code == Status.IN_QUEUE]
+        assert wait_until(lambda: running[0] == 2 and len(queued()) == 2, 60), (running, [j.status() for j in jobs])
+        assert sorted(s.rank for s in queued()) == [0, 1], queued()
+        release.set()
+        results = [j.result(timeout=60) for j in jobs]
+        assert all(r[1].startswith("rendered for ") for r in results) and len({r[1] for r in results}) == 4
+        assert most[0] == 2
     finally:
+        release.set()
+        demo.close()
         app.close()

@@ -136,12 +136,53 @@ def test_controls_apply_live(engine, source):
         pipe.submit(ASTRONAUT)
         drain(pipe, 3)
         assert pipe.latest()[1].shape == (256, 256, 3)
-        settings.overlay = True
-        pipe.reset_reference()
+        plain = pipe.latest()[1]
+        settings.overlay = True  # the metrics line is drawn over the top of the frame, nowhere else
         pipe.submit(ASTRONAUT)
         drain(pipe, 4)
-        assert pipe.latest()[1].shape == (256, 256, 3)
-        assert pipe.animator._reset is False
+        shown = pipe.latest()[1]
+        changed = np.abs(shown.astype(int) - plain).max(axis=2) > 60  # the text, and frame-to-frame motion
+        assert shown.shape == (256, 256, 3) and changed[:24].mean() > 5 * changed[24:].mean(), \
+            (changed[:24].mean(), changed[24:].mean())
+        resets = []
+        real = engine.set_reference
+        engine.set_reference = lambda crop, name: (crop is None and resets.append(name), real(crop, name))[1]
+        try:
+            pipe.reset_reference()
+            pipe.submit(ASTRONAUT)
+            drain(pipe, 5)
+        finally:
+            del engine.set_reference
+        assert resets == [pipe.name]  # the reference was dropped: the next frame becomes the neutral pose
+    finally:
+        pipe.close()
+
+
+def test_the_overlay_reads_the_metrics_while_frames_arrive(engine, source):
+    """With the overlay on, the output stage reads the metrics while the webcam's thread appends to them: a frame
+    that arrives mid-read waits for the lock instead of breaking the read (and with it the frame)."""
+    from collections import deque
+    pipe = SessionPipeline(engine, source, Settings(paste=False, overlay=True))
+
+    class Racing(deque):
+        race = True
+
+        def __iter__(self):
+            items = super().__iter__()
+            if self.race:
+                self.race = False
+                yield next(items)
+                webcam = threading.Thread(target=pipe.submit, args=(ASTRONAUT,))
+                webcam.start()
+                webcam.join(0.5)  # a frame arrives mid-read (with the lock held, it waits for it)
+            yield from items
+    try:
+        pipe.submit(ASTRONAUT)
+        drain(pipe, 1)
+        pipe.metrics.arrivals = Racing(pipe.metrics.arrivals, maxlen=100)
+        pipe.submit(ASTRONAUT)
+        drain(pipe, 2)
+        assert not pipe.metrics.arrivals.race and pipe.lane.failed == 0
     finally:
         pipe.close()
 

@@ -263,7 +263,7 @@ def test_server_full_over_http_and_webrtc_then_admitted(server):
     app, url, Request = server
     astronaut = skimage.data.astronaut()
     first, second = Request(session_hash="first"), Request(session_hash="second")
-    run(app.open_page(second))
+    page = json.loads(run(app.open_page(second)))
     run(app.http_frame(astronaut, first))
     wait_for(lambda: app.workers[0].worker.tabs[first.session_hash].pipeline.metrics.frames_out >= 1)
     health = httpx.get(url + "healthz")
@@ -277,7 +277,7 @@ def test_server_full_over_http_and_webrtc_then_admitted(server):
     assert app.workers[0].worker.tabs[second.session_hash].pipeline is None and refused.shape == astronaut.shape
     assert refused.mean() < astronaut.mean() / 2  # the dimmed webcam frame with the text on it
     assert "the server is full (1 live session); try again shortly" in run(app.stats(second))
-    offer = httpx.post(url + "offer", json={**json.loads(run(app.open_page(second))), "sdp": valid_offer_sdp(),
+    offer = httpx.post(url + "offer", json={**page, "sdp": valid_offer_sdp(),
                                             "type": "offer"})
     assert offer.status_code == 503
     assert offer.json()["error"] == "the server is full (1 live session); try again shortly"
@@ -389,3 +389,67 @@ def test_a_one_shot_error_goes_to_its_caller(engine, images):
         assert np.array_equal(face, sched.call(lambda: engine.animate(images["drv"][None], ["one"])[0]))
     finally:
         sched.call(lambda: engine.close("one"))
+
+
+class OverlappingEngine:
+    """A fake CUDA engine (so the scheduler overlaps preparation with the engine step): each step takes 0.2 s,
+    unless `hold` is set: then it lasts until `hold` is set by the test's client (at most 5 s)."""
+
+    def __init__(self):
+        self.device = type("Device", (), {"type": "cuda"})()
+        self.hold: threading.Event | None = None
+        self.steps: list[tuple[float, float]] = []  # (start, end) of each engine call
+
+    def animate(self, crops, sessions, as_tensor=False):
+        start = time.monotonic()
+        if self.hold is None:
+            time.sleep(0.2)
+        else:
+            self.hold.wait(5)
+        self.steps.append((start, time.monotonic()))
+        return np.zeros((len(crops), 4, 4, 3), np.uint8)
+
+
+def test_a_frame_arriving_mid_step_is_prepared_during_the_step():
+    """On an overlapping engine (CUDA), a frame submitted 30 ms into a 200 ms engine step starts its 50 ms
+    preparation during that step (just in time for its end), not once the engine is free: the clock that waits
+    for the preparation's start is woken by the submit. The engine step here lasts until that preparation starts
+    (5 s at most), so the order is the evidence, not a duration."""
+    engine = OverlappingEngine()
+    sched = Scheduler(engine)
+    prepared: dict[str, float] = {}
+    finished: dict[str, threading.Event] = {}
+
+    class Client:
+        def prepare(self, name: str, arrived: float) -> Work:
+            prepared[name] = time.monotonic()
+            if engine.hold is not None and name == "late":
+                engine.hold.set()
+            time.sleep(0.05)
+            return Work(np.zeros((256, 256, 3), np.uint8), "s", None, arrived, name)
+
+        def finish(self, work: Work, face) -> None:
+            finished[work.data].set()
+
+    def frame(name: str) -> threading.Event:
+        finished[name] = threading.Event()
+        lane.submit(name)
+        return finished[name]
+    try:
+        lane = sched.add(Client())
+        for i in range(5):  # the scheduler learns the step (0.2 s) and the preparation (0.05 s) times
+            assert frame(f"warm-up {i}").wait(10)
+        engine.hold = threading.Event()
+        first = frame("first")
+        for _ in range(500):  # until the engine runs "first"
+            if len(engine.steps) == 5 and sched.lanes[0].in_engine:
+                break
+            time.sleep(0.01)
+        time.sleep(0.03)
+        late = frame("late")
+        assert first.wait(10) and late.wait(10)
+        start, end = engine.steps[5]
+        assert prepared["late"] < end, f"prepared {1000 * (prepared['late'] - start):.0f} ms into the step, " \
+                                       f"after it ended at {1000 * (end - start):.0f} ms"
+    finally:
+        sched.close()

@@ -49,16 +49,37 @@ def test_turn_flags():
         turn_server("turn:t.example:3478", "u", None)
     with pytest.raises(ValueError, match="expected turn:"):
         turn_server("stun:t.example:3478", "u", "p")
+    assert turn_server("turn:t.example:3478", None, None, "s3cret") == [{"urls": "turn:t.example:3478", "secret": "s3cret"}]
+    with pytest.raises(ValueError, match="not both"):
+        turn_server("turn:t.example:3478", "u", None, "s3cret")
+    with pytest.raises(ValueError, match="--turn-secret needs --turn-url"):
+        turn_server(None, None, None, "s3cret")
+
+
+def test_turn_secret_mints_expiring_credentials():
+    """coturn's shared-secret scheme: user name = expiry (Unix time), password = base64(HMAC-SHA1(secret, user
+    name)); each entry with a secret is replaced, and the secret is given to nobody."""
+    import base64, hashlib, hmac, time
+    from web.webrtc import TURN_TTL_S, mint
+    stun = {"urls": "stun:t.example:3478"}
+    (same, turn) = mint([stun, {"urls": "turn:t.example:3478", "secret": "s3cret"}])
+    assert same == stun and set(turn) == {"urls", "username", "credential"}
+    expiry = int(turn["username"].split(":")[0])
+    assert time.time() < expiry <= time.time() + TURN_TTL_S
+    assert turn["credential"] == base64.b64encode(hmac.new(b"s3cret", turn["username"].encode(), hashlib.sha1).digest()).decode()
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--turn-url", "turn:127.0.0.1:3478"], "--turn-url needs --turn-user and --turn-password"),
+    (["--turn-url", "turn:127.0.0.1:3478"], "--turn-url needs --turn-secret (or $LP_TURN_SECRET), or --turn-user and --turn-password"),
+    (["--turn-secret", "s"], "--turn-secret needs --turn-url"),
+    (["--turn-url", "turn:127.0.0.1:3478", "--turn-secret", "s", "--turn-user", "u"], "not both"),
     (["--https-self-signed", "--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem"], "not both"),
     (["--ssl-certfile", "c.pem"], "go together"),
     (["--ssl-certfile", "missing.pem", "--ssl-keyfile", "key.pem"], "--ssl-certfile missing.pem: no such file"),
 ])
 def test_bad_option_combinations_exit_before_loading(flags, message, capsys, monkeypatch):
     monkeypatch.delenv("LP_TURN_PASSWORD", raising=False)
+    monkeypatch.delenv("LP_TURN_SECRET", raising=False)
     assert launch.main(["--weights", "recipe", "--config", "tiny", *flags]) == 2
     assert message in capsys.readouterr().err
 

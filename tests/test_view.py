@@ -6,6 +6,7 @@ import asyncio
 import gc
 
 import gradio as gr
+import json
 
 import httpx
 import pytest
@@ -88,7 +89,7 @@ def test_viewers_watch_bounded_revocable_and_leave_nothing(served):
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             tab = loadtest.Tab(http)
             page = await tab.open()
-            link = (await tab.call("share_output", [url]))[0]
+            link = (await tab.call("share_output", [url, json.dumps(page)]))[0]
             assert link.startswith(url + "view/")
             token = link.rsplit("/", 1)[1]
             assert len(token) >= 32 and worker.tabs[tab.session].token == token
@@ -145,7 +146,7 @@ def test_viewers_watch_bounded_revocable_and_leave_nothing(served):
             assert r.status_code == 200 and len(await frames(await asyncio.wait_for(track, 30), 2)) == 2
 
             # a new link revokes the old one: its viewer ends, it is 404; the new one works
-            link2 = (await tab.call("share_output", [url]))[0]
+            link2 = (await tab.call("share_output", [url, json.dumps(page)]))[0]
             assert link2 != link
             assert await until(lambda: again.connectionState == "closed", 10)
             assert (await http.get(f"view/{token}")).status_code == 404
@@ -182,8 +183,8 @@ def test_view_page_options_are_checked(served):
 
 
 def test_under_auth_the_link_is_the_permission_to_watch(tmp_path, loopback_only):
-    """With --auth the page and /offer need the login; the view link does not (OBS cannot log in), and it is still
-    404 without a valid token."""
+    """With --auth the page and /offer need the login; the view link does not (OBS cannot log in): a viewer with
+    no login but the link watches the logged-in performer's output, and a wrong token is still 404."""
     from web.app import LiveApp
 
     loadtest.loopback_ice()
@@ -191,14 +192,33 @@ def test_under_auth_the_link_is_the_permission_to_watch(tmp_path, loopback_only)
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     demo = app.launch(port=port, auth=[("ada", "lovelace")], block=False)
+    sdp = valid_offer_sdp()
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as ada, \
+                httpx.AsyncClient(base_url=url, timeout=30) as anonymous:
+            assert (await ada.post("login", data={"username": "ada", "password": "lovelace"})).status_code == 200
+            tab = loadtest.Tab(ada)
+            page = await tab.open()
+            assert (await anonymous.post("offer", json={"sdp": sdp, "type": "offer", **page})
+                    ).status_code == 401
+            link = (await tab.call("share_output", [url, json.dumps(page)]))[0]
+            token = link.rsplit("/", 1)[1]
+            performer, received = loadtest.new_peer(moving_face(), 10)
+            await loadtest.offer(ada, performer, page)
+            await frames(await asyncio.wait_for(received, 30), 1)
+            assert (await anonymous.get(f"view/{token}")).status_code == 200
+            assert (await anonymous.get(f"view/{token[:-1]}")).status_code == 404
+            viewer, track, r = await watch(anonymous, token)
+            assert r.status_code == 200, r.text
+            got = await frames(await asyncio.wait_for(track, 30), 2)
+            assert len(got) == 2 and app.workers[0].worker.counts()["viewers"] == 1
+            for pc in (viewer, performer):
+                await pc.close()
+            await tab.close()
     try:
-        token = run(app.share("ada-tab"))
-        assert httpx.post(url + "offer", json={"sdp": "x", "type": "offer", "session": "ada-tab",
-                                               "secret": token}).status_code == 401
-        assert httpx.get(f"{url}view/{token}").status_code == 200
-        assert httpx.get(f"{url}view/{token[:-1]}").status_code == 404
-        r = httpx.post(f"{url}view/{token}/offer", json={"sdp": "x", "type": "offer"})
-        assert r.status_code == 400 and app.workers[0].worker.counts()["viewers"] == 0  # checked like any offer, no login asked
+        asyncio.run(scenario())
+        assert wait_until(lambda: not app.workers[0].worker.tabs, 30)
     finally:
         demo.close()
         app.close()

@@ -9,11 +9,10 @@ import httpx
 import numpy as np
 import PIL.Image
 import pytest
-
-from conftest import run, tiny
 import skimage.data
 from gradio_client import Client, handle_file
 
+from conftest import run, tiny
 from web.app import LiveApp
 from web.webrtc import parse_ice_servers
 
@@ -70,6 +69,7 @@ def test_good_portrait_and_sample(app, files):
 
 def test_http_streaming_fallback_animates_and_cleans_up(app):
     r = request("http")
+    key = run(app.open_page(r))
     run(app.set_controls(True, True, False, 1.0, True, 0.3, False, 0.1, 0.5, False, r))  # paste-back off: 256² face
     assert "not connected" in run(app.stats(r))
     outputs = [run(app.http_frame(np.roll(ASTRONAUT, i, axis=1), r)) for i in range(4)]
@@ -83,7 +83,7 @@ def test_http_streaming_fallback_animates_and_cleans_up(app):
     assert "Recording" in run(app.start_recording(r))
     for _ in range(3):
         run(app.http_frame(ASTRONAUT, r))
-    (path,), status = run(app.stop_recording(r))
+    (path,), status = run(app.stop_recording(key, r))
     assert "Saved" in status
     with av.open(path) as c:
         assert sum(1 for _ in c.decode(video=0)) >= 3

@@ -78,7 +78,7 @@ def app(tmp_path_factory):
 def test_every_tab_feature_through_plain_data(app, tmp_path):
     from test_render import driving_video
     r = gr.Request(session_hash="tab")
-    run(app.open_page(r))
+    key = run(app.open_page(r))
     portrait = tmp_path / "portrait.png"
     PIL.Image.fromarray(skimage.data.astronaut()).save(portrait)
     image, status = run(app.set_portrait(str(portrait), r))
@@ -92,12 +92,12 @@ def test_every_tab_feature_through_plain_data(app, tmp_path):
     assert "Live via HTTP streaming" in run(app.stats(r))
     assert "Recording" in run(app.start_recording(r))
     run(app.http_frame(skimage.data.astronaut(), r))
-    (path,), status = run(app.stop_recording(r))
+    (path,), status = run(app.stop_recording(key, r))
     assert not path.startswith(str(app.dir)) and "Saved" in status  # the front's copy, in Gradio's cache
     with av.open(path) as c:
         assert sum(1 for _ in c.decode(video=0)) >= 1
     assert run(app.reset_reference(r)).startswith("Reference reset")
-    link = run(app.share_output("http://example.test/", r))
+    link = run(app.share_output("http://example.test/", key, r))
     assert link.startswith("http://example.test/view/") and link.rsplit("/", 1)[1] in app.shared
 
     class Select:

@@ -45,12 +45,12 @@ from stream.pipeline import draw_text
 from stream.render import MAX_BYTES, MAX_SIDE, InputError
 from web import controls as panel
 from web import tls
-from web.guard import Refused, check_offer, gradio_user, login_required
+from web.guard import Refused, check_offer, gradio_user, login_required, same_secret
 from web.limits import Limits, argument, claim, default_work_dir, positive
 from web.limits import add_arguments as add_limit_arguments
-from web.webrtc import parse_ice_servers, turn_server
-from web.worker import (CALL_TIMEOUT_S, DEFAULT_MAX_SESSIONS, LOAD_TIMEOUT_S, MAX_VIEWERS, Local, NotLive, ServerFull,
-                        TabClosed, UnknownTab, UnknownView, ViewersFull, WorkerConfig, WorkerLost)
+from web.webrtc import mint, parse_ice_servers, turn_server
+from web.worker import (CALL_TIMEOUT_S, DEFAULT_MAX_SESSIONS, LOAD_TIMEOUT_S, MAX_VIEWERS, EditorsFull, Local, NotLive,
+                        ServerFull, TabClosed, UnknownTab, UnknownView, ViewersFull, WorkerConfig, WorkerLost)
 
 log = logging.getLogger("liveportrait.app")
 T = TypeVar("T")
@@ -112,6 +112,7 @@ class LiveApp:
         self.info = _wait(self.workers[0].call("about"))  # what the page shows: device, engine, codec, sample
         self.pages: dict[str, Page] = {}
         self.closed: dict[str, float] = {}  # session hashes of closed tabs -> when (they expire: see reap)
+        self.auth = False  # under --auth every handler acts only for the login that opened its tab (launch sets it)
 
     async def _on(self, session: str) -> Any:
         """The tab's worker: the one that holds it, else the answering one with the most free capacity."""
@@ -129,7 +130,8 @@ class LiveApp:
         return worker
 
     def _page(self, session: str) -> Page:
-        return self.pages.setdefault(session, Page())
+        """The tab's Page; a blank one, not kept, for a call before its page load (only its load makes one)."""
+        return self.pages.get(session) or Page()
 
     async def _call(self, session: str, method: str, *args: Any, **kw: Any) -> Any:
         """`method` of the tab's worker, for the tab. A worker that does not hold the tab (it was just placed
@@ -151,7 +153,7 @@ class LiveApp:
             if len(self.workers) > 1 and self.placed.get(session) is worker:
                 self._forget(session)
                 with contextlib.suppress(Exception):
-                    await worker.call("close_tab", session)
+                    await worker.call("close_tab", session, True)  # moved, not closed: it may come back
             raise
 
     def _forget(self, session: str) -> None:
@@ -161,22 +163,45 @@ class LiveApp:
             del self.shared[token]
 
     def gone(self, request: gr.Request) -> bool:
-        """The tab was closed: a request that raced its unload must not bring it back."""
-        return request.session_hash in self.closed
+        """The tab is not the caller's to act on: it was closed (a request that raced its unload must not bring it
+        back) or, under --auth, the caller is not the login whose page load opened it."""
+        if request.session_hash in self.closed:
+            return True
+        if not self.auth:
+            return False
+        page = self.pages.get(request.session_hash)
+        return page is None or page.user != request.username
+
+    def holds_secret(self, request: gr.Request, key: str | None) -> bool:
+        """Whether `key` (the page's {session, secret}, as its load gave it) is this tab's. Gradio lets any client
+        name any session hash, so the handlers that hand something out (a view link, recordings) ask for it."""
+        page = self.pages.get(request.session_hash)
+        try:
+            secret = json.loads(key or "{}").get("secret")
+        except (ValueError, AttributeError, RecursionError):
+            return False
+        return page is not None and not self.gone(request) and same_secret(page.secret, secret)
 
     # ---- page lifecycle ----
 
     async def open_page(self, request: gr.Request) -> str:
-        """Page load: register the tab; its id and secret go to the WebRTC client."""
-        if self.gone(request):
+        """Page load: register the tab; its id, its secret and its ICE servers (TURN credentials minted for it)
+        go to the WebRTC client. Only the load that creates the tab gets them: another call naming the same
+        session hash (Gradio lets a client choose it) gets nothing."""
+        if request.session_hash in self.closed:
             return ""
-        page = self.pages.setdefault(request.session_hash, Page(request.username))
+        page = Page(request.username)
+        if self.pages.setdefault(request.session_hash, page) is not page:
+            log.warning("a second page load for an open tab: refused")
+            return ""
         with contextlib.suppress(WorkerLost):  # placed again at its next call
             await self._call(request.session_hash, "stats")  # placed on a worker; its idle clock starts
-        return json.dumps({"session": request.session_hash, "secret": page.secret})
+        return json.dumps({"session": request.session_hash, "secret": page.secret, "ice": mint(self.ice_servers)})
 
     async def close_page(self, request: gr.Request) -> None:
         """Tab closed: end its live connection and forget it."""
+        if self.gone(request):
+            return
         self.closed[request.session_hash] = time.monotonic()
         while len(self.closed) > MAX_GONE:
             del self.closed[next(iter(self.closed))]
@@ -280,7 +305,11 @@ class LiveApp:
     async def edited(self, request: gr.Request) -> np.ndarray | None:
         """The page's portrait with its sliders applied, pasted back (one engine call); skipped while the
         Portrait editing tab is not shown."""
-        image = await self._call(request.session_hash, "edited") if not self.gone(request) else None
+        try:
+            image = await self._call(request.session_hash, "edited") if not self.gone(request) else None
+        except EditorsFull as e:
+            gr.Warning(f"Portrait editing: {e}.")
+            return gr.skip()
         return gr.skip() if image is None else image
 
     async def reset_reference(self, request: gr.Request) -> str:
@@ -311,7 +340,7 @@ class LiveApp:
         except Refused as e:
             return JSONResponse({"error": str(e)}, status_code=e.status)
         page = self.pages.get(body["session"])
-        if page is None or not secrets.compare_digest(page.secret, body["secret"]):
+        if page is None or not same_secret(page.secret, body["secret"]):
             return JSONResponse({"error": "unknown page; reload it"}, status_code=403)
         if login_required(request) and await gradio_user(request) != page.user:
             return JSONResponse({"error": "this page belongs to another login"}, status_code=403)
@@ -327,10 +356,11 @@ class LiveApp:
 
     # ---- view-only links: the output for OBS, a call or a second screen ----
 
-    async def share_output(self, page_url: str, request: gr.Request) -> str:
+    async def share_output(self, page_url: str, key: str | None, request: gr.Request) -> str:
         """Share output: a new view-only link for this tab (`page_url`: the page's address, from the browser, so
-        the link names the host the way the user reaches it); the previous link stops working."""
-        if self.gone(request):
+        the link names the host the way the user reaches it; `key`: the page's secret); the previous link stops
+        working."""
+        if not self.holds_secret(request, key):
             return gr.skip()
         return urljoin(page_url or "", f"view/{await self.share(request.session_hash)}")
 
@@ -361,7 +391,7 @@ class LiveApp:
         if fit not in ("contain", "cover"):
             return PlainTextResponse(f"fit={fit[:20]!r}: expected contain or cover", status_code=400,
                                      headers=VIEW_HEADERS)
-        config = json.dumps(dict(ice=self.ice_servers, bg=f"#{bg}", fit=fit)).replace("<", "\\u003c")
+        config = json.dumps(dict(ice=mint(self.ice_servers), bg=f"#{bg}", fit=fit)).replace("<", "\\u003c")
         return HTMLResponse(VIEW_HTML.replace("__CONFIG__", config), headers=VIEW_HEADERS)
 
     async def view_offer(self, request: fastapi.Request) -> JSONResponse:
@@ -395,10 +425,11 @@ class LiveApp:
             m = await self._call(request.session_hash, "stats")
         except WorkerLost as e:
             return f"**Live:** ⚠️ {e}."
+        error = f" · ⚠️ {m['error']}" if m["error"] else ""
         if not m["live"]:
             if m["refused"]:
-                return f"**Live:** {m['refused']}."
-            return "**Live:** not connected — start the camera (WebRTC) or the HTTP streaming webcam."
+                return f"**Live:** {m['refused']}.{error}"
+            return f"**Live:** not connected — start the camera (WebRTC) or the HTTP streaming webcam.{error}"
         size = "×".join(map(str, m["size"])) if m["size"] else "–"
         recording = (" · ● recording" if m["recording"] else
                      f" · ■ recording stopped at the {self.limits.record_max_s:g} s limit: press Stop recording to "
@@ -409,7 +440,7 @@ class LiveApp:
         viewers = f" · 🔗 {m['viewers']} viewer{'s' if m['viewers'] != 1 else ''}" if m["viewers"] else ""
         return (f"**Live via {m['transport']}{codec}** · in {m['fps_in']} fps · out {m['fps_out']} fps · "
                 f"dropped {m['dropped']} · latency p50 {m['latency_p50_ms']:.0f} ms / p95 {m['latency_p95_ms']:.0f} ms"
-                f" · {size}{recording}{face}{viewers}")
+                f" · {size}{recording}{face}{viewers}{error}")
 
     async def healthz(self, request: fastapi.Request) -> JSONResponse:
         """GET /healthz: readiness and load for a load balancer, over every worker; 503 while full or while no
@@ -435,10 +466,10 @@ class LiveApp:
             return ""
         return await self._call(request.session_hash, "start_recording")
 
-    async def stop_recording(self, request: gr.Request) -> tuple:
-        """Every take not yet downloaded (a second Record keeps the first; so do Stop and the limit), written to
-        the work directory for Gradio to serve."""
-        takes = await self._call(request.session_hash, "stop_recording") if not self.gone(request) else []
+    async def stop_recording(self, key: str | None, request: gr.Request) -> tuple:
+        """Every take not yet downloaded (a second Record keeps the first; so do Stop and the limit), copied into
+        Gradio's cache for the page; `key`: the page's secret."""
+        takes = await self._call(request.session_hash, "stop_recording") if self.holds_secret(request, key) else []
         if not takes:
             return gr.skip(), "Nothing recorded yet."
         paths = [await asyncio.to_thread(handed, name, data) for name, data in takes]
@@ -504,7 +535,7 @@ class LiveApp:
                         with gr.Tab("Live (WebRTC)"):
                             live = gr.HTML("", html_template=LIVE_HTML, css_template=LIVE_CSS, elem_id="lp-live",
                                            js_on_load=(STATIC / "live.js").read_text(),
-                                           ice_servers=self.ice_servers, codec=self.info["codec"])
+                                           codec=self.info["codec"])
                         with gr.Tab("Live (HTTP streaming)"):
                             gr.Markdown("Fallback transport: frames go through Gradio's HTTP streaming, so it works "
                                         "through share links without a TURN server (higher latency).")
@@ -550,9 +581,10 @@ class LiveApp:
                        show_progress="hidden")
             go.click(self.render_video, driving, [rendered, render_status], concurrency_limit=self.max_renders,
                      concurrency_id="render")  # a bounded queue: the page shows its position
-            share.click(self.share_output, link, link, js="() => [document.baseURI]")  # js: the page's address
+            share.click(self.share_output, [link, live], link,  # js: the page's address, and its secret
+                        js="(link, page) => [document.baseURI, page]")
             record.click(self.start_recording, None, record_status)
-            stop.click(self.stop_recording, None, [recording, record_status])
+            stop.click(self.stop_recording, live, [recording, record_status])
             gr.Timer(1.0).tick(self.stats, None, metrics, show_progress="hidden")
         return demo
 
@@ -568,6 +600,7 @@ class LiveApp:
             reaper.cancel()
             await asyncio.to_thread(self.close)
 
+        self.auth = auth is not None
         demo = self.blocks()
         demo.queue(default_concurrency_limit=None)
         certfile, keyfile = map(str, ssl) if ssl else (None, None)
@@ -624,6 +657,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "comma-separated URLs (default: $LP_ICE_SERVERS, else none); see docs/deploy.md")
     parser.add_argument("--turn-url", help="a TURN server for WebRTC across strict NATs, e.g. "
                                            "turn:turn.example.com:3478 (added to --ice-servers)")
+    parser.add_argument("--turn-secret", default=os.environ.get("LP_TURN_SECRET"),
+                        help="coturn's static-auth-secret (use-auth-secret): every page and peer gets TURN "
+                             "credentials of its own that expire, instead of --turn-user/--turn-password "
+                             "(default: $LP_TURN_SECRET); see docs/deploy.md")
     parser.add_argument("--turn-user", help="the TURN server's user name")
     parser.add_argument("--turn-password", default=os.environ.get("LP_TURN_PASSWORD"),
                         help="the TURN server's password (default: $LP_TURN_PASSWORD)")
@@ -664,7 +701,8 @@ def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = N
     """Load the engine (official weights, or the error saying how to get them), then serve until Ctrl-C.
     `on_start` sees the app before it serves (the load-test server logs its counts)."""
     try:
-        ice_servers = (args.ice_servers or []) + turn_server(args.turn_url, args.turn_user, args.turn_password)
+        ice_servers = (args.ice_servers or []) + turn_server(args.turn_url, args.turn_user, args.turn_password,
+                                                             args.turn_secret)
         if args.https_self_signed and (args.ssl_certfile or args.ssl_keyfile):
             raise ValueError("--https-self-signed or --ssl-certfile/--ssl-keyfile, not both")
         if bool(args.ssl_certfile) != bool(args.ssl_keyfile):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import secrets
 from urllib.parse import urlsplit
 
 import fastapi
@@ -53,6 +54,12 @@ def same_origin(request: fastapi.Request) -> bool:
         return True
     hosts = {request.headers.get("host", ""), request.headers.get("x-forwarded-host", "")} - {""}
     return urlsplit(origin).netloc.lower() in {h.split(",")[0].strip().lower() for h in hosts}
+
+
+def same_secret(expected: str, given: object) -> bool:
+    """Whether `given` is the secret `expected`, in constant time; any text (non-ASCII, lone surrogates) or any other
+    type is just a wrong secret."""
+    return isinstance(given, str) and secrets.compare_digest(expected.encode(), given.encode("utf-8", "surrogatepass"))
 
 
 async def read_body(request: fastapi.Request, limit: int = MAX_OFFER_BYTES) -> bytes:

@@ -9,6 +9,9 @@ shows frames at the rate the engine makes them.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -25,6 +28,7 @@ from stream.pipeline import SessionPipeline
 
 log = logging.getLogger("liveportrait.webrtc")
 CLOCK = Fraction(1, 90000)  # the RTP video clock
+TURN_TTL_S = 24 * 3600  # minted TURN credentials expire after this (coturn checks it at every allocation refresh)
 CONNECT_TIMEOUT = 30  # s from the answer to a connected peer (the page falls back after 10 s); ICE takes far less
 ICE_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
 
@@ -51,16 +55,39 @@ def parse_ice_servers(text: str | None) -> list[dict]:
     return servers
 
 
-def turn_server(url: str | None, user: str | None, password: str | None) -> list[dict]:
-    """`--turn-url/--turn-user/--turn-password` as an ICE server entry ([] without a URL). Browsers refuse a TURN
-    server without credentials, so both are required."""
+def turn_server(url: str | None, user: str | None, password: str | None, secret: str | None = None) -> list[dict]:
+    """`--turn-url` with `--turn-secret` (coturn's static-auth-secret: each peer and page gets its own credentials,
+    see `mint`), or with `--turn-user/--turn-password` (one long-term user), as an ICE server entry ([] without a
+    URL). Browsers refuse a TURN server without credentials, so one of the two is required."""
     if not url:
+        if secret:
+            raise ValueError("--turn-secret needs --turn-url")
         return []
     if not url.startswith(("turn:", "turns:")):
         raise ValueError(f"--turn-url {url!r}: expected turn:HOST[:PORT][?transport=udp|tcp] or turns:HOST[:PORT]")
+    if secret:
+        if user:
+            raise ValueError("--turn-secret or --turn-user/--turn-password, not both")
+        return [{"urls": url, "secret": secret}]
     if not (user and password):
-        raise ValueError("--turn-url needs --turn-user and --turn-password (or $LP_TURN_PASSWORD)")
+        raise ValueError("--turn-url needs --turn-secret (or $LP_TURN_SECRET), or --turn-user and --turn-password "
+                         "(or $LP_TURN_PASSWORD)")
     return [{"urls": url, "username": user, "credential": password}]
+
+
+def turn_credentials(url: str, secret: str, ttl_s: float = TURN_TTL_S) -> dict:
+    """An ICE entry for the TURN server `url` with credentials in coturn's shared-secret scheme (`use-auth-secret`
+    and `static-auth-secret`, the "TURN REST API"): the user name is the Unix time they expire at, the password
+    base64(HMAC-SHA1(secret, user name)). The secret itself never leaves the server."""
+    user = f"{int(time.time() + ttl_s)}:liveportrait"
+    password = base64.b64encode(hmac.new(secret.encode(), user.encode(), hashlib.sha1).digest()).decode()
+    return {"urls": url, "username": user, "credential": password}
+
+
+def mint(ice_servers: list[dict]) -> list[dict]:
+    """The ICE servers to give a page or a peer now: a TURN entry with a `secret` (--turn-secret) becomes one with
+    fresh credentials that expire; the others are given as they are."""
+    return [turn_credentials(s["urls"], s["secret"]) if "secret" in s else s for s in ice_servers]
 
 
 class AnimatedTrack(VideoStreamTrack):

@@ -45,7 +45,7 @@ from stream.pipeline import RecordingRunning, SessionPipeline, Settings
 from stream.render import read_image, render
 from stream.scheduler import Scheduler
 from web.limits import Limits, WorkDir, default_work_dir, release_memory
-from web.webrtc import Peer, Viewer
+from web.webrtc import Peer, Viewer, mint
 
 log = logging.getLogger("liveportrait.worker")
 WEBRTC, HTTP = "WebRTC", "HTTP streaming"
@@ -53,6 +53,7 @@ HTTP_QUIET_S = 5.0  # an HTTP-streaming connection without a webcam frame this l
 CALL_TIMEOUT_S = 120.0  # no call to a worker waits longer (closing a connection waits for its frames in flight)
 LOAD_TIMEOUT_S = 5.0  # health and load answer at once, even from a busy worker
 MAX_VIEWERS = 4  # receive-only viewers per tab unless --max-viewers says otherwise
+MAX_GONE = 10_000  # closed-tab markers kept at most (each also expires after the idle timeout)
 # Live sessions admitted per device unless --max-sessions says otherwise (docs/benchmarks.md, "Serving"). CPU:
 # measured with `launch.py bench serve`; CUDA: not measured yet, one full batch of the scheduler (--max-batch 8).
 DEFAULT_MAX_SESSIONS = {"cpu": 4, "cuda": 8}
@@ -104,6 +105,15 @@ class ServerFull(RuntimeError):
         return cls(f"the server is full ({live} live session{'s' if live != 1 else ''}); try again shortly")
 
 
+class EditorsFull(RuntimeError):
+    """No room for another portrait editor (each holds an engine session); the message is meant for the user."""
+
+    @classmethod
+    def of(cls, n: int) -> EditorsFull:
+        return cls(f"the server is editing {n} portrait{'s' if n != 1 else ''} already; try the Portrait editing "
+                   "tab again shortly")
+
+
 class TabClosed(RuntimeError):
     """A request for a tab that was closed meanwhile; the message is meant for the user."""
 
@@ -152,6 +162,7 @@ class Tab:
         self.source, self.settings = source, Settings()
         self.conn: Connection | None = None
         self.admitting = 0  # connections being made: they hold a slot meanwhile
+        self.retiring = 0  # replaced connections being closed: they hold their slot until closed
         self.connecting: asyncio.Future | None = None  # the HTTP-streaming connection being made
         self.refused: str | None = None  # why the last connection was not admitted (the server was full)
         self.takes: list[Path] = []  # finished recordings not yet handed to the page
@@ -162,6 +173,7 @@ class Tab:
         self.token: str | None = None  # its view link's token, once shared
         self.viewers: set[Viewer] = set()  # watching `conn`'s output
         self.joining = 0  # view offers being accepted: they hold a viewer slot meanwhile
+        self.error: str | None = None  # why the last connection did not end cleanly (the page's metrics line says)
 
     @property
     def pipeline(self) -> SessionPipeline | None:
@@ -176,8 +188,12 @@ class Tab:
             raise TabClosed("this tab was closed; reload the page")
         old, self.conn = self.conn, conn
         if old is not None:
-            await self.end_viewers()  # they watched `old`; their pages connect again to the new one
-            await self._retire(old)
+            self.retiring += 1
+            try:
+                await self.end_viewers()  # they watched `old`; their pages connect again to the new one
+                await self._retire(old)
+            finally:
+                self.retiring -= 1
 
     async def end(self, conn: Connection | None = None) -> None:
         """End `conn` (default: the live one); one already replaced is being closed by `replace`: nothing to do."""
@@ -198,8 +214,24 @@ class Tab:
         await asyncio.gather(*(v.close() for v in viewers), return_exceptions=True)
 
     async def _retire(self, conn: Connection) -> None:
-        if path := await conn.close():
-            self.takes.append(path)
+        """Close `conn` and keep its take. A close that fails (a recording that cannot be finalised on a full
+        disk, say) is logged and told to the page; what called it goes on."""
+        try:
+            if path := await conn.close():
+                self.keep(path)
+        except Exception as e:
+            log.exception("ending a connection failed")
+            self.error = f"the last connection did not end cleanly, its recording is lost: {e}"
+
+    def keep(self, path: Path) -> None:
+        """A finished take waits for its page: the work directory's clean-up leaves it until it is handed over
+        (Worker._takes)."""
+        self.takes.append(path)
+
+    def hand_over(self) -> list[Path]:
+        """Every take not yet handed to the page, oldest first; from now on the clean-up may delete them."""
+        takes, self.takes = self.takes, []
+        return takes
 
     def last_seen(self) -> float:
         return max(self.seen, self.conn.last_frame() if self.conn else 0.0)
@@ -223,6 +255,7 @@ class Worker:
         encode.install()  # aiortc's senders and receivers use the tuned encoders and decoders
         self.tabs: dict[str, Tab] = {}
         self.work = WorkDir(Path(config.workdir or default_work_dir()), self.limits, self._takes)
+        self.gone: dict[str, float] = {}  # tabs closed by their page -> when: a later call must not bring one back
         self.views: dict[str, Tab] = {}  # view token -> the tab that shared its output
         step = self.engine.warmup().get(1) if config.warmup else None  # compile and capture now, not in a first frame
         self.step_s = config.step_s or (step if self.device == "cpu" and step else self._measure_step())
@@ -258,7 +291,12 @@ class Worker:
                                log.error("worker task failed", exc_info=t.exception()))
 
     def tab(self, tab: str) -> Tab:
-        """On the loop: the tab's state (UnknownTab if this worker does not hold it); its idle clock restarts."""
+        """On the loop: the tab's state (UnknownTab if this worker does not hold it); its idle clock restarts. A
+        tab its page closed stays closed: a call that names it acts on a closed Tab the worker does not keep."""
+        if tab in self.gone:
+            closed = Tab(self.sample)
+            closed.closed = True
+            return closed
         if (t := self.tabs.get(tab)) is None:
             raise UnknownTab(tab)
         t.seen = time.monotonic()
@@ -269,7 +307,7 @@ class Worker:
         whether its Portrait editing tab is shown. A tab this worker holds already keeps its state."""
         if self._watch is None:
             self._watch = asyncio.ensure_future(self._watch_http())
-        if tab in self.tabs:
+        if tab in self.tabs or tab in self.gone:
             return
         source = self.sample if portrait is None else await asyncio.to_thread(
             lambda: prepare_source(read_image(portrait)))
@@ -282,10 +320,14 @@ class Worker:
         return {p for t in list(self.tabs.values()) for p in list(t.takes)}
 
     def live(self) -> int:
-        return sum(1 for t in list(self.tabs.values()) if t.conn or t.admitting)
+        """Live connections, counting the ones being made and the replaced ones still closing."""
+        return sum(bool(t.conn or t.admitting) + t.retiring for t in list(self.tabs.values()))
 
     def _admit(self, t: Tab) -> None:
-        """On the loop: room for `t`'s new connection (its own current one counts as its slot), or ServerFull."""
+        """On the loop: room for `t`'s new connection (its own current one counts as its slot), or ServerFull
+        (TabClosed for a closed tab)."""
+        if t.closed:
+            raise TabClosed("this tab was closed; reload the page")
         if not (t.conn or t.admitting) and self.live() >= self.max_sessions:
             full = ServerFull.of(self.live())
             t.refused = str(full)
@@ -305,7 +347,7 @@ class Worker:
         self._admit(t)
         t.admitting += 1
         try:
-            peer = await Peer.accept(offer, self.ice_servers, self.codec)
+            peer = await Peer.accept(offer, mint(self.ice_servers), self.codec)
             try:
                 pipeline = await asyncio.to_thread(self._pipeline, t, WEBRTC)
             except BaseException:
@@ -361,6 +403,8 @@ class Worker:
     async def share(self, tab: str) -> str:
         """A new view token for the tab's output; the previous one is revoked and its viewers end."""
         t = self.tab(tab)
+        if t.closed:
+            raise TabClosed("this tab was closed; reload the page")
         await self._revoke(t)
         t.token = secrets.token_urlsafe(24)
         self.views[t.token] = t
@@ -389,7 +433,7 @@ class Worker:
         conn = t.conn
         t.joining += 1
         try:
-            viewer = await Viewer.accept(offer, self.ice_servers, self.codec)
+            viewer = await Viewer.accept(offer, mint(self.ice_servers), self.codec)
         finally:
             t.joining -= 1
         if t.conn is not conn or self.views.get(token) is not t:  # it ended, or the link was revoked, meanwhile
@@ -398,14 +442,27 @@ class Worker:
         t.watch(viewer, lambda: self._spawn(t.end_viewer(viewer)))
         return viewer.answer
 
-    async def close_tab(self, tab: str) -> None:
-        """The tab is gone: end its connection, free its editor and forget it."""
-        if t := self.tabs.pop(tab, None):
-            t.closed = True
-            await self._revoke(t)
-            await t.end()
-            if t.editor:
-                await asyncio.to_thread(t.editor.close)
+    async def close_tab(self, tab: str, reaped: bool = False) -> None:
+        """The tab is gone: end its connection, free its editor and forget it. Closed by its page, it stays closed;
+        `reaped` (idle: no unload came) or moved to another worker, a later call restores it afresh."""
+        if not reaped:
+            self.gone[tab] = time.monotonic()
+            while len(self.gone) > MAX_GONE:
+                del self.gone[next(iter(self.gone))]
+        t = self.tabs.get(tab)
+        if t is None or t.closed:
+            return
+        t.closed = True
+        steps = [lambda: self._revoke(t), t.end]
+        if t.editor:
+            steps.append(lambda: asyncio.to_thread(t.editor.close))
+        for step in steps:  # each runs whatever an earlier one raised
+            try:
+                await step()
+            except Exception:
+                log.exception("closing tab %s: a step failed", tab)
+        self.tabs.pop(tab, None)  # only now: its connection held its slot while it closed; its takes, never
+        # handed over, are the clean-up's from now on (by age and quota)
 
     async def reap(self) -> list[str]:
         """Free the tabs idle for longer than the idle timeout (closed without an unload event: a crashed
@@ -417,10 +474,13 @@ class Worker:
         for tab in idle:
             try:
                 log.info("tab %s idle for over %g s: freed", tab, timeout)
-                await self.close_tab(tab)
+                await self.close_tab(tab, reaped=True)
                 freed.append(tab)
             except Exception:
                 log.exception("freeing tab %s failed", tab)
+        for k, when in list(self.gone.items()):  # a closed tab's session hash is not reused after this long
+            if now - when > timeout:
+                self.gone.pop(k, None)
         for step in (self.work.clean, release_memory):
             try:
                 await asyncio.to_thread(step)
@@ -471,11 +531,15 @@ class Worker:
         self.tab(tab).editing = shown
 
     async def edited(self, tab: str) -> np.ndarray | None:
-        """The Portrait editing tab's image with the current controls; None while that tab is not shown."""
+        """The Portrait editing tab's image with the current controls; None while that tab is not shown.
+        EditorsFull when --max-sessions tabs have an editor open already."""
         t = self.tab(tab)
         if not t.editing or t.closed:
             return None
-        t.editor = t.editor or PortraitEditor(self.engine)
+        if t.editor is None:  # as many editors as live sessions: each holds an engine session
+            if (n := sum(1 for x in list(self.tabs.values()) if x.editor)) >= self.max_sessions:
+                raise EditorsFull.of(n)
+            t.editor = PortraitEditor(self.engine)
         return await asyncio.to_thread(t.editor, t.source, t.settings)
 
     # ---- recording, rendering, stats ----
@@ -489,7 +553,7 @@ class Worker:
             return "⚠️ The server's storage for recordings is full; try again later."
         try:
             if done := t.conn.pipeline.start_recording(path, self.limits.record_max_s):
-                t.takes.append(done)  # the take that stopped at its limit is kept
+                t.keep(done)  # the take that stopped at its limit is kept
         except RecordingRunning as e:
             return f"● {str(e)[0].upper()}{str(e)[1:]}."
         return f"● Recording… (at most {self.limits.record_max_s:g} s)"
@@ -499,8 +563,8 @@ class Worker:
         bytes). Handed over once: the worker's copies are deleted."""
         t = self.tab(tab)
         if t.conn and (path := await asyncio.to_thread(t.conn.pipeline.stop_recording)):
-            t.takes.append(path)
-        takes, t.takes = t.takes, []
+            t.keep(path)
+        takes = t.hand_over()
         return [(p.name, data) for p in takes if (data := await asyncio.to_thread(_take, p)) is not None]
 
     async def render(self, tab: str, name: str, driving: bytes) -> tuple[tuple[str, bytes] | None, dict | str]:
@@ -528,9 +592,9 @@ class Worker:
         t = self.tab(tab)
         conn = t.conn
         if conn is None:
-            return dict(live=False, refused=t.refused)
+            return dict(live=False, refused=t.refused, error=t.error)
         return dict(conn.pipeline.stats(), live=True, codec=conn.peer.codec if conn.peer else None,
-                    viewers=len(t.viewers))
+                    viewers=len(t.viewers), error=t.error)
 
     def counts(self) -> dict:
         """What is allocated now: tabs, live connections, WebRTC peers, viewers' peers, view tokens, engine

@@ -1,9 +1,9 @@
 // WebRTC client of the live view: webcam -> RTCPeerConnection -> POST offer -> play the animated track; and the
 // page's choice of transport: on a page that is not a secure context the camera is blocked, so both live tabs say
 // how to fix it; when WebRTC fails, the page switches to the HTTP streaming tab and starts it.
-// Runs as the gr.HTML component's js_on_load: `element` is the component, `props.value` the page's {session, secret}
-// as JSON (set by the page's load event; an offer must carry both), `props.ice_servers` the server's --ice-servers /
-// --turn-url. One start at a time: a newer click supersedes an older one still waiting for the camera or the server,
+// Runs as the gr.HTML component's js_on_load: `element` is the component, `props.value` the page's {session, secret,
+// ice} as JSON (set by the page's load event; an offer must carry session and secret; ice: --ice-servers and
+// --turn-url, with TURN credentials minted for this page). One start at a time: a newer click supersedes an older one still waiting for the camera or the server,
 // and whatever the older one opened is closed.
 // window.lpLive counts the decoded output frames and their size (shown on the page, read by the browser tests).
 // Also here: the self-view (the local camera, mirrored, no server work), the "no face in view" overlay (from the
@@ -160,7 +160,8 @@ async function start() {
   cam = stream;
   $(".lp-self").srcObject = stream;
   showSelf();
-  pc = new RTCPeerConnection({ iceServers: props.ice_servers || [] });
+  const { ice, ...page } = JSON.parse(props.value); // ice: the ICE servers, TURN credentials minted for this page
+  pc = new RTCPeerConnection({ iceServers: ice || [] });
   const own = pc;
   stream.getTracks().forEach((t) => own.addTrack(t, stream));
   own.getTransceivers().forEach((t) => t.sender.track?.kind === "video" && preferCodec(t, props.codec));
@@ -182,7 +183,7 @@ async function start() {
   const res = await fetch(new URL("offer", document.baseURI), {
     method: "POST",
     headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ sdp: own.localDescription.sdp, type: own.localDescription.type, ...JSON.parse(props.value) }),
+    body: JSON.stringify({ sdp: own.localDescription.sdp, type: own.localDescription.type, ...page }),
     signal: AbortSignal.timeout(ANSWER_MS),
   });
   // the server answered but refused (unknown tab, bad offer, ...): its reason, and no fallback
