@@ -4,10 +4,9 @@ a wrong or revoked token gets 404, a view token at /offer 403; viewers end with 
 the link and with the tab, and leave no peer, track or encoder behind; a view offer controls nothing."""
 import asyncio
 import gc
-
-import gradio as gr
 import json
 
+import gradio as gr
 import httpx
 import pytest
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
