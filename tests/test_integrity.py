@@ -600,6 +600,7 @@ def launch(*args: str) -> subprocess.CompletedProcess:
     (["--ice-servers", "https://x"], "bad ICE server URL 'https://x'"),
     (["--codec", "av1"], "argument --codec: invalid choice: 'av1'"),
     (["--stream-max", "0"], "argument --stream-max: 0 must be above 0"),
+    (["--workers", "0"], "argument --workers: 0 must be above 0"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, message):
     proc = launch(*args)
