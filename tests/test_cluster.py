@@ -143,7 +143,6 @@ def test_a_killed_worker_loses_only_its_tabs_session_and_they_come_back(served, 
     import time
 
     import cv2
-    import numpy as np
     import PIL.Image
     app, _ = served
     steady, hit = gr.Request(session_hash="steady"), gr.Request(session_hash="hit")
