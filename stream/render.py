@@ -13,6 +13,7 @@ re-encoded to AAC.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -38,15 +39,14 @@ MAX_SIDE = 8000
 IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"RIFF", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")  # PNG JPEG WebP GIF BMP TIFF
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Decode a portrait to RGB uint8 (EXIF orientation applied), refusing files over 20 MB or 8000 px before
-    decoding them, and non-images or damaged images with a clear message."""
-    path = Path(path)
-    size = path.stat().st_size
+def read_image(file: str | Path | bytes) -> np.ndarray:
+    """Decode a portrait (a path, or the file's bytes) to RGB uint8 (EXIF orientation applied), refusing files over
+    20 MB or 8000 px before decoding them, and non-images or damaged images with a clear message."""
+    size = len(file) if isinstance(file, bytes) else Path(file).stat().st_size
     if size > MAX_BYTES:
         raise InputError(f"The file is {size / 2**20:.0f} MB; portraits are limited to {MAX_BYTES // 2**20} MB.")
     try:
-        with PIL.Image.open(path) as im:
+        with PIL.Image.open(io.BytesIO(file) if isinstance(file, bytes) else file) as im:
             w, h = im.size  # read from the header: nothing decoded yet
             if max(w, h) > MAX_SIDE:
                 raise InputError(f"The image is {w}×{h} pixels; portraits are limited to {MAX_SIDE} pixels a side.")
@@ -56,7 +56,8 @@ def read_image(path: str | Path) -> np.ndarray:
     except PIL.Image.DecompressionBombError:
         raise InputError(f"The image is too large to decode safely (limit {MAX_SIDE} pixels a side).") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
-        if isinstance(e, PIL.UnidentifiedImageError) and not path.read_bytes()[:8].startswith(IMAGE_MAGIC):
+        head = file[:8] if isinstance(file, bytes) else Path(file).read_bytes()[:8]
+        if isinstance(e, PIL.UnidentifiedImageError) and not head.startswith(IMAGE_MAGIC):
             raise InputError("The file is not an image. Please upload a PNG, JPEG or WebP photo.") from None
         raise InputError(f"The image file is corrupt or truncated and cannot be decoded ({e}).") from None
 

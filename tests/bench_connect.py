@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import NETNS_UNAVAILABLE  # noqa: E402  (importing it moves this process into the namespace)
+from conftest import NETNS_UNAVAILABLE, tiny  # noqa: E402  (importing it moves this process into the namespace)
 from test_e2e_browser import CHROMIUM, FLAGS, free_port, sync_playwright, wait_until, webcam_frames, write_y4m  # noqa: E402
 
 HTTP_START = """async () => {  // the HTTP streaming tab's two clicks, as fast as a script can: ms to the first frame
@@ -39,14 +39,13 @@ FALLBACK_START = """async () => {  // WebRTC that cannot connect: ms from the cl
 
 def measure(runs: int) -> dict[str, list[float]]:
     import aioice.ice
-    from model.engine import Engine, load_networks
     from web.app import LiveApp
 
     host = ["127.0.0.1"]  # aioice's host addresses; [] = offers answered, ICE never connects
     aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: list(host)
     work = Path(tempfile.mkdtemp(prefix="bench-connect-"))
     write_y4m(work / "cam.y4m", webcam_frames())
-    app = LiveApp(Engine(load_networks("recipe", "tiny")), untrained=True, workdir=work)
+    app = LiveApp(tiny(), untrained=True, workdir=work)
     port = free_port()
     demo = app.launch(port=port, block=False)
     times = {"WebRTC": [], "HTTP streaming": [], "HTTP streaming: opening the webcam": [],
@@ -77,7 +76,7 @@ def measure(runs: int) -> dict[str, list[float]]:
                         times[kind].append(page.evaluate(FALLBACK_START))
                         host.append("127.0.0.1")
                     page.close()
-                    wait_until(lambda: not app.pages and not app.worker.counts()["peers"] and not app.worker.engine.sessions, 60)
+                    wait_until(lambda: not app.pages and not app.workers[0].worker.counts()["peers"] and not app.workers[0].worker.engine.sessions, 60)
                 print(f"run {i + 1}/{runs}: " + ", ".join(f"{k} {v[-1]:.0f} ms" for k, v in times.items()),
                       file=sys.stderr)
             browser.close()

@@ -25,7 +25,7 @@ import skimage.data
 from aiortc.codecs.vpx import Vp8Encoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import NETNS_UNAVAILABLE  # noqa: E402  (importing it moves this process into the namespace)
+from conftest import NETNS_UNAVAILABLE, tiny  # noqa: E402  (importing it moves this process into the namespace)
 from test_reliability import free_port  # noqa: E402
 from test_view import watch  # noqa: E402
 
@@ -130,12 +130,11 @@ def main() -> int:
     if NETNS_UNAVAILABLE:
         print(f"needs a loopback-only network namespace: {NETNS_UNAVAILABLE}", file=sys.stderr)
         return 2
-    from model.engine import Engine, load_networks
     from web.app import LiveApp
 
     loadtest.loopback_ice()
     counts = [int(n) for n in args.viewers.split(",")]
-    app = LiveApp(Engine(load_networks("recipe", "tiny")), untrained=True, max_viewers=max(counts))
+    app = LiveApp(tiny(max_viewers=max(counts)), untrained=True)
     port = free_port()
     demo = app.launch(port=port, block=False)
     load, runs = os.getloadavg()[0], []

@@ -1,3 +1,5 @@
+import asyncio
+import concurrent.futures
 import ctypes
 import os
 import subprocess
@@ -13,6 +15,19 @@ DATA = ROOT / "tests" / "data"
 sys.path.insert(0, str(ROOT))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def run(coro):
+    """A front handler (a coroutine), run to its end on a loop of its own (in a thread: Playwright's sync API
+    keeps a loop running in the test's)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def tiny(**kw):
+    """The tests' worker config: the tiny untrained networks, the rest as given."""
+    from web.worker import WorkerConfig
+    return WorkerConfig(weights="recipe", config="tiny", **kw)
 
 
 def _loopback_only() -> str | None:

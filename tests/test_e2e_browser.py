@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from conftest import ROOT
+from conftest import ROOT, run, tiny
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):
@@ -66,14 +66,12 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, loopback_only):
     import aioice.ice
-    from model.engine import Engine, load_networks
     from web.app import LiveApp
 
     with pytest.MonkeyPatch.context() as mp:
         # ICE over loopback only: aioice normally skips 127.0.0.1 (and no STUN server is configured)
         mp.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
-        app = LiveApp(Engine(load_networks("recipe", "tiny")), untrained=True,
-                      workdir=tmp_path_factory.mktemp("live"))
+        app = LiveApp(tiny(), untrained=True, workdir=tmp_path_factory.mktemp("live"))
         port = free_port()
         demo = app.launch(port=port, block=False)
         yield app, f"http://127.0.0.1:{port}/"
@@ -104,9 +102,9 @@ def open_tab(browser, app, url, init_script: str | None = None):
         page.add_init_script(init_script)
     page.goto(url)
     page.wait_for_function("() => document.querySelector('.lp-start') && window.lpLive")
-    wait_until(lambda: app.pages and app.worker.tabs, 30)
+    wait_until(lambda: app.pages and app.workers[0].worker.tabs, 30)
     (session,) = app.pages
-    return page, session, app.worker.tabs[session]
+    return page, session, app.workers[0].worker.tabs[session]
 
 
 def wait_until(condition, timeout: float = 60) -> None:
@@ -131,7 +129,7 @@ def thread_names() -> set[str]:
 def wait_closed(app, threads: set[str] | None = None) -> None:
     """Closing a tab fires the page's unload event, which ends its connection and frees everything: no page, tab,
     peer, engine session or scheduler lane is left, nor a thread that was not there before the tab (`threads`)."""
-    left = lambda: {k: v for k, v in dict(pages=list(app.pages), **app.worker.counts(),
+    left = lambda: {k: v for k, v in dict(pages=list(app.pages), **app.workers[0].worker.counts(),
                                           threads=new_threads(threads) if threads is not None else []).items() if v}
     wait_until(lambda: not left())
     assert not left(), left()
@@ -166,16 +164,16 @@ def test_webrtc_in_chromium(server, browser, cam):
     page.screenshot(path=str(ROOT / "docs" / "screenshot.png"))
 
     # record, then Stop in the page: the peer, the pipeline and the engine session end; the MP4 is complete
-    assert "Recording" in app.start_recording(gr.Request(session_hash=session))
+    assert "Recording" in run(app.start_recording(gr.Request(session_hash=session)))
     recorder, frames = pipeline.recorder, pipeline.metrics.frames_out
     page.wait_for_function(f"() => window.lpLive.frames >= {live['frames'] + 10}", timeout=60_000)
     assert pipeline.metrics.frames_out > frames
     page.click(".lp-stop")
-    wait_until(lambda: not app.worker.counts()["peers"] and not app.worker.engine.sessions and tab.takes
+    wait_until(lambda: not app.workers[0].worker.counts()["peers"] and not app.workers[0].worker.engine.sessions and tab.takes
                and not new_threads(threads))
     assert pipeline.closed and tab.pipeline is None
     key = json.dumps({"session": session, "secret": app.pages[session].secret})
-    (path, motion), status = app.stop_recording(key, gr.Request(session_hash=session))  # the finalised take
+    (path, motion), status = run(app.stop_recording(key, gr.Request(session_hash=session)))  # the finalised take
     with av.open(path) as c:
         assert sum(1 for _ in c.decode(video=0)) == recorder.frames >= 5
     assert motion.endswith(".pkl")  # and its motion, as a template
@@ -208,7 +206,7 @@ def test_http_streaming_in_chromium(server, browser):
     # Stop the webcam, the tab still open: the slot is free again within 10 s (Gradio tells the server nothing)
     page.locator('#lp-http-cam button:has([title="stop recording"])').click()
     stopped = time.monotonic()
-    wait_until(lambda: app.worker.health()["live_sessions"] == 0, 30)
+    wait_until(lambda: app.workers[0].worker.health()["live_sessions"] == 0, 30)
     assert time.monotonic() - stopped < 10 and pipeline.closed and session in app.pages
     page.close()
     wait_closed(app)
@@ -217,7 +215,7 @@ def test_http_streaming_in_chromium(server, browser):
 def test_webrtc_with_vp8_forced(server, browser):
     """--codec vp8: the server offers VP8 alone, whatever the page prefers, and frames arrive."""
     app, url = server
-    app.worker.codec = "vp8"
+    app.workers[0].worker.codec = "vp8"
     try:
         page, session, tab = open_tab(browser, app, url)
         page.click(".lp-start")
@@ -227,7 +225,7 @@ def test_webrtc_with_vp8_forced(server, browser):
         page.close()
         wait_closed(app)
     finally:
-        app.worker.codec = "h264"
+        app.workers[0].worker.codec = "h264"
 
 
 CAMERAS = """{  // every camera stream the page opens, so the test can check that each one is ended
@@ -250,11 +248,11 @@ def test_start_twice_quickly_leaves_one_peer_and_stop_ends_the_camera(server, br
             break
     page.wait_for_function("() => window.lpLive.frames >= 5", timeout=120_000, polling=250)
     time.sleep(2)  # an orphaned first start would have offered by now
-    assert app.worker.counts()["peers"] == 1
+    assert app.workers[0].worker.counts()["peers"] == 1
     assert page.evaluate(TRACKS) == [["ended"], ["live"]]  # two cameras were opened; the first one is closed
     page.click(".lp-stop")
     page.wait_for_function(f"() => ({TRACKS})().flat().every((s) => s === 'ended')", timeout=10_000)
-    wait_until(lambda: not app.worker.counts()["peers"], 30)
+    wait_until(lambda: not app.workers[0].worker.counts()["peers"], 30)
     page.close()
     wait_closed(app)
 

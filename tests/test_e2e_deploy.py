@@ -17,7 +17,7 @@ import time
 import pytest
 from cryptography import x509
 
-from conftest import ROOT
+from conftest import ROOT, run, tiny
 from test_e2e_browser import (CHROMIUM, FLAGS, free_port, sync_playwright, wait_closed, wait_until, webcam_frames,
                               write_y4m)
 
@@ -28,19 +28,19 @@ CONF = re.compile(r"<!-- turnserver.conf: begin -->\n```ini\n(.*?)```", re.S)
 
 @pytest.fixture(scope="module")
 def engine(loopback_only):
+    """ICE over loopback for the servers of this module (the fixture's name is older than the workers)."""
     import aioice.ice
-    from model.engine import Engine, load_networks
 
     with pytest.MonkeyPatch.context() as mp:
         # ICE over loopback only: aioice normally skips 127.0.0.1 (the fallback test takes even that away)
         mp.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
-        yield Engine(load_networks("recipe", "tiny"))
+        yield
 
 
 @contextlib.contextmanager
 def serve(engine, workdir, ice_servers=None, ssl=None):
     from web.app import LiveApp
-    app = LiveApp(engine, ice_servers, untrained=True, workdir=workdir)
+    app = LiveApp(tiny(ice_servers=ice_servers or []), untrained=True, workdir=workdir)
     port = free_port()
     demo = app.launch(port=port, block=False, ssl=ssl)
     try:
@@ -116,9 +116,9 @@ def open_page(browser, app, url, init_script=None):
         page.add_init_script(init_script)
     page.goto(url)
     page.wait_for_function("() => document.querySelector('.lp-start') && window.lpLive")
-    wait_until(lambda: app.pages and app.worker.tabs, 30)
+    wait_until(lambda: app.pages and app.workers[0].worker.tabs, 30)
     (session,) = app.pages
-    return page, app.worker.tabs[session], errors
+    return page, app.workers[0].worker.tabs[session], errors
 
 
 def test_https_self_signed_at_a_host_name(https, browser):
@@ -228,7 +228,7 @@ def test_falls_back_to_http_streaming_and_back(https, browser, monkeypatch):
     page.wait_for_function("() => document.querySelector('#lp-metrics').textContent.includes('Live via HTTP streaming')")
     first = page.locator("#lp-http-view img").get_attribute("src")
     page.wait_for_function("(src) => document.querySelector('#lp-http-view img').src !== src", arg=first)
-    wait_until(lambda: not app.worker.counts()["peers"], 60)  # the server closes the peer that never connected
+    wait_until(lambda: not app.workers[0].worker.counts()["peers"], 60)  # the server closes the peer that never connected
 
     monkeypatch.undo()  # the network is back: "Try WebRTC again" goes live over WebRTC and stops HTTP streaming
     http = tab.pipeline

@@ -14,12 +14,12 @@ def open_tab(browser, app, url):
     page.wait_for_function("() => document.querySelector('.lp-start') && window.lpLive")
     wait_until(lambda: set(app.pages) - before, 30)
     (session,) = set(app.pages) - before
-    return page, app.worker.tabs[session]
+    return page, app.workers[0].worker.tabs[session]
 
 
 def test_two_tabs_live_at_once(server, browser):
     app, url = server
-    sched = Scheduler.of(app.worker.engine)
+    sched = Scheduler.of(app.workers[0].worker.engine)
     before = dict(sched.batch_sizes)
     tabs = [open_tab(browser, app, url) for _ in range(2)]
     for page, _ in tabs:
@@ -37,7 +37,7 @@ def test_two_tabs_live_at_once(server, browser):
 
 def test_second_tab_is_told_the_server_is_full(server, browser):
     app, url = server
-    old, app.worker.max_sessions = app.worker.max_sessions, 1
+    old, app.workers[0].worker.max_sessions = app.workers[0].worker.max_sessions, 1
     try:
         (first, tab1), (second, tab2) = open_tab(browser, app, url), open_tab(browser, app, url)
         first.click(".lp-start")
@@ -52,8 +52,8 @@ def test_second_tab_is_told_the_server_is_full(server, browser):
         assert tab1.pipeline.metrics.frames_out > frames
 
         first.click(".lp-stop")  # the slot frees up once the connection is closed: the next one is admitted
-        wait_until(lambda: tab1.pipeline is None and not Scheduler.of(app.worker.engine).lanes
-                   and not app.worker.live())
+        wait_until(lambda: tab1.pipeline is None and not Scheduler.of(app.workers[0].worker.engine).lanes
+                   and not app.workers[0].worker.live())
         second.click(".lp-start")
         second.wait_for_function("() => window.lpLive.frames >= 5", timeout=120_000, polling=250)
         assert tab2.pipeline.transport == "WebRTC"
@@ -61,4 +61,4 @@ def test_second_tab_is_told_the_server_is_full(server, browser):
         second.close()
         wait_closed(app)
     finally:
-        app.worker.max_sessions = old
+        app.workers[0].worker.max_sessions = old

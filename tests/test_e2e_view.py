@@ -35,7 +35,7 @@ def viewer(browser, link: str):
 
 def test_share_output_viewers_self_view_and_picture_in_picture(server, browser):
     app, url = server
-    old, app.worker.max_viewers = app.worker.max_viewers, MAX_VIEWERS
+    old, app.workers[0].worker.max_viewers = app.workers[0].worker.max_viewers, MAX_VIEWERS
     try:
         page, session, tab = open_tab(browser, app, url)
         page.click(".lp-start")
@@ -53,7 +53,7 @@ def test_share_output_viewers_self_view_and_picture_in_picture(server, browser):
         extra, third = viewer(browser, link)
         third.wait_for_function("() => window.lpView.state === 'full'", timeout=60_000)
         assert third.locator("#state").text_content() == f"this output already has {MAX_VIEWERS} viewers"
-        assert app.worker.counts()["viewers"] == MAX_VIEWERS and app.worker.counts()["peers"] == 1
+        assert app.workers[0].worker.counts()["viewers"] == MAX_VIEWERS and app.workers[0].worker.counts()["peers"] == 1
         extra.close()
 
         # the self-view: the local camera (640x480), mirrored, hidden and shown again by its toggle
@@ -79,7 +79,7 @@ def test_share_output_viewers_self_view_and_picture_in_picture(server, browser):
             v.wait_for_function("() => window.lpView.state === 'ended'", timeout=5_000)
         assert time.monotonic() - stopped < 5
         assert "ended" in watchers[0][1].locator("#state").text_content()
-        wait_until(lambda: not app.worker.counts()["viewers"] and not app.worker.counts()["peers"]
+        wait_until(lambda: not app.workers[0].worker.counts()["viewers"] and not app.workers[0].worker.counts()["peers"]
                    and server_media() == dict(tracks=0, encoders=0), 30)
 
         # the same page starts again: the viewers' pages connect again by themselves
@@ -100,7 +100,7 @@ def test_share_output_viewers_self_view_and_picture_in_picture(server, browser):
         wait_closed(app)
         assert server_media() == dict(tracks=0, encoders=0)
     finally:
-        app.worker.max_viewers = old
+        app.workers[0].worker.max_viewers = old
 
 
 def test_a_performer_on_http_streaming_has_a_webrtc_viewer(server, browser):
@@ -113,7 +113,7 @@ def test_a_performer_on_http_streaming_has_a_webrtc_viewer(server, browser):
     context, v = viewer(browser, share(page))
     v.wait_for_function("() => window.lpView.frames >= 5", timeout=120_000, polling=250)
     assert v.evaluate("[window.lpView.width, window.lpView.height]") == [512, 512]
-    assert tab.pipeline.transport == "HTTP streaming" and app.worker.counts()["viewers"] == 1
+    assert tab.pipeline.transport == "HTTP streaming" and app.workers[0].worker.counts()["viewers"] == 1
     context.close()
     page.close()
     wait_closed(app)

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import skimage.data
 
-from conftest import ROOT
+from conftest import ROOT, run, tiny
 from stream.serve_bench import moving_face
 from test_reliability import valid_offer_sdp, wait_until
 from web import loadtest
@@ -34,13 +34,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def engine():
-    from model.engine import Engine, load_networks
-    return Engine(load_networks("recipe", "tiny"))
-
-
-@pytest.fixture(scope="module")
-def created(engine):
+def created():
     """Counts of the peers and pipelines the server creates (the real classes, counted)."""
     from web import webrtc, worker
     counts = {"peers": 0, "pipelines": 0, "delay": 0.0}  # delay: a slower pipeline set-up, so that requests overlap
@@ -62,11 +56,11 @@ def created(engine):
 
 
 @pytest.fixture(scope="module")
-def served(engine, created, tmp_path_factory, loopback_only):
+def served(created, tmp_path_factory, loopback_only):
     """One live session at most, so that admission shows."""
     from web.app import LiveApp
     loadtest.loopback_ice()
-    app = LiveApp(engine, untrained=True, workdir=tmp_path_factory.mktemp("integrity"), max_sessions=1)
+    app = LiveApp(tiny(max_sessions=1), untrained=True, workdir=tmp_path_factory.mktemp("integrity"))
     port = free_port()
     demo = app.launch(port=port, block=False)
     yield app, f"http://127.0.0.1:{port}/"
@@ -75,7 +69,7 @@ def served(engine, created, tmp_path_factory, loopback_only):
 
 
 def idle(app) -> bool:
-    return not any(app.worker.counts()[k] for k in ("live", "peers", "engine_sessions", "lanes"))
+    return not any(app.workers[0].worker.counts()[k] for k in ("live", "peers", "engine_sessions", "lanes"))
 
 
 async def stream(url: str, frames: int = 3) -> tuple[dict, dict]:
@@ -101,7 +95,7 @@ def test_a_valid_offer_makes_one_peer_and_one_pipeline(served, created):
     page, health = asyncio.run(stream(url))
     assert created["peers"] - before["peers"] == 1 and created["pipelines"] - before["pipelines"] == 1
     assert health["live_sessions"] == 1
-    assert wait_until(lambda: idle(app)), app.worker.counts()
+    assert wait_until(lambda: idle(app)), app.workers[0].worker.counts()
 
 
 def offer_with_audio_codec_nobody_has() -> str:
@@ -124,13 +118,13 @@ def offer_with_audio_codec_nobody_has() -> str:
 
 def test_an_offer_aiortc_refuses_gets_a_4xx_and_makes_nothing(served, created):
     app, url = served
-    page = json.loads(app.open_page(gr.Request(session_hash="foo")))
+    page = json.loads(run(app.open_page(gr.Request(session_hash="foo"))))
     before = dict(created)
     r = httpx.post(url + "offer", json={"sdp": offer_with_audio_codec_nobody_has(), "type": "offer", **page},
                    timeout=60)
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
-    assert created["pipelines"] == before["pipelines"] and idle(app), app.worker.counts()
-    app.close_page(gr.Request(session_hash="foo"))
+    assert created["pipelines"] == before["pipelines"] and idle(app), app.workers[0].worker.counts()
+    run(app.close_page(gr.Request(session_hash="foo")))
 
 
 def test_two_concurrent_offers_for_the_last_slot(served, created):
@@ -155,7 +149,7 @@ def test_two_concurrent_offers_for_the_last_slot(served, created):
     before = dict(created)
     assert asyncio.run(both()) == [200, 503]
     assert created["pipelines"] - before["pipelines"] == 1
-    assert wait_until(lambda: idle(app)), app.worker.counts()
+    assert wait_until(lambda: idle(app)), app.workers[0].worker.counts()
 
 
 def test_an_offer_needs_its_pages_secret(served):
@@ -163,17 +157,17 @@ def test_an_offer_needs_its_pages_secret(served):
     wrong secret (each one the parser accepts, so that the secret check itself refuses it) gets 403; the tab is
     untouched."""
     app, url = served
-    victim = json.loads(app.open_page(gr.Request(session_hash="victim")))
-    assert app.open_page(gr.Request(session_hash="victim")) == ""  # the open_page route gives it only once
-    app.http_frame(ASTRONAUT, gr.Request(session_hash="victim"))
-    pipeline = app.worker.tabs["victim"].pipeline
+    victim = json.loads(run(app.open_page(gr.Request(session_hash="victim"))))
+    assert run(app.open_page(gr.Request(session_hash="victim"))) == ""  # the open_page route gives it only once
+    run(app.http_frame(ASTRONAUT, gr.Request(session_hash="victim")))
+    pipeline = app.workers[0].worker.tabs["victim"].pipeline
     sdp = valid_offer_sdp()
     secret = victim["secret"]
     for wrong in ("guess", secret[::-1], secret[:-1], secret + "A", secret[:-1] + "é", "x" * 128):
         r = httpx.post(url + "offer", json={"sdp": sdp, "type": "offer", "session": "victim", "secret": wrong})
         assert r.status_code == 403 and r.json()["error"] == "unknown page; reload it", (wrong, r.text)
-    assert app.worker.tabs["victim"].pipeline is pipeline and not pipeline.closed
-    app.close_page(gr.Request(session_hash="victim"))
+    assert app.workers[0].worker.tabs["victim"].pipeline is pipeline and not pipeline.closed
+    run(app.close_page(gr.Request(session_hash="victim")))
     assert idle(app)
 
 
@@ -183,11 +177,11 @@ def test_a_stranger_with_only_the_session_hash_gets_nothing(served):
     its recordings; the tab's own page still gets its take."""
     app, url = served
     r = gr.Request(session_hash="victim-tab")
-    key = app.open_page(r)
-    app.http_frame(ASTRONAUT, r)
-    assert "Recording" in app.start_recording(r)
+    key = run(app.open_page(r))
+    run(app.http_frame(ASTRONAUT, r))
+    assert "Recording" in run(app.start_recording(r))
     for _ in range(3):
-        app.http_frame(ASTRONAUT, r)
+        run(app.http_frame(ASTRONAUT, r))
     sdp = valid_offer_sdp()
 
     async def stranger() -> dict:
@@ -203,31 +197,31 @@ def test_a_stranger_with_only_the_session_hash_gets_nothing(served):
             return got
     got = asyncio.run(stranger())
     assert got["page"] == "" and got["offer"] == 403, got
-    assert "view/" not in json.dumps(got["share"]) and not app.worker.views, got
+    assert "view/" not in json.dumps(got["share"]) and not app.workers[0].worker.views, got
     assert "Nothing recorded yet." in json.dumps(got["stop"]), got
-    takes, status = app.stop_recording(key, r)
+    takes, status = run(app.stop_recording(key, r))
     assert len(takes) == 1 and decoded(takes[0]) >= 1, status
-    app.close_page(r)
-    assert wait_until(lambda: idle(app)), app.worker.counts()
+    run(app.close_page(r))
+    assert wait_until(lambda: idle(app)), app.workers[0].worker.counts()
 
 
-def test_under_auth_every_tab_handler_acts_only_for_its_login(engine, tmp_path, loopback_only):
+def test_under_auth_every_tab_handler_acts_only_for_its_login(tmp_path, loopback_only):
     """With --auth, another login that names a tab's session hash, even with its page's secret, acts on nothing:
     no recording starts, no link is shared, no take is handed over, its controls stay, the tab stays open."""
     from web.app import LiveApp
-    app = LiveApp(engine, untrained=True, workdir=tmp_path, step_s=0.1)
+    app = LiveApp(tiny(step_s=0.1), untrained=True, workdir=tmp_path)
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     demo = app.launch(port=port, auth=[("ada", "lovelace"), ("bob", "builder")], block=False)
     try:
-        async def run() -> dict:
+        async def scenario() -> dict:
             async with httpx.AsyncClient(base_url=url, timeout=60) as ada, \
                     httpx.AsyncClient(base_url=url, timeout=60) as bob:
                 for http, user, password in ((ada, "ada", "lovelace"), (bob, "bob", "builder")):
                     assert (await http.post("login", data={"username": user, "password": password})).status_code == 200
                 mine = loadtest.Tab(ada)
                 page = await mine.open()
-                app.http_frame(ASTRONAUT, gr.Request(session_hash=mine.session, username="ada"))
+                await app.http_frame(ASTRONAUT, gr.Request(session_hash=mine.session, username="ada"))
                 theirs = loadtest.Tab(bob)
                 theirs.session = mine.session
                 key = json.dumps(page)
@@ -239,10 +233,10 @@ def test_under_auth_every_tab_handler_acts_only_for_its_login(engine, tmp_path, 
                 got["own"] = (await mine.call("start_recording"))[0]
                 await mine.close()
                 return got
-        got = asyncio.run(run())
+        got = asyncio.run(scenario())
         assert "Recording" not in json.dumps(got["record"]) and "view/" not in json.dumps(got["share"]), got
         assert "Nothing recorded yet." in json.dumps(got["stop"]) and "Live via" not in json.dumps(got["stats"]), got
-        assert "Reference reset" not in json.dumps(got["reset"]) and not app.worker.views, got
+        assert "Reference reset" not in json.dumps(got["reset"]) and not app.workers[0].worker.views, got
         assert "Recording" in got["own"]  # the tab's own login still can
     finally:
         demo.close()
@@ -255,13 +249,13 @@ def test_a_stopped_http_webcam_frees_its_slot(served):
     app, url = served
     r = gr.Request(session_hash="http")
     for _ in range(3):
-        app.http_frame(ASTRONAUT, r)
+        run(app.http_frame(ASTRONAUT, r))
     assert httpx.get(url + "healthz").status_code == 503  # the one slot is taken
     start = time.monotonic()
-    assert wait_until(lambda: app.stats(r) and httpx.get(url + "healthz").json()["live_sessions"] == 0, 30)
+    assert wait_until(lambda: run(app.stats(r)) and httpx.get(url + "healthz").json()["live_sessions"] == 0, 30)
     assert time.monotonic() - start < 10 + 2  # the issue's bound, with the poll's slack
-    assert httpx.get(url + "healthz").status_code == 200 and "http" in app.worker.tabs  # the tab stays
-    app.close_page(r)
+    assert httpx.get(url + "healthz").status_code == 200 and "http" in app.workers[0].worker.tabs  # the tab stays
+    run(app.close_page(r))
 
 
 def test_overlapping_http_frames_make_one_connection(served, created):
@@ -271,7 +265,7 @@ def test_overlapping_http_frames_make_one_connection(served, created):
     app, url = served
     r = gr.Request(session_hash="burst")
     before, created["delay"] = created["pipelines"], 0.5
-    threads = [threading.Thread(target=app.http_frame, args=(ASTRONAUT, r)) for _ in range(6)]
+    threads = [threading.Thread(target=lambda: run(app.http_frame(ASTRONAUT, r))) for _ in range(6)]
     try:
         for t in threads:
             t.start()
@@ -280,27 +274,27 @@ def test_overlapping_http_frames_make_one_connection(served, created):
             t.join(120)
     finally:
         created["delay"] = 0.0
-    assert created["pipelines"] - before == 1 and app.worker.counts()["live"] == 1
-    app.close_page(r)
+    assert created["pipelines"] - before == 1 and app.workers[0].worker.counts()["live"] == 1
+    run(app.close_page(r))
     assert idle(app)
 
 
 # ---- recordings: no take is lost ----
 
 @pytest.fixture
-def app(engine, tmp_path):
+def app(tmp_path):
     from web.app import LiveApp
     from web.limits import Limits
-    a = LiveApp(engine, untrained=True, workdir=tmp_path, limits=Limits(record_max_s=0.6), step_s=0.1)
+    a = LiveApp(tiny(limits=Limits(record_max_s=0.6), step_s=0.1), untrained=True, workdir=tmp_path)
     yield a
     a.close()
 
 
 def frames_until(app, r, text: str, timeout: float = 60) -> None:
     end = time.monotonic() + timeout
-    while text not in app.stats(r) and time.monotonic() < end:
-        app.http_frame(ASTRONAUT, r)
-    assert text in app.stats(r)
+    while text not in run(app.stats(r)) and time.monotonic() < end:
+        run(app.http_frame(ASTRONAUT, r))
+    assert text in run(app.stats(r))
 
 
 def decoded(path) -> int:
@@ -312,46 +306,46 @@ def stop_webcam(app, monkeypatch) -> None:
     """What stopping the HTTP-streaming webcam does: no more frames, so the connection ends (sooner here)."""
     from web import worker
     monkeypatch.setattr(worker, "HTTP_QUIET_S", 0.5)
-    assert wait_until(lambda: app.worker.counts()["live"] == 0, 30)
+    assert wait_until(lambda: app.workers[0].worker.counts()["live"] == 0, 30)
     monkeypatch.undo()
 
 
 def test_record_twice_says_so_and_no_take_is_lost(app, monkeypatch):
     r = gr.Request(session_hash="rec")
-    key = app.open_page(r)
-    app.http_frame(ASTRONAUT, r)
-    assert "Recording" in app.start_recording(r)
-    app.http_frame(ASTRONAUT, r)
-    assert "already running" in app.start_recording(r)  # the first take goes on
+    key = run(app.open_page(r))
+    run(app.http_frame(ASTRONAUT, r))
+    assert "Recording" in run(app.start_recording(r))
+    run(app.http_frame(ASTRONAUT, r))
+    assert "already running" in run(app.start_recording(r))  # the first take goes on
     frames_until(app, r, "stopped at the 0.6 s limit")
-    assert "Recording" in app.start_recording(r)  # after the limit: a new take; the full one is kept
+    assert "Recording" in run(app.start_recording(r))  # after the limit: a new take; the full one is kept
     for _ in range(3):
-        app.http_frame(ASTRONAUT, r)
+        run(app.http_frame(ASTRONAUT, r))
     stop_webcam(app, monkeypatch)  # the webcam stops, then starts again: a new connection and a third take
-    app.http_frame(ASTRONAUT, r)
-    assert "Recording" in app.start_recording(r)
+    run(app.http_frame(ASTRONAUT, r))
+    assert "Recording" in run(app.start_recording(r))
     for _ in range(3):
-        app.http_frame(ASTRONAUT, r)
-    takes, status = app.stop_recording(key, r)
+        run(app.http_frame(ASTRONAUT, r))
+    takes, status = run(app.stop_recording(key, r))
     assert len(takes) == 3 and len(set(takes)) == 3 and all(decoded(t) >= 1 for t in takes), takes
-    assert app.stop_recording(key, r)[1] == "Nothing recorded yet."  # handed out once
+    assert run(app.stop_recording(key, r))[1] == "Nothing recorded yet."  # handed out once
 
 
 def test_a_failing_recorder_stops_only_the_recording(app, monkeypatch):
     from stream.recorder import Recorder
     r = gr.Request(session_hash="disk")
-    app.http_frame(ASTRONAUT, r)
-    app.start_recording(r)
+    run(app.http_frame(ASTRONAUT, r))
+    run(app.start_recording(r))
 
     def full_disk(self, rgb, t=None):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(Recorder, "write", full_disk)
-    pipeline = app.worker.tabs["disk"].pipeline
+    pipeline = app.workers[0].worker.tabs["disk"].pipeline
     made = pipeline.metrics.frames_out
     for _ in range(4):
-        app.http_frame(ASTRONAUT, r)
+        run(app.http_frame(ASTRONAUT, r))
     assert pipeline.metrics.frames_out >= made + 3  # the live view goes on
-    assert "the recording stopped: [Errno 28] No space left on device" in app.stats(r)
+    assert "the recording stopped: [Errno 28] No space left on device" in run(app.stats(r))
 
 
 def test_a_failing_recording_close_still_frees_everything(app, monkeypatch, caplog):
@@ -359,20 +353,20 @@ def test_a_failing_recording_close_still_frees_everything(app, monkeypatch, capl
     scheduler lane and the portrait editor's engine session are freed all the same, and the error is logged."""
     from stream.recorder import Recorder
     r = gr.Request(session_hash="close")
-    app.open_page(r)
-    app.http_frame(ASTRONAUT, r)
-    app.start_recording(r)
-    app.http_frame(ASTRONAUT, r)
-    app.worker.set_editing("close", True)
-    assert app.worker.edited("close") is not None  # the Portrait editing tab holds an engine session too
-    t = app.worker.tabs["close"]
-    assert {t.pipeline.name, t.editor.name} <= set(app.worker.engine.sessions)
+    run(app.open_page(r))
+    run(app.http_frame(ASTRONAUT, r))
+    run(app.start_recording(r))
+    run(app.http_frame(ASTRONAUT, r))
+    run(app.workers[0].call("set_editing", "close", True))
+    assert run(app.workers[0].call("edited", "close")) is not None  # the Portrait editing tab: an engine session too
+    t = app.workers[0].worker.tabs["close"]
+    assert {t.pipeline.name, t.editor.name} <= set(app.workers[0].worker.engine.sessions)
 
     def broken(self):
         raise OSError(5, "Input/output error")
     monkeypatch.setattr(Recorder, "close", broken)
-    app.close_page(r)  # returns once the tab is closed
-    assert not app.worker.engine.sessions and not app.worker.counts()["lanes"], app.worker.counts()
+    run(app.close_page(r))  # returns once the tab is closed
+    assert not app.workers[0].worker.engine.sessions and not app.workers[0].worker.counts()["lanes"], app.workers[0].worker.counts()
     assert any("Input/output error" in str(rec.exc_info[1]) for rec in caplog.records if rec.exc_info)
 
 
@@ -383,23 +377,23 @@ def test_a_failing_close_does_not_refuse_the_new_connection(served, monkeypatch)
     from stream.recorder import Recorder
     app, url = served
     r = gr.Request(session_hash="switch")
-    page = json.loads(app.open_page(r))
-    app.http_frame(ASTRONAUT, r)
-    app.start_recording(r)
-    app.http_frame(ASTRONAUT, r)
-    old = app.worker.tabs["switch"].pipeline.name
+    page = json.loads(run(app.open_page(r)))
+    run(app.http_frame(ASTRONAUT, r))
+    run(app.start_recording(r))
+    run(app.http_frame(ASTRONAUT, r))
+    old = app.workers[0].worker.tabs["switch"].pipeline.name
 
     def broken(self):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(Recorder, "close", broken)
     answer = httpx.post(url + "offer", json={"sdp": valid_offer_sdp(), "type": "offer", **page}, timeout=60)
     assert answer.status_code == 200, answer.text
-    t = app.worker.tabs["switch"]
-    assert t.conn.peer is not None and old not in app.worker.engine.sessions
-    assert "its recording is lost: [Errno 28] No space left on device" in app.stats(r)
+    t = app.workers[0].worker.tabs["switch"]
+    assert t.conn.peer is not None and old not in app.workers[0].worker.engine.sessions
+    assert "its recording is lost: [Errno 28] No space left on device" in run(app.stats(r))
     monkeypatch.undo()
-    app.close_page(r)
-    assert wait_until(lambda: idle(app)), app.worker.counts()
+    run(app.close_page(r))
+    assert wait_until(lambda: idle(app)), app.workers[0].worker.counts()
 
 
 def test_a_failing_flush_still_closes_the_recording_file(tmp_path):
@@ -427,22 +421,24 @@ def test_a_failing_flush_still_closes_the_recording_file(tmp_path):
 
 # ---- bounds a shared link needs ----
 
-def test_portrait_editors_are_bounded(engine, tmp_path):
+def test_portrait_editors_are_bounded(tmp_path):
     """Each open Portrait editing tab holds an engine session: at most --max-sessions of them; past that, a clear
     message, and a closed tab's editor frees its place."""
     from web.app import LiveApp
-    app = LiveApp(engine, untrained=True, workdir=tmp_path, max_sessions=1, step_s=0.1)
+    app = LiveApp(tiny(max_sessions=1, step_s=0.1), untrained=True, workdir=tmp_path)
     try:
-        w, before = app.worker, len(engine.sessions)
+        engine = app.workers[0].worker.engine
+        w = lambda *args: run(app.workers[0].call(*args))
+        before = len(engine.sessions)
         for tab in ("a", "b"):
-            w.set_editing(tab, True)
-        assert w.edited("a") is not None
+            w("restore", tab, None, {}, True)  # the Portrait editing tab shown
+        assert w("edited", "a") is not None
         with pytest.raises(RuntimeError, match="the server is editing 1 portrait already"):  # EditorsFull
-            w.edited("b")
+            w("edited", "b")
         assert len(engine.sessions) == before + 1
-        w.close_tab("a")
-        assert w.edited("b") is not None and len(engine.sessions) == before + 1
-        w.close_tab("b")
+        w("close_tab", "a")
+        assert w("edited", "b") is not None and len(engine.sessions) == before + 1
+        w("close_tab", "b")
     finally:
         app.close()
 
@@ -451,44 +447,42 @@ def test_a_take_waiting_for_its_page_survives_the_clean_up(app):
     """A finished take is not deleted by the quota or the age limit before its page has it; once handed over,
     the clean-up may."""
     r = gr.Request(session_hash="keep")
-    key = app.open_page(r)
-    app.http_frame(ASTRONAUT, r)
-    app.start_recording(r)
+    key = run(app.open_page(r))
+    run(app.http_frame(ASTRONAUT, r))
+    run(app.start_recording(r))
     for _ in range(2):
-        app.http_frame(ASTRONAUT, r)
-    t = app.worker.tabs["keep"]
-    app.worker._on_loop(t.end)  # the connection ends (Stop): its take waits in the tab
+        run(app.http_frame(ASTRONAUT, r))
+    t = app.workers[0].worker.tabs["keep"]
+    asyncio.run_coroutine_threadsafe(t.end(), app.workers[0].loop).result(30)  # Stop: its take waits in the tab
     (take,) = t.takes
     app.limits.work_quota_mb, app.limits.work_max_age_h = 1e-9, 1e-9  # every file is over both limits
     time.sleep(0.01)
-    app.worker.work.clean()
+    app.workers[0].worker.work.clean()
     assert take.exists()
-    takes, status = app.stop_recording(key, r)
-    assert [Path(p).name for p in takes] == [take.name] and take.exists()  # the page's copy (web.app.handed)
-    app.worker.work.clean()
-    assert not take.exists()
+    takes, status = run(app.stop_recording(key, r))
+    assert [Path(p).name for p in takes] == [take.name] and not take.exists()  # handed over: the page's copy
 
 
-def test_a_replaced_connection_holds_its_slot_until_closed(engine, tmp_path):
+def test_a_replaced_connection_holds_its_slot_until_closed(tmp_path):
     """While a tab's ended connection is still closing (frames in flight, a recording being finalised), it still
     counts: another tab is told the server is full, and is admitted once the close is done."""
     from web.app import LiveApp
-    app = LiveApp(engine, untrained=True, workdir=tmp_path, max_sessions=1, step_s=0.1)
+    app = LiveApp(tiny(max_sessions=1, step_s=0.1), untrained=True, workdir=tmp_path)
     try:
         a, b = gr.Request(session_hash="a"), gr.Request(session_hash="b")
-        app.http_frame(ASTRONAUT, a)
-        t = app.worker.tabs["a"]
+        run(app.http_frame(ASTRONAUT, a))
+        t = app.workers[0].worker.tabs["a"]
         pipeline, release = t.pipeline, threading.Event()
         real = pipeline.close
         pipeline.close = lambda: (release.wait(30), real())[1]
-        ending = asyncio.run_coroutine_threadsafe(t.end(), app.worker.loop)
+        ending = asyncio.run_coroutine_threadsafe(t.end(), app.workers[0].loop)
         assert wait_until(lambda: t.conn is None, 30)
-        app.http_frame(ASTRONAUT, b)
-        assert app.worker.tabs["b"].pipeline is None and "the server is full" in app.stats(b)
+        run(app.http_frame(ASTRONAUT, b))
+        assert app.workers[0].worker.tabs["b"].pipeline is None and "the server is full" in run(app.stats(b))
         release.set()
         ending.result(30)
-        app.http_frame(ASTRONAUT, b)
-        assert app.worker.tabs["b"].pipeline is not None
+        run(app.http_frame(ASTRONAUT, b))
+        assert app.workers[0].worker.tabs["b"].pipeline is not None
     finally:
         release.set()
         app.close()
@@ -499,32 +493,33 @@ def test_a_closed_tab_stays_closed(app):
     for it."""
     from web.worker import TabClosed
     r = gr.Request(session_hash="shut")
-    app.open_page(r)
-    app.http_frame(ASTRONAUT, r)
-    app.close_page(r)
-    w = app.worker
-    assert not w.stats("shut")["live"]
-    w.set_controls("shut", overlay=True)
-    w.set_editing("shut", True)
-    assert w.edited("shut") is None
+    run(app.open_page(r))
+    run(app.http_frame(ASTRONAUT, r))
+    run(app.close_page(r))
+    call, w = (lambda *args: run(app.workers[0].call(*args))), app.workers[0].worker
+    assert not call("stats", "shut")["live"]
+    call("set_controls", "shut", dict(overlay=True))
+    call("set_editing", "shut", True)
+    assert call("edited", "shut") is None
     with pytest.raises(TabClosed):
-        w.http_frame("shut", ASTRONAUT)
+        call("http_frame", "shut", ASTRONAUT)
     with pytest.raises(TabClosed):
-        w.share("shut")
+        call("share", "shut")
+    call("restore", "shut", None, {}, False)
     assert "shut" not in w.tabs and not w.views and w.counts()["live"] == 0 and not w.engine.sessions
 
 
-def test_pages_get_turn_credentials_minted_for_them(engine, tmp_path):
+def test_pages_get_turn_credentials_minted_for_them(tmp_path):
     """With --turn-secret, each page load and each view page gets TURN credentials of its own that expire; the
     secret is in none of them, nor in the page's configuration."""
     import fastapi
     from web.app import LiveApp
-    app = LiveApp(engine, [{"urls": "turn:127.0.0.1:3478", "secret": "s3cret"}], untrained=True, workdir=tmp_path,
-                  step_s=0.1)
+    app = LiveApp(tiny(ice_servers=[{"urls": "turn:127.0.0.1:3478", "secret": "s3cret"}], step_s=0.1), untrained=True,
+                  workdir=tmp_path)
     try:
-        (ice,) = json.loads(app.open_page(gr.Request(session_hash="turn-tab")))["ice"]
+        (ice,) = json.loads(run(app.open_page(gr.Request(session_hash="turn-tab"))))["ice"]
         assert set(ice) == {"urls", "username", "credential"} and int(ice["username"].split(":")[0]) > time.time()
-        token = app.worker.share("turn-tab")
+        token = run(app.share("turn-tab"))
         view = asyncio.run(app.view_page(fastapi.Request({"type": "http", "path_params": {"token": token},
                                                           "query_string": b"", "headers": []}))).body.decode()
         assert '"username": "' in view and "s3cret" not in view
@@ -538,7 +533,7 @@ def test_pages_get_turn_credentials_minted_for_them(engine, tmp_path):
 def test_reaping_outlives_a_failing_reap(app, monkeypatch):
     calls = []
 
-    def reap():
+    async def reap():
         calls.append(time.monotonic())
         if len(calls) == 1:
             raise RuntimeError("reap failed on purpose")
@@ -558,16 +553,16 @@ def test_reaping_outlives_a_failing_reap(app, monkeypatch):
 
 
 def test_a_failing_step_of_reap_leaves_the_others(app, monkeypatch):
-    app.stats(gr.Request(session_hash="gone-quiet"))  # a tab that then vanishes without an unload
+    run(app.stats(gr.Request(session_hash="gone-quiet")))  # a tab that then vanishes without an unload
     app.limits.idle_timeout = 0.2
-    monkeypatch.setattr(app.worker.work, "clean", lambda: (_ for _ in ()).throw(RuntimeError("clean failed")))
+    monkeypatch.setattr(app.workers[0].worker.work, "clean", lambda: (_ for _ in ()).throw(RuntimeError("clean failed")))
     time.sleep(0.4)
-    assert app.reap() == ["gone-quiet"] and "gone-quiet" not in app.worker.tabs
+    assert run(app.reap()) == ["gone-quiet"] and "gone-quiet" not in app.workers[0].worker.tabs
 
 
 def test_work_dir_usage_tolerates_a_file_deleted_meanwhile(app, monkeypatch):
     from pathlib import Path
-    f = app.dir / "render-vanishing.mp4"
+    f = app.workers[0].worker.work.path / "render-vanishing.mp4"
     f.write_bytes(b"x" * 10)
     real = Path.stat
 
@@ -575,15 +570,15 @@ def test_work_dir_usage_tolerates_a_file_deleted_meanwhile(app, monkeypatch):
         if self == f and getattr(stat, "listed", False):
             raise FileNotFoundError(2, "gone", str(self))
         return real(self, *a, **k)
-    real_files = app.worker.work._files
+    real_files = app.workers[0].worker.work._files
 
     def files():
         out = real_files()
         stat.listed = True  # listed: then a failed render deletes it before usage() stats it
         return out
     monkeypatch.setattr(Path, "stat", stat)
-    monkeypatch.setattr(app.worker.work, "_files", files)
-    assert app.worker.work.usage() == 0 and app.worker.work.reserve("recording") is not None
+    monkeypatch.setattr(app.workers[0].worker.work, "_files", files)
+    assert app.workers[0].worker.work.usage() == 0 and app.workers[0].worker.work.reserve("recording") is not None
 
 
 # ---- flags ----
@@ -605,6 +600,7 @@ def launch(*args: str) -> subprocess.CompletedProcess:
     (["--ice-servers", "https://x"], "bad ICE server URL 'https://x'"),
     (["--codec", "av1"], "argument --codec: invalid choice: 'av1'"),
     (["--stream-max", "0"], "argument --stream-max: 0 must be above 0"),
+    (["--workers", "0"], "argument --workers: 0 must be above 0"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, message):
     proc = launch(*args)
@@ -626,9 +622,9 @@ def test_options_before_or_after_the_sub_command_mean_the_same(monkeypatch):
 
 # ---- what a CPU user is told ----
 
-def test_the_page_states_the_expected_time_per_frame(engine, tmp_path):
+def test_the_page_states_the_expected_time_per_frame(tmp_path):
     from web.app import LiveApp
-    slow = LiveApp(engine, untrained=True, workdir=tmp_path, step_s=8.4)
+    slow = LiveApp(tiny(step_s=8.4), untrained=True, workdir=tmp_path)
     try:
         note = slow.speed_note()
         assert "about one frame every 8 s" in note and "CUDA GPU" in note and "Video file" in note
@@ -636,15 +632,15 @@ def test_the_page_states_the_expected_time_per_frame(engine, tmp_path):
         assert any(note in v for v in shown)  # on the page, before anyone starts
     finally:
         slow.close()
-    fast = LiveApp(engine, untrained=True, workdir=tmp_path, step_s=0.02)
+    fast = LiveApp(tiny(step_s=0.02), untrained=True, workdir=tmp_path)
     assert fast.speed_note() == "Measured at start-up: 20 ms per frame for one live session."
     fast.close()
-    measured = LiveApp(engine, untrained=True, workdir=tmp_path)  # one engine call at start-up
-    assert measured.worker.step_s > 0
+    measured = LiveApp(tiny(), untrained=True, workdir=tmp_path)  # one engine call at start-up
+    assert measured.info["step_s"] > 0
     measured.close()
 
 
-def test_renders_wait_in_a_bounded_queue(engine, tmp_path, loopback_only):
+def test_renders_wait_in_a_bounded_queue(tmp_path, loopback_only):
     """--max-renders at once; the others wait in Gradio's queue, which tells each its position. Four users render
     at once on a server with --max-renders 2 (each render held until the test lets it go): two run, two wait in
     the queue with a rank, and each gets its answer once the ones before it are done."""
@@ -652,18 +648,18 @@ def test_renders_wait_in_a_bounded_queue(engine, tmp_path, loopback_only):
     from gradio_client.utils import Status
     import threading
     from web.app import LiveApp
-    app = LiveApp(engine, untrained=True, workdir=tmp_path, max_renders=2, step_s=0.1)
+    app = LiveApp(tiny(step_s=0.1), untrained=True, workdir=tmp_path, max_renders=2)
     running, most, release, lock = [0], [0], threading.Event(), threading.Lock()
 
-    def render(tab: str, driving: str):  # the worker's render, held until released
+    async def render(tab: str, name: str, driving: bytes):  # the worker's render, held until released
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])
-        release.wait(60)
+        await asyncio.to_thread(release.wait, 60)
         with lock:
             running[0] -= 1
         return None, f"rendered for {tab}"
-    app.worker.render = render
+    app.workers[0].worker.render = render
     port = free_port()
     demo = app.launch(port=port, block=False)
     video = tmp_path / "driving.mp4"

@@ -26,7 +26,8 @@ def test_launch_without_weights_explains_and_exits(tmp_path):
 COMBINATIONS = [
     (["--config", "tiny"], "--config tiny runs only with --weights recipe"),
     (["--config", "tiny", "--weights", "/somewhere"], "--config tiny runs only with --weights recipe"),
-    (["--turn-url", "turn:127.0.0.1:3478"], "--turn-url needs --turn-user and --turn-password"),
+    (["--turn-url", "turn:127.0.0.1:3478"],
+     "--turn-url needs --turn-secret (or $LP_TURN_SECRET), or --turn-user and --turn-password"),
     (["--https-self-signed", "--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem"], "not both"),
     (["--ssl-certfile", "c.pem"], "--ssl-certfile and --ssl-keyfile go together"),
     (["--ssl-certfile", "missing.pem", "--ssl-keyfile", "key.pem"], "--ssl-certfile missing.pem: no such file"),

@@ -8,22 +8,22 @@ import pytest
 import skimage.data
 
 from model.editing import SLIDERS, Edits
-from model.engine import Engine, load_networks
 from stream.editor import PortraitEditor
 from stream.face import MOUTH
 from stream.paste import PasteBack
 from stream.pipeline import Settings
+from conftest import run, tiny
 from web.app import LiveApp
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    return LiveApp(Engine(load_networks("recipe", "tiny")), untrained=True, workdir=tmp_path_factory.mktemp("edit"))
+    return LiveApp(tiny(), untrained=True, workdir=tmp_path_factory.mktemp("edit"))
 
 
 def test_smile_changes_the_mouth_not_the_background(app):
-    source = app.worker.sample
-    editor = PortraitEditor(app.worker.engine)
+    source = app.workers[0].worker.sample
+    editor = PortraitEditor(app.workers[0].worker.engine)
     still = editor(source, Settings())
     smile = editor(source, Settings(edits=Edits(smile=1.0)))
     assert smile.shape == still.shape == source.image.shape and smile.dtype == np.uint8
@@ -40,30 +40,30 @@ def test_smile_changes_the_mouth_not_the_background(app):
     assert outside.mean() > 0.3 and not diff[outside].any()
     assert np.array_equal(smile[outside], source.image[outside])
     editor.close()
-    assert editor.name not in app.worker.engine.sessions and editor(source, Settings()) is None
+    assert editor.name not in app.workers[0].worker.engine.sessions and editor(source, Settings()) is None
 
 
 def test_editing_tab_handlers(app):
     r = gr.Request(session_hash="editing")
-    app.open_page(r)
+    run(app.open_page(r))
     values = [Edits().values()[k] for k in SLIDERS]
     values[list(SLIDERS).index("gaze_x")] = -15.0
-    assert isinstance(app.set_edits(r, "lips", *values), type(gr.skip()))  # the tab is not shown: no engine call
-    page = app.worker.tabs["editing"]
+    assert isinstance(run(app.set_edits(r, "lips", *values)), type(gr.skip()))  # the tab is not shown: no engine call
+    page = app.workers[0].worker.tabs["editing"]
     assert page.settings.region == "lips" and page.settings.edits.gaze_x == -15.0 and page.editor is None
     assert page.settings.engine_controls(0.5)["gaze_x"] == -15.0
-    shown = app.select_tab(gr.SelectData(None, {"value": "Portrait editing", "index": 4, "selected": True}), r)
-    assert shown.shape == app.worker.sample.image.shape and page.editor.name in app.worker.engine.sessions
-    *reset, plain = app.reset_edits(r)
+    shown = run(app.select_tab(gr.SelectData(None, {"value": "Portrait editing", "index": 4, "selected": True}), r))
+    assert shown.shape == app.workers[0].worker.sample.image.shape and page.editor.name in app.workers[0].worker.engine.sessions
+    *reset, plain = run(app.reset_edits(r))
     assert reset == [SLIDERS[k][2] for k in SLIDERS] and page.settings.edits == Edits()
     assert page.settings.region == "lips"  # a motion control, not an edit
     assert not np.array_equal(plain, shown)
-    assert np.array_equal(app.set_controls(True, True, True, 1.0, False, 0.3, False, 0.1, 0.5, False, r), plain)
-    app.select_tab(gr.SelectData(None, {"value": "Video file", "index": 2, "selected": True}), r)
-    assert isinstance(app.set_edits(r, "all", *values), type(gr.skip()))
+    assert np.array_equal(run(app.set_controls(True, True, True, 1.0, False, 0.3, False, 0.1, 0.5, False, r)), plain)
+    run(app.select_tab(gr.SelectData(None, {"value": "Video file", "index": 2, "selected": True}), r))
+    assert isinstance(run(app.set_edits(r, "all", *values)), type(gr.skip()))
     name = page.editor.name
-    app.close_page(r)
-    assert name not in app.worker.engine.sessions
+    run(app.close_page(r))
+    assert name not in app.workers[0].worker.engine.sessions
 
 
 def test_render_takes_region_and_sliders(tmp_path, capsys):

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from gradio_client import Client, handle_file
 
-from conftest import ROOT
+from conftest import ROOT, run, tiny
 from stream.serve_bench import moving_face
 from web import loadtest
 from web.guard import MAX_OFFER_BYTES
@@ -63,13 +63,11 @@ def back_to(threads: list[str], files: int) -> bool:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, loopback_only):
     """The app on a loopback port, ICE on 127.0.0.1 only, with the short limits the tests need."""
-    from model.engine import Engine, load_networks
     from web.app import LiveApp
     from web.limits import Limits
 
     loadtest.loopback_ice()
-    app = LiveApp(Engine(load_networks("recipe", "tiny")), untrained=True, workdir=tmp_path_factory.mktemp("work"),
-                  limits=Limits(render_max_mb=1))
+    app = LiveApp(tiny(limits=Limits(render_max_mb=1)), untrained=True, workdir=tmp_path_factory.mktemp("work"))
     port = free_port()
     demo = app.launch(port=port, block=False)
     yield app, f"http://127.0.0.1:{port}/"
@@ -79,7 +77,7 @@ def served(tmp_path_factory, loopback_only):
 
 def idle(app) -> dict:
     """What must be back to nothing once every client left (empty dict: all clear)."""
-    left = dict(pages=list(app.pages), **app.worker.counts(), sessions=list(app.worker.engine.sessions))
+    left = dict(pages=list(app.pages), **app.workers[0].worker.counts(), sessions=list(app.workers[0].worker.engine.sessions))
     return {k: v for k, v in left.items() if v}
 
 
@@ -231,15 +229,15 @@ def test_malformed_offers_get_4xx_and_the_live_tab_streams_on(served):
     app, url = served
     live = LiveTab(url)
     try:
-        pipeline = app.worker.tabs[live.session].pipeline
+        pipeline = app.workers[0].worker.tabs[live.session].pipeline
         statuses: dict[str, set[int]] = {}
         for what, body, headers in malformed_offers(FUZZ, live.page):
             r = httpx.post(url + "offer", content=body, headers=headers, timeout=60)
             statuses.setdefault(what, set()).add(r.status_code)
             assert 400 <= r.status_code < 500, (what, r.status_code, r.text)
         print(json.dumps({k: sorted(v) for k, v in statuses.items()}, indent=1))
-        assert app.worker.tabs[live.session].pipeline is pipeline and not pipeline.closed  # untouched
-        assert app.worker.counts()["peers"] == 1 and list(app.worker.engine.sessions) == [pipeline.name]  # nothing leaked
+        assert app.workers[0].worker.tabs[live.session].pipeline is pipeline and not pipeline.closed  # untouched
+        assert app.workers[0].worker.counts()["peers"] == 1 and list(app.workers[0].worker.engine.sessions) == [pipeline.name]  # nothing leaked
         assert live.still_streaming()
     finally:
         live.close()
@@ -309,18 +307,17 @@ def test_offer_needs_the_login_the_page_secret_and_the_same_user(tmp_path, loopb
     """With --auth, /offer is behind Gradio's login like the page: 401 without it, nothing created. An offer is
     bound to the secret its page got at load and to the user who loaded it: another tab's session hash alone, or
     another user's offer, gets a 403 and the tab streams on. /healthz tells a stranger only ready/full."""
-    from model.engine import Engine, load_networks
     from web.app import LiveApp
 
     loadtest.loopback_ice()
-    app = LiveApp(Engine(load_networks("recipe", "tiny")), untrained=True, workdir=tmp_path)
+    app = LiveApp(tiny(), untrained=True, workdir=tmp_path)
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     demo = app.launch(port=port, auth=[("ada", "lovelace"), ("bob", "builder")], block=False)
     try:
         sdp = valid_offer_sdp()
         r = httpx.post(url + "offer", json={"sdp": sdp, "type": "offer", "session": "tab", "secret": "s"})
-        assert r.status_code == 401 and app.worker.counts()["live"] == 0
+        assert r.status_code == 401 and app.workers[0].worker.counts()["live"] == 0
         assert httpx.post(url + "offer", json={"sdp": sdp, "type": "offer", "session": "tab", "secret": "s"},
                           cookies={"access-token-unsecure-x": "guess"}).status_code == 401
         stranger = httpx.get(url + "healthz")
@@ -347,7 +344,8 @@ def test_offer_needs_the_login_the_page_secret_and_the_same_user(tmp_path, loopb
         got = asyncio.run(logged_in())
         assert got["https"] == 200 and got["evil"] == 403  # an HTTPS page on this host passes, another site does not
         assert got["no_secret"] == 403 and got["other_user"] == 403
-        assert {"live_sessions", "capacity", "device", "engine_step_p50_ms"} <= set(got["health"])  # logged in
+        assert {"live_sessions", "capacity", "workers"} <= set(got["health"])  # logged in
+        assert {"device", "engine_step_p50_ms", "alive"} <= set(got["health"]["workers"][0])
     finally:
         demo.close()
         app.close()
@@ -395,11 +393,10 @@ def _up(port: int) -> bool:
 
 @pytest.fixture
 def app(tmp_path):
-    from model.engine import Engine, load_networks
     from web.app import LiveApp
     from web.limits import Limits
-    return LiveApp(Engine(load_networks("recipe", "tiny")), untrained=True, workdir=tmp_path,
-                   limits=Limits(idle_timeout=0.5, record_max_s=0.6, render_max_s=0.2, render_max_mb=0.01))
+    return LiveApp(tiny(limits=Limits(idle_timeout=0.5, record_max_s=0.6, render_max_s=0.2, render_max_mb=0.01)),
+                   untrained=True, workdir=tmp_path)
 
 
 def test_vanished_tabs_are_reaped_and_markers_expire(app):
@@ -407,31 +404,31 @@ def test_vanished_tabs_are_reaped_and_markers_expire(app):
     frame = skimage.data.astronaut()
     quiet, streaming = gr.Request(session_hash="quiet"), gr.Request(session_hash="streaming")
     for r in (quiet, streaming):
-        app.http_frame(frame, r)  # both go live over HTTP streaming; then `quiet` vanishes without an unload
-    name = app.worker.tabs["quiet"].pipeline.name
-    app.close_page(gr.Request(session_hash="closed"))
+        run(app.http_frame(frame, r))  # both go live over HTTP streaming; then `quiet` vanishes without an unload
+    name = app.workers[0].worker.tabs["quiet"].pipeline.name
+    run(app.close_page(gr.Request(session_hash="closed")))
     for _ in range(5):  # `streaming` keeps sending frames (the pipeline's arrivals keep it alive)
         time.sleep(0.2)
-        app.worker.tabs["streaming"].pipeline.submit(frame)
-    assert app.reap() == ["quiet"]
-    assert list(app.worker.tabs) == ["streaming"] and name not in app.worker.engine.sessions and "closed" not in app.closed
-    app.http_frame(frame, quiet)  # the reaped tab comes back: it starts afresh
-    assert app.worker.tabs["quiet"].pipeline.name != name
+        app.workers[0].worker.tabs["streaming"].pipeline.submit(frame)
+    assert run(app.reap()) == ["quiet"]
+    assert list(app.workers[0].worker.tabs) == ["streaming"] and name not in app.workers[0].worker.engine.sessions and "closed" not in app.closed
+    run(app.http_frame(frame, quiet))  # the reaped tab comes back: it starts afresh
+    assert app.workers[0].worker.tabs["quiet"].pipeline.name != name
     app.close()
 
 
 def test_recording_stops_at_its_limit_and_the_page_says_so(app):
     import skimage.data
     r = gr.Request(session_hash="rec")
-    key = app.open_page(r)
+    key = run(app.open_page(r))
     frame = skimage.data.astronaut()
-    app.http_frame(frame, r)
-    assert "at most 0.6 s" in app.start_recording(r)
+    run(app.http_frame(frame, r))
+    assert "at most 0.6 s" in run(app.start_recording(r))
     end = time.monotonic() + 60
-    while "stopped at the 0.6 s limit" not in app.stats(r) and time.monotonic() < end:
-        app.http_frame(frame, r)
-    assert "stopped at the 0.6 s limit" in app.stats(r)
-    (path,), status = app.stop_recording(key, r)
+    while "stopped at the 0.6 s limit" not in run(app.stats(r)) and time.monotonic() < end:
+        run(app.http_frame(frame, r))
+    assert "stopped at the 0.6 s limit" in run(app.stats(r))
+    (path,), status = run(app.stop_recording(key, r))
     with av.open(path) as c:
         n = sum(1 for _ in c.decode(video=0))
         assert n >= 1 and float(c.duration / av.time_base) <= 0.6 + 0.1
@@ -442,40 +439,39 @@ def test_render_limits(app, tmp_path):
     from test_render import driving_video
     driving_video(tmp_path / "short.mp4", frames=4)
     r = gr.Request(session_hash="render")
-    assert "this server renders at most 0.01 MB" in app.render_video(str(tmp_path / "short.mp4"), r)[1]
+    assert "this server renders at most 0.01 MB" in run(app.render_video(str(tmp_path / "short.mp4"), r))[1]
     app.limits.render_max_mb = 10
-    out, status = app.render_video(str(tmp_path / "short.mp4"), r)
+    out, status = run(app.render_video(str(tmp_path / "short.mp4"), r))
     assert out is None and "longer than 0.2 s" in status
     assert not list(app.dir.glob("render-*"))  # nothing half-written left behind
 
 
 def test_work_directory_quota_age_and_names(app):
-    old, big, new = (app.dir / f"recording-{n}.mp4" for n in ("old", "big", "new"))
+    work = app.workers[0].worker.work
+    old, big, new = (work.path / f"recording-{n}.mp4" for n in ("old", "big", "new"))
     for f, size in ((old, 10), (big, 3 * 2**20), (new, 10)):
         f.write_bytes(b"x" * size)
     os.utime(old, (time.time() - 48 * 3600,) * 2)
     os.utime(big, (time.time() - 3600,) * 2)
     app.limits.work_quota_mb = 1
-    path = app.worker.work.reserve("recording")
+    path = work.reserve("recording")
     assert not old.exists() and not big.exists() and new.exists()  # past the age limit; the oldest over quota
-    assert path.parent == app.dir and len(path.stem.rsplit("-", 1)[1]) == 32  # 128 random bits in the name
-    assert app.worker.work.reserve("recording") != path
+    assert path.parent == work.path and len(path.stem.rsplit("-", 1)[1]) == 32  # 128 random bits in the name
+    assert work.reserve("recording") != path
 
 
 def test_the_work_directory_outlives_a_run_and_its_limits_cover_earlier_runs(tmp_path, monkeypatch):
     """By default recordings and renders go to one directory under the user's cache, the same for every run, so the
     quota and the age limit also cover the files every earlier run left there (cleaned at start, then every 30 s)."""
-    from model.engine import Engine, load_networks
     from web.app import LiveApp
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    engine = Engine(load_networks("recipe", "tiny"))
-    first = LiveApp(engine, untrained=True, step_s=0.1)
+    first = LiveApp(tiny(step_s=0.1), untrained=True)
     old, recent = first.dir / "recording-old.mp4", first.dir / "render-recent.mp4"
     for f in (old, recent):
         f.write_bytes(b"x" * 10)
     os.utime(old, (time.time() - 48 * 3600,) * 2)
     first.close()
-    second = LiveApp(engine, untrained=True, step_s=0.1)
+    second = LiveApp(tiny(step_s=0.1), untrained=True)
     try:
         assert second.dir == first.dir == tmp_path / "liveportrait-live" / "work"
         assert not old.exists() and recent.exists()  # the first run's file past --work-max-age-h went at start
@@ -487,36 +483,35 @@ def test_nothing_not_yet_downloaded_is_removed(app):
     """A finished take the page has not been given yet stays, past the age limit and over the quota alike; once
     handed out (the page downloads Gradio's copy) or once its tab has gone, the limits apply to it."""
     r = gr.Request(session_hash="takes")
-    key = app.open_page(r)
+    key = run(app.open_page(r))
     earlier, take = app.dir / "recording-earlier.mp4", app.dir / "recording-take.mp4"
     for f, size in ((earlier, 2 * 2**20), (take, 1000)):
         f.write_bytes(b"x" * size)
         os.utime(f, (time.time() - 48 * 3600,) * 2)
-    app.worker.tab(r.session_hash).takes.append(take)  # stopped at --record-max-s, say: not handed out yet
+    app.workers[0].worker.tabs[r.session_hash].takes.append(take)  # stopped at --record-max-s, say: not handed out yet
     app.limits.work_quota_mb = 1
-    assert app.worker.work.reserve("recording") is not None
+    assert app.workers[0].worker.work.reserve("recording") is not None
     assert not earlier.exists() and take.exists()
-    (copy,), status = app.stop_recording(key, r)
-    app.worker.work.clean()
+    (copy,), status = run(app.stop_recording(key, r))
+    app.workers[0].worker.work.clean()
     assert not take.exists() and Path(copy).read_bytes() == b"x" * 1000  # the page's copy is Gradio's
     app.limits.work_quota_mb = 0.0001  # a take fills the quota: it stays, and the next recording waits
-    app.worker.tab(r.session_hash).takes.append(take)
+    app.workers[0].worker.tabs[r.session_hash].takes.append(take)
     take.write_bytes(b"x" * 1000)
-    assert app.worker.work.reserve("recording") is None and take.exists()
-    app.close_page(r)  # its tab has gone: nobody can be given it any more
-    assert app.worker.work.reserve("recording") is not None and not take.exists()
+    assert app.workers[0].worker.work.reserve("recording") is None and take.exists()
+    run(app.close_page(r))  # its tab has gone: nobody can be given it any more
+    assert app.workers[0].worker.work.reserve("recording") is not None and not take.exists()
 
 
 def test_a_work_directory_anywhere_hands_its_files_to_the_page(tmp_path, monkeypatch, loopback_only):
     """--work-dir may be outside the temp and working directories, the only places Gradio copies a file from: the
     page still gets its recording (Gradio's copy), and the work directory itself is still not served."""
     import tempfile
-    from model.engine import Engine, load_networks
     from web.app import LiveApp
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # what Gradio takes for the system temp dir
     monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
     (tmp_path / "tmp").mkdir()
-    app = LiveApp(Engine(load_networks("recipe", "tiny")), untrained=True, workdir=tmp_path / "work", step_s=0.1)
+    app = LiveApp(tiny(step_s=0.1), untrained=True, workdir=tmp_path / "work")
     port = free_port()
     demo = app.launch(port=port, block=False)
     url = f"http://127.0.0.1:{port}/"
@@ -528,7 +523,7 @@ def test_a_work_directory_anywhere_hands_its_files_to_the_page(tmp_path, monkeyp
             tab = loadtest.Tab(http)
             try:
                 page = await tab.open()
-                app.worker.tab(page["session"]).takes.append(take)
+                app.workers[0].worker.tabs[page["session"]].takes.append(take)
                 return await tab.call("stop_recording", [json.dumps(page)])
             finally:
                 await tab.close()

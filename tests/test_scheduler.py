@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import skimage.data
 
+from conftest import run, tiny
 from model.engine import Engine, load_networks
 from stream.scheduler import Scheduler, Work
 from stream.serve_bench import simulate
@@ -243,12 +244,12 @@ def test_queues_stay_bounded_and_drops_are_counted(engine, images):
 # ---- admission in the app: HTTP streaming and WebRTC signalling, /healthz ----
 
 @pytest.fixture(scope="module")
-def server(engine, tmp_path_factory, loopback_only):
+def server(tmp_path_factory, loopback_only):
     import socket
 
     import gradio as gr
     from web.app import LiveApp
-    app = LiveApp(engine, untrained=True, workdir=tmp_path_factory.mktemp("live"), max_sessions=1)
+    app = LiveApp(tiny(max_sessions=1), untrained=True, workdir=tmp_path_factory.mktemp("live"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -262,33 +263,34 @@ def test_server_full_over_http_and_webrtc_then_admitted(server):
     app, url, Request = server
     astronaut = skimage.data.astronaut()
     first, second = Request(session_hash="first"), Request(session_hash="second")
-    page = json.loads(app.open_page(second))
-    app.http_frame(astronaut, first)
-    wait_for(lambda: app.worker.tabs[first.session_hash].pipeline.metrics.frames_out >= 1)
+    page = json.loads(run(app.open_page(second)))
+    run(app.http_frame(astronaut, first))
+    wait_for(lambda: app.workers[0].worker.tabs[first.session_hash].pipeline.metrics.frames_out >= 1)
     health = httpx.get(url + "healthz")
     assert health.status_code == 503  # full: not ready for another session
     body = health.json()
-    assert body["live_sessions"] == 1 and body["capacity"] == 1 and len(body["session_fps"]) == 1
-    assert body["engine_step_p50_ms"] > 0
+    assert body["live_sessions"] == 1 and body["capacity"] == 1 and body["ready"] and body["full"]
+    (worker,) = body["workers"]
+    assert worker["alive"] and len(worker["session_fps"]) == 1 and worker["engine_step_p50_ms"] > 0
 
-    refused = app.http_frame(astronaut, second)  # HTTP streaming: the message instead of the animation
-    assert app.worker.tabs[second.session_hash].pipeline is None and refused.shape == astronaut.shape
+    refused = run(app.http_frame(astronaut, second))  # HTTP streaming: the message instead of the animation
+    assert app.workers[0].worker.tabs[second.session_hash].pipeline is None and refused.shape == astronaut.shape
     assert refused.mean() < astronaut.mean() / 2  # the dimmed webcam frame with the text on it
-    assert "the server is full (1 live session); try again shortly" in app.stats(second)
+    assert "the server is full (1 live session); try again shortly" in run(app.stats(second))
     offer = httpx.post(url + "offer", json={**page, "sdp": valid_offer_sdp(),
                                             "type": "offer"})
     assert offer.status_code == 503
     assert offer.json()["error"] == "the server is full (1 live session); try again shortly"
     for _ in range(3):  # the live session keeps going meanwhile
-        app.http_frame(astronaut, first)
-    assert app.worker.tabs[first.session_hash].pipeline.metrics.frames_out >= 2
+        run(app.http_frame(astronaut, first))
+    assert app.workers[0].worker.tabs[first.session_hash].pipeline.metrics.frames_out >= 2
 
-    app.close_page(first)  # the slot frees up: the next frame of the waiting tab is admitted
+    run(app.close_page(first))  # the slot frees up: the next frame of the waiting tab is admitted
     assert httpx.get(url + "healthz").json()["live_sessions"] == 0
-    app.http_frame(astronaut, second)
-    assert app.worker.tabs[second.session_hash].pipeline is not None and "Live via HTTP streaming" in app.stats(second)
+    run(app.http_frame(astronaut, second))
+    assert app.workers[0].worker.tabs[second.session_hash].pipeline is not None and "Live via HTTP streaming" in run(app.stats(second))
     assert httpx.get(url + "healthz").status_code == 503
-    app.close_page(second)
+    run(app.close_page(second))
     health = httpx.get(url + "healthz")
     assert health.status_code == 200 and health.json()["live_sessions"] == 0
 

@@ -6,10 +6,12 @@ import asyncio
 import gc
 import json
 
+import gradio as gr
 import httpx
 import pytest
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 
+from conftest import run, tiny
 from stream.serve_bench import moving_face
 from test_reliability import free_port, valid_offer_sdp, wait_until
 from web import loadtest
@@ -20,12 +22,10 @@ MAX_VIEWERS = 2
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, loopback_only):
-    from model.engine import Engine, load_networks
     from web.app import LiveApp
 
     loadtest.loopback_ice()
-    app = LiveApp(Engine(load_networks("recipe", "tiny")), untrained=True, workdir=tmp_path_factory.mktemp("work"),
-                  max_viewers=MAX_VIEWERS)
+    app = LiveApp(tiny(max_viewers=MAX_VIEWERS), untrained=True, workdir=tmp_path_factory.mktemp("work"))
     port = free_port()
     demo = app.launch(port=port, block=False)
     yield app, f"http://127.0.0.1:{port}/"
@@ -44,7 +44,7 @@ def server_media() -> dict:
 
 def settled(app) -> dict:
     """What is left once nobody watches (empty dict: all clear)."""
-    left = dict(viewers=app.worker.counts()["viewers"], **server_media())
+    left = dict(viewers=app.workers[0].worker.counts()["viewers"], **server_media())
     return {k: v for k, v in left.items() if v}
 
 
@@ -78,7 +78,7 @@ async def until(condition, timeout: float = 30) -> bool:
 
 def test_viewers_watch_bounded_revocable_and_leave_nothing(served):
     app, url = served
-    worker = app.worker
+    worker = app.workers[0].worker
     gc.collect()
     assert not settled(app), settled(app)
 
@@ -119,7 +119,7 @@ def test_viewers_watch_bounded_revocable_and_leave_nothing(served):
             assert refused[2].status_code == 429
             assert refused[2].json()["error"] == f"this output already has {MAX_VIEWERS} viewers"
             assert worker.counts()["viewers"] == MAX_VIEWERS and worker.counts()["peers"] == 1
-            assert worker.stats(tab.session)["viewers"] == MAX_VIEWERS
+            assert (await app.workers[0].call("stats", tab.session))["viewers"] == MAX_VIEWERS
             assert (await http.get("healthz")).json()["viewers"] == MAX_VIEWERS
             assert server_media() == dict(tracks=1 + MAX_VIEWERS, encoders=1 + MAX_VIEWERS)
 
@@ -160,13 +160,13 @@ def test_viewers_watch_bounded_revocable_and_leave_nothing(served):
                 await pc.close()
             assert (await http.get(link2)).status_code == 404
     asyncio.run(scenario())
-    assert wait_until(lambda: not settled(app) and not app.worker.counts()["views"]), settled(app)
-    assert wait_until(lambda: not any(app.worker.counts().values())), app.worker.counts()
+    assert wait_until(lambda: not settled(app) and not app.workers[0].worker.counts()["views"]), settled(app)
+    assert wait_until(lambda: not any(app.workers[0].worker.counts().values())), app.workers[0].worker.counts()
 
 
 def test_view_page_options_are_checked(served):
     app, url = served
-    token = app.worker.share("options-tab")
+    token = run(app.share("options-tab"))
     try:
         page = httpx.get(f"{url}view/{token}?bg=00ff00&fit=cover")
         assert page.status_code == 200 and '"bg": "#00ff00"' in page.text and '"fit": "cover"' in page.text
@@ -177,18 +177,17 @@ def test_view_page_options_are_checked(served):
             r = httpx.get(f"{url}view/{token}?{bad}")
             assert r.status_code == 400 and r.headers["content-type"].startswith("text/plain"), bad
     finally:
-        app.worker.close_tab("options-tab")
+        run(app.close_page(gr.Request(session_hash="options-tab")))
     assert httpx.get(f"{url}view/{token}").status_code == 404
 
 
 def test_under_auth_the_link_is_the_permission_to_watch(tmp_path, loopback_only):
     """With --auth the page and /offer need the login; the view link does not (OBS cannot log in): a viewer with
     no login but the link watches the logged-in performer's output, and a wrong token is still 404."""
-    from model.engine import Engine, load_networks
     from web.app import LiveApp
 
     loadtest.loopback_ice()
-    app = LiveApp(Engine(load_networks("recipe", "tiny")), untrained=True, workdir=tmp_path)
+    app = LiveApp(tiny(), untrained=True, workdir=tmp_path)
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     demo = app.launch(port=port, auth=[("ada", "lovelace")], block=False)
@@ -212,13 +211,13 @@ def test_under_auth_the_link_is_the_permission_to_watch(tmp_path, loopback_only)
             viewer, track, r = await watch(anonymous, token)
             assert r.status_code == 200, r.text
             got = await frames(await asyncio.wait_for(track, 30), 2)
-            assert len(got) == 2 and app.worker.counts()["viewers"] == 1
+            assert len(got) == 2 and app.workers[0].worker.counts()["viewers"] == 1
             for pc in (viewer, performer):
                 await pc.close()
             await tab.close()
     try:
         asyncio.run(scenario())
-        assert wait_until(lambda: not app.worker.tabs, 30)
+        assert wait_until(lambda: not app.workers[0].worker.tabs, 30)
     finally:
         demo.close()
         app.close()
@@ -230,10 +229,10 @@ def test_each_track_gets_the_newest_frame_and_a_slow_one_holds_back_nobody(serve
     from stream.pipeline import SessionPipeline
 
     app, _ = served
-    sample = app.worker.sample
+    sample = app.workers[0].worker.sample
 
-    async def run() -> None:
-        pipe = SessionPipeline(app.worker.engine, sample, transport="WebRTC", stream_max=720, images=False)
+    async def scenario() -> None:
+        pipe = SessionPipeline(app.workers[0].worker.engine, sample, transport="WebRTC", stream_max=720, images=False)
         fast, slow = AnimatedTrack(), AnimatedTrack()
         fast.bind(pipe)
         slow.bind(pipe)
@@ -251,4 +250,4 @@ def test_each_track_gets_the_newest_frame_and_a_slow_one_holds_back_nobody(serve
             slow.stop()
             assert pipe._listeners == []
             await asyncio.to_thread(pipe.close)
-    asyncio.run(run())
+    asyncio.run(scenario())

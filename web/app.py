@@ -2,16 +2,23 @@
 
 Two live transports: WebRTC (our POST /offer on the same server, aiortc on this side, a small JS client in the
 page) for the lowest latency, and Gradio's own webcam streaming over HTTP as the fallback that works through share
-links without a TURN server. One engine serves every browser tab; a tab is a `Page`, keyed by Gradio's session
-hash, which the page also hands to its WebRTC client so the signalling route finds the same tab. A tab can share
-its output as a view-only link: GET /view/<token> is a page of its own (web/static/view.html) whose receive-only
-offer goes to POST /view/<token>/offer; the worker finds the tab by the token.
+links without a TURN server. A tab is a `Page`, keyed by Gradio's session hash, which the page also hands to its
+WebRTC client so the signalling route finds the same tab. A tab can share its output as a view-only link:
+GET /view/<token> is a page of its own (web/static/view.html) whose receive-only offer goes to
+POST /view/<token>/offer.
+
+Everything live is a worker's (web/worker.py): one in this process by default, or several Ray actors in cluster
+mode (--workers, --ray: web/cluster.py), called the same way with plain data. A tab is placed on the worker with
+the most room at its first call and stays there; a view token is routed to its tab's worker. Files the worker
+hands back (recordings, renders) are written to this front's work directory, from where Gradio serves them.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import os
 import json
@@ -21,33 +28,32 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Awaitable, Callable, TypeVar
 from urllib.parse import urljoin
 
 import fastapi
 import gradio as gr
 import numpy as np
-import skimage.data
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
-from gradio.processing_utils import save_file_to_cache
 from gradio.utils import get_upload_folder
 
 from model.editing import SLIDERS, Edits
-from model.engine import Engine, load_networks
 from stream import encode
-from stream.face import NoFaceError, prepare_source
+from stream.face import NoFaceError
+from stream.pipeline import draw_text
 from stream.render import MAX_BYTES, MAX_SIDE, InputError
-from stream.scheduler import Scheduler
 from web import controls as panel
 from web import tls
 from web.guard import Refused, check_offer, gradio_user, login_required, same_secret
 from web.limits import Limits, argument, claim, default_work_dir, positive
 from web.limits import add_arguments as add_limit_arguments
 from web.webrtc import mint, parse_ice_servers, turn_server
-from web.worker import MAX_VIEWERS, EditorsFull, NotLive, ServerFull, TabClosed, UnknownView, ViewersFull, Worker
+from web.worker import (CALL_TIMEOUT_S, DEFAULT_MAX_SESSIONS, LOAD_TIMEOUT_S, MAX_VIEWERS, EditorsFull, Local, NotLive,
+                        ServerFull, TabClosed, UnknownTab, UnknownView, ViewersFull, WorkerConfig, WorkerLost)
 
 log = logging.getLogger("liveportrait.app")
+T = TypeVar("T")
 STATIC = Path(__file__).parent / "static"
 LIVE_HTML = """<div class="lp-live"><div class="lp-notice" hidden></div><div class="lp-stage">
 <video autoplay playsinline muted></video><video class="lp-self" autoplay playsinline muted hidden></video>
@@ -66,9 +72,6 @@ LIVE_CSS = """video { width: 100%; height: min(62vh, 560px); object-fit: contain
 .lp-bar { display: flex; gap: .6em; align-items: center; margin-top: .4em; flex-wrap: wrap; }
 button { padding: .35em 1em; border-radius: 6px; border: 1px solid #888; cursor: pointer; }
 .lp-frames { opacity: .7; font-size: .9em; }"""
-# Live sessions admitted per device unless --max-sessions says otherwise (docs/benchmarks.md, "Serving"). CPU:
-# measured with `launch.py bench serve`; CUDA: not measured yet, one full batch of the scheduler (--max-batch 8).
-DEFAULT_MAX_SESSIONS = {"cpu": 4, "cuda": 8}
 PAGE_CSS = """.lp-banner { background: #b71c1c; color: #fff; padding: .6em 1em; border-radius: 8px; font-weight: 600; }
 .lp-notice { background: #fff3cd; color: #3b2f00; border: 1px solid #e0b400; padding: .6em 1em; border-radius: 8px;
              margin-bottom: .5em; }
@@ -84,29 +87,80 @@ NO_FACE_S = 1.0  # the page says "no face in view" once the tracker has found no
 
 class Page:
     """What the front knows of a browser tab: the secret its page was given at load (a WebRTC offer must carry
-    it) and, under --auth, who logged in. Everything live is the worker's (web/worker.py)."""
+    it), under --auth who logged in, and what a worker needs to restore the tab (its portrait's bytes, None for
+    the sample; its controls; whether its Portrait editing tab is shown). Everything live is a worker's."""
 
     def __init__(self, user: str | None = None):
         self.secret, self.user = secrets.token_urlsafe(24), user
+        self.portrait: bytes | None = None
+        self.controls: dict[str, Any] = {}
+        self.editing = False
 
 
 class LiveApp:
-    """The Gradio front: the pages, the signalling route, every event handler. Live work is the worker's."""
+    """The Gradio front: the pages, the signalling route, every event handler. Live work is the workers':
+    `workers` (web/cluster.py's, in cluster mode), else one built in this process from `config`."""
 
-    def __init__(self, engine: Engine, ice_servers: list[dict] | None = None, untrained: bool = False,
-                 workdir: str | Path | None = None, max_sessions: int | None = None, limits: Limits | None = None,
-                 max_renders: int = 1, step_s: float | None = None, codec: str = "h264", stream_max: int = 720,
-                 max_viewers: int = MAX_VIEWERS):
+    def __init__(self, config: WorkerConfig, untrained: bool = False, workdir: str | Path | None = None,
+                 max_renders: int = 1, workers: list | None = None):
         self.untrained, self.max_renders = untrained, max_renders
-        self.ice_servers = ice_servers or []
-        self.limits = limits or Limits()
-        self.dir = Path(workdir or default_work_dir())
-        self.worker = Worker(engine, prepare_source(skimage.data.astronaut()),  # NASA, public domain
-                             max_sessions or DEFAULT_MAX_SESSIONS.get(engine.device.type, 1), self.ice_servers,
-                             self.limits, self.dir, step_s, codec, stream_max, max_viewers)
+        self.ice_servers, self.limits = config.ice_servers, config.limits
+        self.dir = Path(workdir or config.workdir or default_work_dir())  # the in-process worker's work directory
+        self.workers = workers or [Local(dataclasses.replace(config, workdir=str(self.dir)))]
+        self.placed: dict[str, Any] = {}  # session hash -> the worker that holds the tab
+        self.shared: dict[str, str] = {}  # view token -> the session hash whose output it shows
+        self.info = _wait(self.workers[0].call("about"))  # what the page shows: device, engine, codec, sample
         self.pages: dict[str, Page] = {}
         self.closed: dict[str, float] = {}  # session hashes of closed tabs -> when (they expire: see reap)
         self.auth = False  # under --auth every handler acts only for the login that opened its tab (launch sets it)
+
+    async def _on(self, session: str) -> Any:
+        """The tab's worker: the one that holds it, else the answering one with the most free capacity."""
+        if (worker := self.placed.get(session)) is None:
+            if len(self.workers) > 1:
+                loads = await asyncio.gather(*(w.call("load", timeout=LOAD_TIMEOUT_S) for w in self.workers),
+                                             return_exceptions=True)
+                up = [(load, w) for load, w in zip(loads, self.workers) if not isinstance(load, BaseException)]
+                if not up:
+                    raise WorkerLost("no worker of this server answers; try again shortly")
+                worker = max(up, key=lambda lw: lw[0])[1]
+            else:
+                worker = self.workers[0]
+            worker = self.placed.setdefault(session, worker)
+        return worker
+
+    def _page(self, session: str) -> Page:
+        """The tab's Page; a blank one, not kept, for a call before its page load (only its load makes one)."""
+        return self.pages.get(session) or Page()
+
+    async def _call(self, session: str, method: str, *args: Any, **kw: Any) -> Any:
+        """`method` of the tab's worker, for the tab. A worker that does not hold the tab (it was just placed
+        there, or the worker restarted) gets it restored from what the front kept first; a lost worker's tabs
+        are placed again at their next call."""
+        worker = await self._on(session)
+        try:
+            try:
+                return await worker.call(method, session, *args, **kw)
+            except UnknownTab:
+                page = self._page(session)
+                await worker.call("restore", session, page.portrait, page.controls, page.editing)
+                return await worker.call(method, session, *args, **kw)
+        except WorkerLost:
+            if self.placed.get(session) is worker:
+                self._forget(session)
+            raise
+        except ServerFull:  # not live there: its next try is placed again, on the freest worker then
+            if len(self.workers) > 1 and self.placed.get(session) is worker:
+                self._forget(session)
+                with contextlib.suppress(Exception):
+                    await worker.call("close_tab", session, True)  # moved, not closed: it may come back
+            raise
+
+    def _forget(self, session: str) -> None:
+        """The tab is gone: its worker and its view token are no longer the front's to route to."""
+        self.placed.pop(session, None)
+        for token in [t for t, s in self.shared.items() if s == session]:
+            del self.shared[token]
 
     def gone(self, request: gr.Request) -> bool:
         """The tab is not the caller's to act on: it was closed (a request that raced its unload must not bring it
@@ -130,20 +184,21 @@ class LiveApp:
 
     # ---- page lifecycle ----
 
-    def open_page(self, request: gr.Request) -> str:
+    async def open_page(self, request: gr.Request) -> str:
         """Page load: register the tab; its id, its secret and its ICE servers (TURN credentials minted for it)
-        go to the WebRTC client. Only the load that creates the
-        tab gets them: another call naming the same session hash (Gradio lets a client choose it) gets nothing."""
+        go to the WebRTC client. Only the load that creates the tab gets them: another call naming the same
+        session hash (Gradio lets a client choose it) gets nothing."""
         if request.session_hash in self.closed:
             return ""
         page = Page(request.username)
         if self.pages.setdefault(request.session_hash, page) is not page:
             log.warning("a second page load for an open tab: refused")
             return ""
-        self.worker.stats(request.session_hash)  # its idle clock starts
+        with contextlib.suppress(WorkerLost):  # placed again at its next call
+            await self._call(request.session_hash, "stats")  # placed on a worker; its idle clock starts
         return json.dumps({"session": request.session_hash, "secret": page.secret, "ice": mint(self.ice_servers)})
 
-    def close_page(self, request: gr.Request) -> None:
+    async def close_page(self, request: gr.Request) -> None:
         """Tab closed: end its live connection and forget it."""
         if self.gone(request):
             return
@@ -151,14 +206,24 @@ class LiveApp:
         while len(self.closed) > MAX_GONE:
             del self.closed[next(iter(self.closed))]
         self.pages.pop(request.session_hash, None)
-        self.worker.close_tab(request.session_hash)
+        if worker := self.placed.get(request.session_hash):
+            await worker.call("close_tab", request.session_hash)
+        self._forget(request.session_hash)
 
-    def reap(self) -> list[str]:
-        """Free the tabs gone quiet for longer than the idle timeout, and expire old closed-tab markers. Returns
-        the tabs freed; a reaped tab that comes back later starts afresh."""
-        freed = self.worker.reap()
-        for session in freed:
-            self.pages.pop(session, None)
+    async def reap(self) -> list[str]:
+        """Free the tabs gone quiet for longer than the idle timeout (each worker also cleans its work directory)
+        and expire old closed-tab markers. Returns the tabs freed; one that comes back later is restored."""
+        reaped = await asyncio.gather(*(w.call("reap") for w in self.workers), return_exceptions=True)
+        freed = []
+        for worker, tabs in zip(self.workers, reaped):
+            if isinstance(tabs, BaseException):
+                log.warning("reaping on %s failed: %s", worker.name, tabs)
+                continue
+            for session in tabs:
+                if self.placed.get(session) in (worker, None):  # not a tab placed elsewhere since
+                    self.pages.pop(session, None)
+                    self._forget(session)
+                    freed.append(session)
         now = time.monotonic()
         for session, when in list(self.closed.items()):
             if now - when > self.limits.idle_timeout:
@@ -169,89 +234,101 @@ class LiveApp:
         while True:
             await asyncio.sleep(min(30.0, self.limits.idle_timeout / 4))
             try:
-                await asyncio.to_thread(self.reap)
+                await self.reap()
             except Exception:  # reaping must outlive any one failure
                 log.exception("reaping failed")
 
     def close(self) -> None:
         """Server shutdown: end every live connection (recordings are finalised)."""
-        self.worker.close()
+        for worker in self.workers:
+            worker.close()
 
     # ---- portrait and controls ----
 
-    def set_portrait(self, path: str | None, request: gr.Request) -> tuple:
+    async def set_portrait(self, path: str | None, request: gr.Request) -> tuple:
         """Upload handler: validate and detect the face; the error is shown in the page, the old portrait stays."""
         if not path or self.gone(request):
             return gr.skip(), ""
         try:
-            image = self.worker.set_portrait(request.session_hash, path)
+            data = await asyncio.to_thread(Path(path).read_bytes)
+            image = await self._call(request.session_hash, "set_portrait", data)
         except (InputError, NoFaceError) as e:
             return gr.skip(), f"⚠️ **Portrait not used.** {e}"
+        self._page(request.session_hash).portrait = data
         return image, f"✓ Portrait ready ({image.shape[1]}×{image.shape[0]})."
 
-    def use_sample(self, request: gr.Request) -> tuple:
+    async def use_sample(self, request: gr.Request) -> tuple:
         if self.gone(request):
             return gr.skip(), ""
-        image = self.worker.use_sample(request.session_hash)
+        self._page(request.session_hash).portrait = None
+        image = await self._call(request.session_hash, "use_sample")
         return image, "✓ Sample portrait (astronaut Eileen Collins, NASA, public domain)."
 
-    def set_controls(self, relative: bool, stitching: bool, paste: bool, multiplier: float, eye_on: bool,
-                     eye: float, lip_on: bool, lip: float, smoothing: float, overlay: bool,
-                     request: gr.Request) -> np.ndarray | None:
+    async def set_controls(self, relative: bool, stitching: bool, paste: bool, multiplier: float, eye_on: bool,
+                           eye: float, lip_on: bool, lip: float, smoothing: float, overlay: bool,
+                           request: gr.Request) -> np.ndarray | None:
         """Any control changed: the live connection picks the new values up at its next frame."""
         if self.gone(request):
             return gr.skip()
-        self.worker.set_controls(request.session_hash, relative=relative, stitching=stitching, paste=paste,
-                                 multiplier=float(multiplier), eye_target=float(eye) if eye_on else None,
-                                 lip_target=float(lip) if lip_on else None, smoothing=float(smoothing),
-                                 overlay=overlay)
-        return self.edited(request)
+        await self._controls(request.session_hash, dict(
+            relative=relative, stitching=stitching, paste=paste, multiplier=float(multiplier),
+            eye_target=float(eye) if eye_on else None, lip_target=float(lip) if lip_on else None,
+            smoothing=float(smoothing), overlay=overlay))
+        return await self.edited(request)
 
-    def set_edits(self, request: gr.Request, region: str, *sliders: float) -> np.ndarray | None:
+    async def _controls(self, session: str, values: dict[str, Any]) -> None:
+        """Controls changed: kept here (a worker that restarts gets them back) and sent to the tab's worker."""
+        self._page(session).controls.update(values)
+        await self._call(session, "set_controls", values)
+
+    async def set_edits(self, request: gr.Request, region: str, *sliders: float) -> np.ndarray | None:
         """Animation region or an expression/pose slider changed (values in model.editing.SLIDERS order)."""
         if self.gone(request):
             return gr.skip()
-        self.worker.set_controls(request.session_hash, region=region,
-                                 edits=Edits(**{k: float(v) for k, v in zip(SLIDERS, sliders, strict=True)}))
-        return self.edited(request)
+        await self._controls(request.session_hash, dict(
+            region=region, edits=Edits(**{k: float(v) for k, v in zip(SLIDERS, sliders, strict=True)})))
+        return await self.edited(request)
 
-    def reset_edits(self, request: gr.Request) -> list:
+    async def reset_edits(self, request: gr.Request) -> list:
         """Every expression/pose slider back to its default: the sliders' values, then the edited portrait."""
         if not self.gone(request):
-            self.worker.reset_edits(request.session_hash)
-        return [*Edits().values().values(), self.edited(request)]
+            await self._controls(request.session_hash, dict(edits=Edits()))
+        return [*Edits().values().values(), await self.edited(request)]
 
-    def select_tab(self, event: gr.SelectData, request: gr.Request) -> np.ndarray | None:
+    async def select_tab(self, event: gr.SelectData, request: gr.Request) -> np.ndarray | None:
         """The Portrait editing tab renders while it is the one shown."""
         if not self.gone(request):
-            self.worker.set_editing(request.session_hash, event.value == "Portrait editing")
-        return self.edited(request)
+            self._page(request.session_hash).editing = event.value == "Portrait editing"
+            await self._call(request.session_hash, "set_editing", event.value == "Portrait editing")
+        return await self.edited(request)
 
-    def edited(self, request: gr.Request) -> np.ndarray | None:
+    async def edited(self, request: gr.Request) -> np.ndarray | None:
         """The page's portrait with its sliders applied, pasted back (one engine call); skipped while the
         Portrait editing tab is not shown."""
         try:
-            image = self.worker.edited(request.session_hash) if not self.gone(request) else None
+            image = await self._call(request.session_hash, "edited") if not self.gone(request) else None
         except EditorsFull as e:
             gr.Warning(f"Portrait editing: {e}.")
             return gr.skip()
         return gr.skip() if image is None else image
 
-    def reset_reference(self, request: gr.Request) -> str:
-        if not self.gone(request) and self.worker.reset_reference(request.session_hash):
+    async def reset_reference(self, request: gr.Request) -> str:
+        if not self.gone(request) and await self._call(request.session_hash, "reset_reference"):
             return "Reference reset: the next frame is the neutral pose."
         return "Start the camera first."
 
     # ---- live: HTTP streaming fallback, WebRTC signalling, metrics ----
 
-    def http_frame(self, frame: np.ndarray | None, request: gr.Request) -> np.ndarray | None:
+    async def http_frame(self, frame: np.ndarray | None, request: gr.Request) -> np.ndarray | None:
         """One webcam frame from Gradio's streaming: hand it over, answer with the newest output."""
         if frame is None or self.gone(request):
             return None
         try:
-            return self.worker.http_frame(request.session_hash, frame)
+            return await self._call(request.session_hash, "http_frame", frame)
         except TabClosed:
             return None
+        except (ServerFull, WorkerLost) as e:  # the frame, darkened, says so; the next one tries again
+            return draw_text(frame // 3, str(e))
 
     async def offer(self, request: fastapi.Request) -> JSONResponse:
         """POST /offer {sdp, type, session, secret}: answer a page's WebRTC offer. The login, the origin, the
@@ -268,8 +345,8 @@ class LiveApp:
         if login_required(request) and await gradio_user(request) != page.user:
             return JSONResponse({"error": "this page belongs to another login"}, status_code=403)
         try:
-            return JSONResponse(await self.worker.offer(body["session"], body))
-        except ServerFull as e:  # the offer was fine, the server is not: nothing was created
+            return JSONResponse(await self._call(body["session"], "offer", body))
+        except (ServerFull, WorkerLost) as e:  # the offer was fine, the server is not: nothing was created
             return JSONResponse({"error": str(e)}, status_code=503)
         except TabClosed as e:
             return JSONResponse({"error": str(e)}, status_code=403)
@@ -279,19 +356,33 @@ class LiveApp:
 
     # ---- view-only links: the output for OBS, a call or a second screen ----
 
-    def share_output(self, page_url: str, key: str | None, request: gr.Request) -> str:
+    async def share_output(self, page_url: str, key: str | None, request: gr.Request) -> str:
         """Share output: a new view-only link for this tab (`page_url`: the page's address, from the browser, so
         the link names the host the way the user reaches it; `key`: the page's secret); the previous link stops
         working."""
         if not self.holds_secret(request, key):
             return gr.skip()
-        return urljoin(page_url or "", f"view/{self.worker.share(request.session_hash)}")
+        return urljoin(page_url or "", f"view/{await self.share(request.session_hash)}")
+
+    async def share(self, session: str) -> str:
+        """A new view token for the tab's output (the old one is revoked), routed to the tab's worker."""
+        token = await self._call(session, "share")
+        for old in [t for t, s in self.shared.items() if s == session]:
+            del self.shared[old]
+        self.shared[token] = session
+        return token
+
+    async def _viewing(self, token: str) -> Any:
+        """The worker that holds view token `token`, or None for a wrong or revoked one."""
+        session = self.shared.get(token)
+        worker = self.placed.get(session) if session else None
+        return worker if worker and await worker.call("viewing", token) else None
 
     async def view_page(self, request: fastapi.Request) -> fastapi.Response:
         """GET /view/<token>[?bg=RRGGBB&fit=contain|cover]: the viewer page (web/static/view.html), not Gradio's; 404
         for a wrong or revoked token, 400 for a bad option. No login: the unguessable token is the permission to
         watch, and it grants nothing else."""
-        if not self.worker.viewing(request.path_params["token"]):
+        if not await self._viewing(request.path_params["token"]):
             return PlainTextResponse(INVALID_LINK, status_code=404, headers=VIEW_HEADERS)
         bg, fit = request.query_params.get("bg", "000000"), request.query_params.get("fit", "contain")
         if not re.fullmatch(r"[0-9a-fA-F]{6}", bg):
@@ -308,14 +399,14 @@ class LiveApp:
         token, 409 while the performer is not live (the page tries again), 429 beyond --max-viewers. A view offer
         reaches no page route: it can change nothing of the session."""
         token = request.path_params["token"]
-        if not self.worker.viewing(token):
+        if not (worker := await self._viewing(token)):
             return JSONResponse({"error": INVALID_LINK}, 404)
         try:
             body = await check_offer(request, view=True)
         except Refused as e:
             return JSONResponse({"error": str(e)}, status_code=e.status)
         try:
-            return JSONResponse(await self.worker.view_offer(token, body))
+            return JSONResponse(await worker.call("view_offer", token, body))
         except UnknownView:
             return JSONResponse({"error": INVALID_LINK}, 404)
         except NotLive as e:
@@ -326,11 +417,14 @@ class LiveApp:
             log.info("view offer refused: %s: %s", type(e).__name__, e)
             return JSONResponse({"error": f"bad offer: {e}"}, status_code=400)
 
-    def stats(self, request: gr.Request) -> str:
+    async def stats(self, request: gr.Request) -> str:
         """The metrics line the page polls."""
         if self.gone(request):
             return gr.skip()
-        m = self.worker.stats(request.session_hash)
+        try:
+            m = await self._call(request.session_hash, "stats")
+        except WorkerLost as e:
+            return f"**Live:** ⚠️ {e}."
         error = f" · ⚠️ {m['error']}" if m["error"] else ""
         if not m["live"]:
             if m["refused"]:
@@ -349,33 +443,40 @@ class LiveApp:
                 f" · {size}{recording}{face}{viewers}{error}")
 
     async def healthz(self, request: fastapi.Request) -> JSONResponse:
-        """GET /healthz: readiness and load for a load balancer; 503 while full. Under --auth, a request without
-        the login learns only `ready` and `full`."""
-        h = self.worker.health()
-        full = h["live_sessions"] >= h["capacity"]
-        body = dict(ready=True, full=full)
+        """GET /healthz: readiness and load for a load balancer, over every worker; 503 while full or while no
+        worker answers. Under --auth, a request without the login learns only `ready` and `full`."""
+        async def health(worker) -> dict:
+            try:
+                return dict(await worker.call("health", timeout=LOAD_TIMEOUT_S), worker=worker.name, alive=True)
+            except Exception as e:  # dead, restarting or silent: it takes no session meanwhile
+                return dict(worker=worker.name, alive=False, error=str(e))
+        workers = await asyncio.gather(*(health(w) for w in self.workers))
+        up = [h for h in workers if h["alive"]]
+        live, capacity = sum(h["live_sessions"] for h in up), sum(h["capacity"] for h in up)
+        body = dict(ready=bool(up), full=live >= capacity)
         if not login_required(request) or await gradio_user(request) is not None:
-            body.update(h)
-        return JSONResponse(body, status_code=503 if full else 200)
+            body.update(live_sessions=live, capacity=capacity, viewers=sum(h["viewers"] for h in up),
+                        workers=workers)
+        return JSONResponse(body, status_code=200 if body["ready"] and not body["full"] else 503)
 
     # ---- recording and rendering ----
 
-    def start_recording(self, request: gr.Request) -> str:
+    async def start_recording(self, request: gr.Request) -> str:
         if self.gone(request):
             return ""
-        return self.worker.start_recording(request.session_hash)
+        return await self._call(request.session_hash, "start_recording")
 
-    def stop_recording(self, key: str | None, request: gr.Request) -> tuple:
-        """Every take not yet downloaded (a second Record keeps the first; so do Stop and the limit); `key`: the
-        page's secret."""
-        takes = self.worker.stop_recording(request.session_hash) if self.holds_secret(request, key) else []
+    async def stop_recording(self, key: str | None, request: gr.Request) -> tuple:
+        """Every take not yet downloaded (a second Record keeps the first; so do Stop and the limit), copied into
+        Gradio's cache for the page; `key`: the page's secret."""
+        takes = await self._call(request.session_hash, "stop_recording") if self.holds_secret(request, key) else []
         if not takes:
             return gr.skip(), "Nothing recorded yet."
-        files = [f for p in takes for f in (p, p.with_suffix(".pkl")) if f.exists()]  # each take's motion template
-        return [handed(f) for f in files], f"Saved {', '.join(f.name for f in files)}."
+        paths = [await asyncio.to_thread(handed, name, data) for name, data in takes]  # each take, then its motion
+        return paths, f"Saved {', '.join(Path(p).name for p in paths)}."
 
-    def render_video(self, driving: str | None, source_video: str | None, save_template: bool, eye: bool,
-                     request: gr.Request, progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple:
+    async def render_video(self, driving: str | None, source_video: str | None, save_template: bool, eye: bool,
+                           request: gr.Request, progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple:
         """Video-file tab: the page's portrait (or a source video) driven by an uploaded video (its frame rate and
         audio kept), image (one image) or motion template. Returns (video, image, template, status)."""
         none = (None, None, None)
@@ -388,25 +489,33 @@ class LiveApp:
                 return *none, (f"⚠️ The {name} is {size / 2**20:.1f} MB; this server renders at most "
                                f"{self.limits.render_max_mb:g} MB.")
         try:
-            out, info = self.worker.render(request.session_hash, driving, source_video, save_template, eye)
+            files = [await asyncio.to_thread(lambda p=p: (Path(p).name, Path(p).read_bytes())) if p else None
+                     for p in (driving, source_video)]
+            out, info = await self._call(request.session_hash, "render", *files, save_template, eye,
+                                         timeout=self.render_timeout())
         except (InputError, NoFaceError) as e:
             return *none, f"⚠️ {e}"
         if out is None:
             return *none, info
-        template = info["template"] and handed(Path(info["template"]))
+        path = await asyncio.to_thread(handed, *out)
+        template = info["template"] and await asyncio.to_thread(handed, *info["template"])
         if info["fps"] is None:
-            return None, handed(out), template, f"One image, {info['size'][0]}×{info['size'][1]}."
-        return (handed(out), None, template, f"{info['frames']} frames at {info['fps']:g} fps"
+            return None, path, template, f"One image, {info['size'][0]}×{info['size'][1]}."
+        return (path, None, template, f"{info['frames']} frames at {info['fps']:g} fps"
                 f"{', with audio' if info['audio'] else ''}{'; motion template saved' if template else ''}.")
+
+    def render_timeout(self) -> float:
+        """How long a render may take: the longest video at up to 60 fps, at twice the measured time per frame."""
+        return CALL_TIMEOUT_S + self.limits.render_max_s * 60 * self.info["step_s"] * 2
 
     def speed_note(self) -> str:
         """What to expect, measured at start-up, said before anyone starts the camera."""
-        step = self.worker.step_s
+        step = self.info["step_s"]
         if step < 0.25:
             return f"Measured at start-up: {step * 1000:.0f} ms per frame for one live session."
         every = f"{step:.0f} s" if step >= 2 else f"{step:.1f} s"
         return (f"⏱ **This server animates about one frame every {every}** (measured at start-up on its "
-                f"{self.worker.device.upper()}): the live view will update that slowly, not like a "
+                f"{self.info['device'].upper()}): the live view will update that slowly, not like a "
                 "video. A CUDA GPU makes it live; meanwhile the **Video file** tab renders a whole clip without "
                 "waiting on the webcam.")
 
@@ -419,10 +528,10 @@ class LiveApp:
             if self.untrained:
                 gr.HTML('<div class="lp-banner">⚠️ Untrained weights (<code>--weights recipe</code>): the networks '
                         'are deterministic random numbers, so the output is not a real animation.</div>')
-            gr.Markdown(f"{self.speed_note()}\n\n<small>Engine: {self.worker.about}</small>", elem_id="lp-speed")
+            gr.Markdown(f"{self.speed_note()}\n\n<small>Engine: {self.info['about']}</small>", elem_id="lp-speed")
             with gr.Row():
                 with gr.Column(scale=2):
-                    portrait = gr.Image(self.worker.sample.image, label="Portrait", interactive=False, height=280)
+                    portrait = gr.Image(self.info["sample"], label="Portrait", interactive=False, height=280)
                     upload = gr.File(label=f"Upload a portrait (PNG/JPEG/WebP, ≤ {MAX_BYTES // 2**20} MB, "
                                            f"≤ {MAX_SIDE} px)", file_types=["image"], height=110)
                     sample = gr.Button("Use the sample portrait", size="sm")
@@ -434,7 +543,7 @@ class LiveApp:
                         with gr.Tab("Live (WebRTC)"):
                             live = gr.HTML("", html_template=LIVE_HTML, css_template=LIVE_CSS, elem_id="lp-live",
                                            js_on_load=(STATIC / "live.js").read_text(),
-                                           codec=self.worker.codec)
+                                           codec=self.info["codec"])
                         with gr.Tab("Live (HTTP streaming)"):
                             gr.Markdown("Fallback transport: frames go through Gradio's HTTP streaming, so it works "
                                         "through share links without a TURN server (higher latency).")
@@ -530,11 +639,21 @@ class LiveApp:
         return demo
 
 
-def handed(path: Path) -> str:
-    """The page's copy of a recording or render: Gradio's, in its cache, which it serves and expires (delete_cache).
-    Gradio would copy the file there itself, but only from its temp or working directory, and --work-dir may be
-    anywhere; our work directory itself is never served."""
-    return save_file_to_cache(path, cache_dir=get_upload_folder())
+def handed(name: str, data: bytes) -> str:
+    """The page's copy of a recording or render the worker handed over (its bytes): a file of its own in Gradio's
+    cache, which Gradio serves and expires (delete_cache). The workers' work directories are never served."""
+    folder = Path(get_upload_folder()) / secrets.token_hex(16)
+    folder.mkdir(parents=True)
+    path = folder / Path(name).name
+    path.write_bytes(data)
+    return str(path)
+
+
+def _wait(coro: Awaitable[T]) -> T:
+    """`coro`'s result, from sync code, on a loop of its own in a thread (the caller may run a loop already: a
+    notebook's, a test browser's)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def _auth(text: str) -> tuple[str, str]:
@@ -592,6 +711,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", type=Path, default=default_work_dir(),
                         help="recordings and renders, kept across runs within --work-quota-mb and --work-max-age-h; "
                              "one server per directory (default: %(default)s)")
+    parser.add_argument("--workers", type=positive(int), default=None,
+                        help="cluster mode: N workers, each a Ray actor in a process of its own with one GPU where "
+                             "there are GPUs (a private local Ray runtime unless --ray; docs/scale.md)")
+    parser.add_argument("--ray", metavar="ADDRESS", default=None,
+                        help="cluster mode on an existing Ray cluster (ADDRESS of its head, or 'auto'): a worker "
+                             "per GPU it offers, or --workers of them")
     add_limit_arguments(parser)
 
 
@@ -599,7 +724,8 @@ def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = N
     """Load the engine (official weights, or the error saying how to get them), then serve until Ctrl-C.
     `on_start` sees the app before it serves (the load-test server logs its counts)."""
     try:
-        ice_servers = (args.ice_servers or []) + turn_server(args.turn_url, args.turn_user, args.turn_password, args.turn_secret)
+        ice_servers = (args.ice_servers or []) + turn_server(args.turn_url, args.turn_user, args.turn_password,
+                                                             args.turn_secret)
         if args.https_self_signed and (args.ssl_certfile or args.ssl_keyfile):
             raise ValueError("--https-self-signed or --ssl-certfile/--ssl-keyfile, not both")
         if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
@@ -616,19 +742,35 @@ def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = N
         certfile, keyfile, cert, created = tls.self_signed(args.host)
         ssl = certfile, keyfile
         print(tls.advice(certfile, cert, args.host, args.port, created))
-    engine = Engine(load_networks(args.weights, args.config, download=not args.no_download), device=args.device)
-    Scheduler.of(engine).max_batch = args.max_batch
-    took = engine.warmup()  # compile and capture now, not in a user's first frame (minutes cold on CUDA, cached after)
-    step = took.get(1) if engine.device.type == "cpu" else None  # CUDA's first call compiles: the worker measures
-    app = LiveApp(engine, ice_servers, untrained=str(args.weights) == "recipe", workdir=args.work_dir,
-                  max_sessions=args.max_sessions, limits=Limits.from_args(args), max_renders=args.max_renders,
-                  step_s=step, codec=args.codec, stream_max=args.stream_max, max_viewers=args.max_viewers)
-    if on_start:
-        on_start(app)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop` / systemd: shut down like Ctrl-C
+    config = WorkerConfig(weights=args.weights, config=args.config, device=args.device,
+                          download=not args.no_download, face_model=args.face_model, warmup=True,
+                          max_batch=args.max_batch, max_sessions=args.max_sessions, codec=args.codec,
+                          stream_max=args.stream_max, max_viewers=args.max_viewers, ice_servers=ice_servers,
+                          limits=Limits.from_args(args), workdir=str(args.work_dir))
+    cluster = None
+    if args.workers or args.ray:
+        try:
+            from web.cluster import Cluster  # the one import of Ray, in cluster mode only
+        except ImportError as e:
+            print(f"launch.py: error: --workers/--ray need Ray ({e}): pip install -e '.[cluster]'", file=sys.stderr)
+            return 2
+        try:
+            cluster = Cluster(config, args.workers, args.ray)
+        except ValueError as e:
+            print(f"launch.py: error: {e}", file=sys.stderr)
+            return 2
     try:
-        app.launch(args.host, args.port, args.share, args.auth, ssl=ssl)
+        app = LiveApp(config, untrained=str(args.weights) == "recipe", max_renders=args.max_renders,
+                      workers=cluster.workers if cluster else None)
+        if on_start:
+            on_start(app)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop` / systemd: shut down like Ctrl-C
+        try:
+            app.launch(args.host, args.port, args.share, args.auth, ssl=ssl)
+        finally:
+            app.close()  # recordings finalised
     finally:
-        app.close()  # recordings finalised, then the work directory is free for the next server
-        lock.close()
+        if cluster:
+            cluster.shutdown()
+        lock.close()  # recordings finalised, then the work directory is free for the next server
     return 0

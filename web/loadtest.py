@@ -336,7 +336,7 @@ def serve(argv: list[str]) -> int:
             while True:
                 time.sleep(STEP)
                 log.info("counts %s", json.dumps(dict(pages=len(live.pages), closed=len(live.closed),
-                                                      **live.worker.counts(), threads=threading.active_count())))
+                                                      **asyncio.run(live.workers[0].call("counts")), threads=threading.active_count())))
         threading.Thread(target=loop, name="loadtest-counts", daemon=True).start()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return app.run(parser.parse_args(argv), on_start=report)

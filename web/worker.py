@@ -1,52 +1,85 @@
-"""The worker: one engine and everything live on it. The Gradio front (web/app.py) talks only to this class.
+"""The worker: one engine and everything live on it. The Gradio front (web/app.py) talks only to this class, through
+a handle: `Local` runs it in this process on a loop thread of its own, web/cluster.py as a Ray actor in another.
 
-A worker owns the engine (and so its scheduler), and per browser tab a `Tab`: its portrait, its controls, its live
-connection, its finished recordings and its portrait editor. A tab's live connection has exactly one owner, the
-`Tab`, with one way to replace it (`Tab.replace`) and one way to end it (`Tab.end`), and both run on the worker's
-own event loop thread, where aiortc's peers live too. Every way a connection ends comes through there: a new
-connection, Stop, the peer failing or the webcam track ending, an HTTP-streaming webcam going quiet, the tab
-closing or being reaped, and server shutdown.
+A worker builds its own engine from a `WorkerConfig` (plain values), and owns per browser tab a `Tab`: its
+portrait, its controls, its live connection, its finished recordings and its portrait editor. A tab's live
+connection has exactly one owner, the `Tab`, with one way to replace it (`Tab.replace`) and one way to end it
+(`Tab.end`), and both run on the worker's event loop, where aiortc's peers live too. Every way a connection ends
+comes through there: a new connection, Stop, the peer failing or the webcam track ending, an HTTP-streaming webcam
+going quiet, the tab closing or being reaped, and server shutdown.
 
 A tab may also share its output: `share` gives it a view token (a new one revokes the old), and `view_offer` admits
 up to `max_viewers` receive-only peers that watch whatever connection the tab has live. The token -> tab lookup is
-the worker's, so a front that spreads tabs over several workers only has to route a view offer to the worker that
-holds the token. The tab owns its viewers: they end with the connection they watch, with the token and with the tab.
+the worker's; a front with several workers routes a view offer to the worker that holds the token. The tab owns its
+viewers: they end with the connection they watch, with the token and with the tab.
 
-Calls come from any thread: the sync methods run their state changes on the loop (`_on_loop`) and their slow parts
-(face detection, waiting for a frame) in the caller's thread; `offer` is a coroutine for the front's event loop.
-Everything a method returns is plain data (images, numbers, text), never a pipeline or a tensor.
+The interface is the coroutines below, run on the worker's loop; their slow parts (face detection, waiting for a
+frame, a render) run in threads, and the engine on its scheduler's thread. Everything that crosses it is plain,
+picklable data: text, numbers, dicts, numpy images, and files as bytes (portraits, driving videos, recordings,
+renders); so are its exceptions, whose message is their only argument (a pickle round trip keeps it). `counts`,
+`health` and `load` only read, so they answer from any thread.
 """
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+import os
 import secrets
+import shutil
+import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable
 
 import numpy as np
+import skimage.data
 
-from model.editing import Edits
-from model.engine import Engine
+from model.engine import Engine, load_networks
 from stream import encode
 from stream.editor import PortraitEditor
-from stream.face import SourceFace, prepare_source
-from stream.pipeline import RecordingRunning, SessionPipeline, Settings, draw_text
 from stream import offline
+from stream.face import SourceFace, prepare_source, use_face_model
+from stream.pipeline import RecordingRunning, SessionPipeline, Settings
 from stream.render import read_image, render
 from stream.scheduler import Scheduler
-from web.limits import Limits, WorkDir, release_memory
+from web.limits import Limits, WorkDir, default_work_dir, release_memory
 from web.webrtc import Peer, Viewer, mint
 
 log = logging.getLogger("liveportrait.worker")
-T = TypeVar("T")
 WEBRTC, HTTP = "WebRTC", "HTTP streaming"
 HTTP_QUIET_S = 5.0  # an HTTP-streaming connection without a webcam frame this long has stopped: its slot frees
-CALL_TIMEOUT_S = 120.0  # no call into the loop waits longer (closing a connection waits for its frames in flight)
+CALL_TIMEOUT_S = 120.0  # no call to a worker waits longer (closing a connection waits for its frames in flight)
+LOAD_TIMEOUT_S = 5.0  # health and load answer at once, even from a busy worker
 MAX_VIEWERS = 4  # receive-only viewers per tab unless --max-viewers says otherwise
 MAX_GONE = 10_000  # closed-tab markers kept at most (each also expires after the idle timeout)
+# Live sessions admitted per device unless --max-sessions says otherwise (docs/benchmarks.md, "Serving"). CPU:
+# measured with `launch.py bench serve`; CUDA: not measured yet, one full batch of the scheduler (--max-batch 8).
+DEFAULT_MAX_SESSIONS = {"cpu": 4, "cuda": 8}
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker needs to build its engine and serve, as plain values (it crosses to a Ray actor).
+    `max_sessions` None: DEFAULT_MAX_SESSIONS for the device. `step_s`: the engine's time per frame, measured at
+    start when None (after the warm-up on CPU, with one engine call otherwise)."""
+    weights: str | None = None
+    config: str = "full"
+    device: str | None = None
+    download: bool = True
+    face_model: str | None = None
+    warmup: bool = False
+    max_batch: int = 8
+    max_sessions: int | None = None
+    codec: str = "h264"
+    stream_max: int = 720
+    max_viewers: int = MAX_VIEWERS
+    ice_servers: list[dict] = field(default_factory=list)
+    limits: Limits = field(default_factory=Limits)
+    workdir: str | None = None
+    step_s: float | None = None
 
 
 class UnknownView(LookupError):
@@ -60,27 +93,39 @@ class NotLive(RuntimeError):
 class ViewersFull(RuntimeError):
     """A view offer beyond --max-viewers; the message is meant for the viewer."""
 
-    def __init__(self, n: int):
-        super().__init__(f"this output already has {n} viewer{'s' if n != 1 else ''}")
+    @classmethod
+    def of(cls, n: int) -> ViewersFull:
+        return cls(f"this output already has {n} viewer{'s' if n != 1 else ''}")
 
 
 class ServerFull(RuntimeError):
     """No room for another live session; the message is meant for the user."""
 
-    def __init__(self, live: int):
-        super().__init__(f"the server is full ({live} live session{'s' if live != 1 else ''}); try again shortly")
+    @classmethod
+    def of(cls, live: int) -> ServerFull:
+        return cls(f"the server is full ({live} live session{'s' if live != 1 else ''}); try again shortly")
 
 
 class EditorsFull(RuntimeError):
     """No room for another portrait editor (each holds an engine session); the message is meant for the user."""
 
-    def __init__(self, n: int):
-        super().__init__(f"the server is editing {n} portrait{'s' if n != 1 else ''} already; try the Portrait "
-                         "editing tab again shortly")
+    @classmethod
+    def of(cls, n: int) -> EditorsFull:
+        return cls(f"the server is editing {n} portrait{'s' if n != 1 else ''} already; try the Portrait editing "
+                   "tab again shortly")
 
 
 class TabClosed(RuntimeError):
     """A request for a tab that was closed meanwhile; the message is meant for the user."""
+
+
+class UnknownTab(LookupError):
+    """A call for a tab this worker does not hold: it was never placed here, or the worker restarted, or it reaped
+    the tab. The front, which keeps the tab's portrait and controls, restores it (`Worker.restore`)."""
+
+
+class WorkerLost(RuntimeError):
+    """A worker died or stopped answering (cluster mode); the message is meant for the user."""
 
 
 class Connection:
@@ -196,27 +241,26 @@ class Tab:
 class Worker:
     """One engine and its live sessions (see the module docstring). `max_sessions` live connections at once; more
     get ServerFull. WebRTC sends in `codec` where the browser has it, at most `stream_max` pixels on the longer
-    side. `step_s`: the engine's measured time per frame (measured here when not given)."""
+    side. Built in any thread; every coroutine then runs on one event loop, the worker's."""
 
-    def __init__(self, engine: Engine, sample: SourceFace, max_sessions: int, ice_servers: list[dict] | None = None,
-                 limits: Limits | None = None, workdir: Path | None = None, step_s: float | None = None,
-                 codec: str = "h264", stream_max: int = 720, max_viewers: int = MAX_VIEWERS):
-        self.engine, self.sample, self.max_sessions, self.max_viewers = engine, sample, max_sessions, max_viewers
-        self.codec, self.stream_max = codec, stream_max
-        self.device = engine.device.type  # what the page says it runs on
-        self.about = f"{engine.device}, {engine.precision}. {' · '.join(engine.notes)}"
+    def __init__(self, config: WorkerConfig):
+        use_face_model(config.face_model)  # this process's face tracking (a Ray worker is a process of its own)
+        self.engine = Engine(load_networks(config.weights, config.config, download=config.download),
+                             device=config.device)
+        Scheduler.of(self.engine).max_batch = config.max_batch
+        self.sample = prepare_source(skimage.data.astronaut())  # NASA, public domain
+        self.max_sessions = config.max_sessions or DEFAULT_MAX_SESSIONS.get(self.engine.device.type, 1)
+        self.max_viewers, self.codec, self.stream_max = config.max_viewers, config.codec, config.stream_max
+        self.device = self.engine.device.type  # what the page says it runs on
+        self.ice_servers, self.limits = config.ice_servers, config.limits
         encode.install()  # aiortc's senders and receivers use the tuned encoders and decoders
-        self.ice_servers = ice_servers or []
-        self.limits = limits or Limits()
         self.tabs: dict[str, Tab] = {}
-        self.work = WorkDir(workdir, self.limits, self._takes)
+        self.work = WorkDir(Path(config.workdir or default_work_dir()), self.limits, self._takes)
         self.gone: dict[str, float] = {}  # tabs closed by their page -> when: a later call must not bring one back
         self.views: dict[str, Tab] = {}  # view token -> the tab that shared its output
-        self.step_s = step_s if step_s is not None else self._measure_step()
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="worker-loop", daemon=True)
-        self._thread.start()
-        self._watch = asyncio.run_coroutine_threadsafe(self._watch_http(), self.loop)
+        step = self.engine.warmup().get(1) if config.warmup else None  # compile and capture now, not in a first frame
+        self.step_s = config.step_s or (step if self.device == "cpu" and step else self._measure_step())
+        self._watch: asyncio.Task | None = None
 
     def _measure_step(self) -> float:
         """Seconds per frame for one session: one engine call at batch 1, on the engine thread."""
@@ -232,17 +276,14 @@ class Worker:
                 self.engine.close("measure")
         return Scheduler.of(self.engine).call(step)
 
-    # ---- the loop ----
+    async def about(self) -> dict:
+        """What the page shows before anyone goes live: the device, the engine, the codec, the time per frame and
+        the sample portrait."""
+        return dict(device=self.device, about=f"{self.engine.device}, {self.engine.precision}. "
+                                              f"{' · '.join(self.engine.notes)}",
+                    codec=self.codec, step_s=self.step_s, sample=self.sample.image)
 
-    def _on_loop(self, fn: Callable[[], Awaitable[T]], timeout: float = CALL_TIMEOUT_S) -> T:
-        """Run the coroutine `fn()` on the worker's loop and wait for its result (from any other thread)."""
-        if threading.current_thread() is self._thread:
-            raise RuntimeError("a blocking worker call from the worker's own loop")
-        return asyncio.run_coroutine_threadsafe(fn(), self.loop).result(timeout)
-
-    async def _from_other_loop(self, coro: Awaitable[T]) -> T:
-        """Await `coro`, run on the worker's loop, from another event loop (the front's)."""
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+    # ---- tabs ----
 
     def _spawn(self, coro) -> None:
         """Fire and forget on the loop (errors are logged)."""
@@ -251,17 +292,29 @@ class Worker:
                                log.error("worker task failed", exc_info=t.exception()))
 
     def tab(self, tab: str) -> Tab:
-        """The tab's state, created with the sample portrait on first use; its idle clock restarts. A tab its page
-        closed stays closed: a call that names it acts on a closed Tab the worker does not keep."""
+        """On the loop: the tab's state (UnknownTab if this worker does not hold it); its idle clock restarts. A
+        tab its page closed stays closed: a call that names it acts on a closed Tab the worker does not keep."""
         if tab in self.gone:
             closed = Tab(self.sample)
             closed.closed = True
             return closed
-        t = self.tabs.get(tab)
-        if t is None:
-            t = self.tabs.setdefault(tab, Tab(self.sample))
+        if (t := self.tabs.get(tab)) is None:
+            raise UnknownTab(tab)
         t.seen = time.monotonic()
         return t
+
+    async def restore(self, tab: str, portrait: bytes | None, controls: dict[str, Any], editing: bool) -> None:
+        """Hold `tab` from now on, with what the front kept of it: its portrait (None: the sample), its controls and
+        whether its Portrait editing tab is shown. A tab this worker holds already keeps its state."""
+        if self._watch is None:
+            self._watch = asyncio.ensure_future(self._watch_http())
+        if tab in self.tabs or tab in self.gone:
+            return
+        source = self.sample if portrait is None else await asyncio.to_thread(
+            lambda: prepare_source(read_image(portrait)))
+        t = self.tabs.setdefault(tab, Tab(source))
+        await self.set_controls(tab, controls)
+        t.editing = editing
 
     def _takes(self) -> set[Path]:
         """Every open tab's finished recordings (and their motion templates) that its page has not been given yet
@@ -278,7 +331,7 @@ class Worker:
         if t.closed:
             raise TabClosed("this tab was closed; reload the page")
         if not (t.conn or t.admitting) and self.live() >= self.max_sessions:
-            full = ServerFull(self.live())
+            full = ServerFull.of(self.live())
             t.refused = str(full)
             raise full
         t.refused = None
@@ -290,11 +343,8 @@ class Worker:
     # ---- live connections ----
 
     async def offer(self, tab: str, offer: dict) -> dict:
-        """Answer a WebRTC offer from the front's loop: ServerFull when full, ValueError (or aiortc's error) when
-        aiortc refuses the offer. The tab's connection is replaced only once the new one is complete."""
-        return await self._from_other_loop(self._offer(tab, offer))
-
-    async def _offer(self, tab: str, offer: dict) -> dict:
+        """Answer a WebRTC offer: ServerFull when full, ValueError (or aiortc's error) when aiortc refuses the
+        offer. The tab's connection is replaced only once the new one is complete."""
         t = self.tab(tab)
         self._admit(t)
         t.admitting += 1
@@ -312,9 +362,9 @@ class Worker:
             t.admitting -= 1
         return peer.answer
 
-    def http_frame(self, tab: str, frame: np.ndarray) -> np.ndarray | None:
+    async def http_frame(self, tab: str, frame: np.ndarray) -> np.ndarray | None:
         """One webcam frame over HTTP streaming: connect if needed, hand it over, answer with the newest output
-        (within 2 s). While the server is full, the frame itself, darkened, says so; the next frame tries again."""
+        (within 2 s). ServerFull while the worker is full; the next frame tries again."""
         async def make(t: Tab) -> Connection:
             self._admit(t)
             t.admitting += 1
@@ -325,21 +375,16 @@ class Worker:
             finally:
                 t.admitting -= 1
 
-        async def connect() -> Connection:  # frames overlap: the ones that come while connecting share it
-            t = self.tab(tab)
-            if t.conn and t.conn.transport == HTTP:
-                return t.conn
+        t = self.tab(tab)  # frames overlap: the ones that come while connecting share the connection
+        if not (t.conn and t.conn.transport == HTTP):
             if t.connecting is None:
                 t.connecting = asyncio.ensure_future(make(t))
                 t.connecting.add_done_callback(lambda _: setattr(t, "connecting", None))
-            return await asyncio.shield(t.connecting)
-        try:
-            pipeline = self._on_loop(connect).pipeline
-        except ServerFull as e:
-            return draw_text(frame // 3, str(e))
+            await asyncio.shield(t.connecting)
+        pipeline = t.conn.pipeline
         seq = pipeline.seq
         pipeline.submit(frame)
-        return pipeline.wait(seq, timeout=2.0)[1]
+        return (await asyncio.to_thread(pipeline.wait, seq, 2.0))[1]
 
     async def _watch_http(self) -> None:
         """Ends HTTP-streaming connections whose webcam stopped: Gradio tells the server nothing when it does."""
@@ -357,17 +402,15 @@ class Worker:
 
     # ---- view-only links ----
 
-    def share(self, tab: str) -> str:
+    async def share(self, tab: str) -> str:
         """A new view token for the tab's output; the previous one is revoked and its viewers end."""
-        async def run() -> str:
-            t = self.tab(tab)
-            if t.closed:
-                raise TabClosed("this tab was closed; reload the page")
-            await self._revoke(t)
-            t.token = secrets.token_urlsafe(24)
-            self.views[t.token] = t
-            return t.token
-        return self._on_loop(run)
+        t = self.tab(tab)
+        if t.closed:
+            raise TabClosed("this tab was closed; reload the page")
+        await self._revoke(t)
+        t.token = secrets.token_urlsafe(24)
+        self.views[t.token] = t
+        return t.token
 
     async def _revoke(self, t: Tab) -> None:
         if t.token:
@@ -375,23 +418,20 @@ class Worker:
             t.token = None
         await t.end_viewers()
 
-    def viewing(self, token: str) -> bool:
+    async def viewing(self, token: str) -> bool:
         """Whether `token` is a view token in use (its page exists; live or not)."""
         return token in self.views
 
     async def view_offer(self, token: str, offer: dict) -> dict:
-        """Answer a viewer's receive-only offer from the front's loop: UnknownView, NotLive, ViewersFull, or
-        ValueError (or aiortc's error) when aiortc refuses the offer. Nothing else of the tab is touched."""
-        return await self._from_other_loop(self._view_offer(token, offer))
-
-    async def _view_offer(self, token: str, offer: dict) -> dict:
+        """Answer a viewer's receive-only offer: UnknownView, NotLive, ViewersFull, or ValueError (or aiortc's
+        error) when aiortc refuses the offer. Nothing else of the tab is touched."""
         t = self.views.get(token)
         if t is None:
             raise UnknownView(token)
         if t.conn is None:
             raise NotLive("the performer is not live")
         if len(t.viewers) + t.joining >= self.max_viewers:
-            raise ViewersFull(len(t.viewers) + t.joining)
+            raise ViewersFull.of(len(t.viewers) + t.joining)
         conn = t.conn
         t.joining += 1
         try:
@@ -404,31 +444,29 @@ class Worker:
         t.watch(viewer, lambda: self._spawn(t.end_viewer(viewer)))
         return viewer.answer
 
-    def close_tab(self, tab: str, reaped: bool = False) -> None:
+    async def close_tab(self, tab: str, reaped: bool = False) -> None:
         """The tab is gone: end its connection, free its editor and forget it. Closed by its page, it stays closed;
-        `reaped` (idle: no unload came), a later call starts it afresh."""
-        async def run() -> None:
-            if not reaped:
-                self.gone[tab] = time.monotonic()
-                while len(self.gone) > MAX_GONE:
-                    del self.gone[next(iter(self.gone))]
-            t = self.tabs.get(tab)
-            if t is None or t.closed:
-                return
-            t.closed = True
-            steps = [lambda: self._revoke(t), t.end]
-            if t.editor:
-                steps.append(lambda: asyncio.to_thread(t.editor.close))
-            for step in steps:  # each runs whatever an earlier one raised
-                try:
-                    await step()
-                except Exception:
-                    log.exception("closing tab %s: a step failed", tab)
-            self.tabs.pop(tab, None)  # only now: its connection held its slot while it closed; its takes, never
-            # handed over, are the clean-up's from now on (by age and quota)
-        self._on_loop(run)
+        `reaped` (idle: no unload came) or moved to another worker, a later call restores it afresh."""
+        if not reaped:
+            self.gone[tab] = time.monotonic()
+            while len(self.gone) > MAX_GONE:
+                del self.gone[next(iter(self.gone))]
+        t = self.tabs.get(tab)
+        if t is None or t.closed:
+            return
+        t.closed = True
+        steps = [lambda: self._revoke(t), t.end]
+        if t.editor:
+            steps.append(lambda: asyncio.to_thread(t.editor.close))
+        for step in steps:  # each runs whatever an earlier one raised
+            try:
+                await step()
+            except Exception:
+                log.exception("closing tab %s: a step failed", tab)
+        self.tabs.pop(tab, None)  # only now: its connection held its slot while it closed; its takes, never
+        # handed over, are the clean-up's from now on (by age and quota)
 
-    def reap(self) -> list[str]:
+    async def reap(self) -> list[str]:
         """Free the tabs idle for longer than the idle timeout (closed without an unload event: a crashed
         browser, a laptop lid, a lost network) and clean the work directory. Returns the tabs freed. A step that
         fails is logged and the rest still runs."""
@@ -438,7 +476,7 @@ class Worker:
         for tab in idle:
             try:
                 log.info("tab %s idle for over %g s: freed", tab, timeout)
-                self.close_tab(tab, reaped=True)
+                await self.close_tab(tab, reaped=True)
                 freed.append(tab)
             except Exception:
                 log.exception("freeing tab %s failed", tab)
@@ -447,46 +485,37 @@ class Worker:
                 self.gone.pop(k, None)
         for step in (self.work.clean, release_memory):
             try:
-                step()
+                await asyncio.to_thread(step)
             except Exception:
                 log.exception("%s failed", step.__name__)
         return freed
 
-    def close(self) -> None:
-        """Server shutdown: end every live connection (recordings are finalised), then stop the loop."""
-        if not self._thread.is_alive():
-            return
-
-        async def run() -> None:
+    async def close(self) -> None:
+        """Server shutdown: end every live connection (recordings are finalised)."""
+        if self._watch:
             self._watch.cancel()
-            await asyncio.gather(*(t.end() for t in list(self.tabs.values())), return_exceptions=True)
-        try:
-            self._on_loop(run)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
+        await asyncio.gather(*(t.end() for t in list(self.tabs.values())), return_exceptions=True)
 
     # ---- portrait and controls ----
 
-    def set_portrait(self, tab: str, path: str) -> np.ndarray:
-        """A portrait upload: decoded, its face detected (InputError / NoFaceError: the old portrait stays)."""
-        source = prepare_source(read_image(path))
+    async def set_portrait(self, tab: str, data: bytes) -> np.ndarray:
+        """A portrait upload (the file's bytes): decoded, its face detected (InputError / NoFaceError: the old
+        portrait stays)."""
+        source = await asyncio.to_thread(lambda: prepare_source(read_image(data)))
         self._use(tab, source)
         return source.image
 
-    def use_sample(self, tab: str) -> np.ndarray:
+    async def use_sample(self, tab: str) -> np.ndarray:
         self._use(tab, self.sample)
         return self.sample.image
 
     def _use(self, tab: str, source: SourceFace) -> None:
-        async def run() -> None:
-            t = self.tab(tab)
-            t.source = source
-            if t.pipeline:
-                t.pipeline.set_source(source)
-        self._on_loop(run)
+        t = self.tab(tab)
+        t.source = source
+        if t.pipeline:
+            t.pipeline.set_source(source)
 
-    def set_controls(self, tab: str, **values: Any) -> None:
+    async def set_controls(self, tab: str, values: dict[str, Any]) -> None:
         """Live controls (stream.pipeline.Settings fields): the connection picks them up at its next frame."""
         s = self.tab(tab).settings
         for k, v in values.items():
@@ -494,76 +523,87 @@ class Worker:
                 raise AttributeError(f"no control {k!r}")
             setattr(s, k, v)
 
-    def reset_edits(self, tab: str) -> None:
-        self.tab(tab).settings.edits = Edits()
-
-    def reset_reference(self, tab: str) -> bool:
+    async def reset_reference(self, tab: str) -> bool:
         """The next frame becomes the neutral pose; False without a live connection."""
         if pipeline := self.tab(tab).pipeline:
             pipeline.reset_reference()
         return pipeline is not None
 
-    def set_editing(self, tab: str, shown: bool) -> None:
+    async def set_editing(self, tab: str, shown: bool) -> None:
         self.tab(tab).editing = shown
 
-    def edited(self, tab: str) -> np.ndarray | None:
+    async def edited(self, tab: str) -> np.ndarray | None:
         """The Portrait editing tab's image with the current controls; None while that tab is not shown.
         EditorsFull when --max-sessions tabs have an editor open already."""
-        async def editor() -> PortraitEditor | None:  # on the loop, so that none is made for a closed tab
-            t = self.tab(tab)
-            if t.editing and not t.closed:
-                if t.editor is None:  # as many editors as live sessions: each holds an engine session
-                    if (n := sum(1 for x in list(self.tabs.values()) if x.editor)) >= self.max_sessions:
-                        raise EditorsFull(n)
-                    t.editor = PortraitEditor(self.engine)
-                return t.editor
-        t, ed = self.tab(tab), self._on_loop(editor)
-        return ed(t.source, t.settings) if ed else None
+        t = self.tab(tab)
+        if not t.editing or t.closed:
+            return None
+        if t.editor is None:  # as many editors as live sessions: each holds an engine session
+            if (n := sum(1 for x in list(self.tabs.values()) if x.editor)) >= self.max_sessions:
+                raise EditorsFull.of(n)
+            t.editor = PortraitEditor(self.engine)
+        return await asyncio.to_thread(t.editor, t.source, t.settings)
 
     # ---- recording, rendering, stats ----
 
-    def start_recording(self, tab: str) -> str:
+    async def start_recording(self, tab: str) -> str:
         """The page's message: recording, or why not."""
-        async def run() -> str:
-            t = self.tab(tab)
-            if t.conn is None:
-                return "Start the camera first, then record."
-            if (path := self.work.reserve("recording")) is None:
-                return "⚠️ The server's storage for recordings is full; try again later."
-            try:
-                if done := t.conn.pipeline.start_recording(path, self.limits.record_max_s):
-                    t.keep(done)  # the take that stopped at its limit is kept
-            except RecordingRunning as e:
-                return f"● {str(e)[0].upper()}{str(e)[1:]}."
-            return f"● Recording… (at most {self.limits.record_max_s:g} s)"
-        return self._on_loop(run)
+        t = self.tab(tab)
+        if t.conn is None:
+            return "Start the camera first, then record."
+        if (path := self.work.reserve("recording")) is None:
+            return "⚠️ The server's storage for recordings is full; try again later."
+        try:
+            if done := t.conn.pipeline.start_recording(path, self.limits.record_max_s):
+                t.keep(done)  # the take that stopped at its limit is kept
+        except RecordingRunning as e:
+            return f"● {str(e)[0].upper()}{str(e)[1:]}."
+        return f"● Recording… (at most {self.limits.record_max_s:g} s)"
 
-    def stop_recording(self, tab: str) -> list[Path]:
-        """Finalise the running recording; every take not yet handed to the page, oldest first (then forgotten)."""
-        async def run() -> list[Path]:
-            t = self.tab(tab)
-            if t.conn and (path := await asyncio.to_thread(t.conn.pipeline.stop_recording)):
-                t.keep(path)
-            return t.hand_over()
-        return self._on_loop(run)
+    async def stop_recording(self, tab: str) -> list[tuple[str, bytes]]:
+        """Finalise the running recording; every take not yet handed to the page, oldest first, each MP4 followed
+        by its motion template, as (file name, bytes). Handed over once: the worker's copies are deleted."""
+        t = self.tab(tab)
+        if t.conn and (path := await asyncio.to_thread(t.conn.pipeline.stop_recording)):
+            t.keep(path)
+        files = [f for p in t.hand_over() for f in (p, p.with_suffix(".pkl"))]
+        return [(f.name, data) for f in files if (data := await asyncio.to_thread(_take, f)) is not None]
 
-    def render(self, tab: str, driving: str, source_video: str | None = None, save_template: bool = False,
-               source_eye_retargeting: bool = False) -> tuple[Path | None, dict | str]:
-        """The tab's portrait (or `source_video`) driven by a video, an image or a motion template: (path, info;
-        info["template"]: the driving motion's .pkl when asked), or (None, why) when the disk quota is full.
-        Raises InputError for a file that cannot be used, NoFaceError for a face not found."""
+    async def render(self, tab: str, driving: tuple[str, bytes], source_video: tuple[str, bytes] | None = None,
+                     save_template: bool = False, source_eye_retargeting: bool = False
+                     ) -> tuple[tuple[str, bytes] | None, dict | str]:
+        """The tab's portrait (or a source video) driven by a video, an image or a motion template, each given as
+        (file name, bytes): ((file name, bytes), info; info["template"]: the driving video's motion as (name, bytes)
+        when asked), or (None, why) when the disk quota is full. Raises InputError for a file that cannot be used,
+        NoFaceError for a face not found."""
         t = self.tab(tab)
         if (out := self.work.reserve("render")) is None:
             return None, "⚠️ The server's storage for renders is full; try again later."
-        if source_video is None and offline.kind(driving) == "image":
-            out = out.with_suffix(".png")  # one image
-        template = out.with_suffix(".pkl") if save_template and offline.kind(driving) == "video" else None
-        with self.work.writing(out):
-            info = render(self.engine, source_video or t.source, driving, out, t.settings, self.limits.render_max_s,
-                          save_template=template, source_eye_retargeting=source_eye_retargeting)
-        return out, dict(info, template=str(template) if template else None)
+        source, settings = t.source, t.settings
 
-    def stats(self, tab: str) -> dict:
+        def run() -> tuple[tuple[str, bytes], dict]:
+            upload = Path(tempfile.mkdtemp(prefix="upload-", dir=self.work.path))
+            try:
+                def put(role: str, file: tuple[str, bytes]) -> Path:  # its own name: the messages name it
+                    (upload / role).mkdir()
+                    path = upload / role / (Path(file[0]).name or role)
+                    path.write_bytes(file[1])
+                    return path
+                drv, src = put("driving", driving), source_video and put("source", source_video)
+                kind = offline.kind(drv)
+                result = out.with_suffix(".png") if src is None and kind == "image" else out  # one image
+                template = result.with_suffix(".pkl") if save_template and kind == "video" else None
+                with self.work.writing(result):
+                    info = render(self.engine, src or source, drv, result, settings, self.limits.render_max_s,
+                                  save_template=template, source_eye_retargeting=source_eye_retargeting)
+                info.pop("output")  # a path on this worker: the front gets the bytes
+                info["template"] = (template.name, _take(template)) if template else None
+                return (result.name, _take(result)), info
+            finally:
+                shutil.rmtree(upload, ignore_errors=True)
+        return await asyncio.to_thread(run)
+
+    async def stats(self, tab: str) -> dict:
         """The tab's live state for the page's metrics line (it is polled every second: the tab is open)."""
         t = self.tab(tab)
         conn = t.conn
@@ -580,6 +620,10 @@ class Worker:
                     viewers=self.viewers(), views=len(self.views),
                     engine_sessions=len(self.engine.sessions), lanes=len(Scheduler.of(self.engine).lanes))
 
+    def load(self) -> tuple[int, int]:
+        """How much room is left, for placement: (free live slots, minus the tabs held); more is freer."""
+        return self.max_sessions - self.live(), -len(self.tabs)
+
     def viewers(self) -> int:
         return sum(len(t.viewers) for t in list(self.tabs.values()))
 
@@ -587,6 +631,49 @@ class Worker:
         sched = Scheduler.of(self.engine).stats()
         conns = [c for t in list(self.tabs.values()) if (c := t.conn)]
         return dict(live_sessions=self.live(), capacity=self.max_sessions, device=str(self.engine.device),
+                    devices=os.environ.get("CUDA_VISIBLE_DEVICES"), pid=os.getpid(),
                     viewers=self.viewers(), max_viewers_per_session=self.max_viewers,
                     engine_step_p50_ms=sched["engine_step_p50_ms"], batch_sizes=sched["batch_sizes"],
                     session_fps=[c.pipeline.stats()["fps_out"] for c in conns])
+
+
+def _take(path: Path) -> bytes | None:
+    """A finished file's bytes, None if the work directory's limits deleted it; the worker's copy is deleted (the
+    front now has it)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    path.unlink(missing_ok=True)
+    return data
+
+
+class Local:
+    """A worker in this process: built here, its coroutines run on a loop thread of its own (where aiortc's peers
+    live). The front calls it the way it calls a Ray actor (web/cluster.py): `await call(method, *args)`."""
+
+    name = "local"
+
+    def __init__(self, config: WorkerConfig):
+        self.worker = Worker(config)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="worker-loop", daemon=True)
+        self._thread.start()
+
+    async def call(self, method: str, *args: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
+        """`worker.method(*args)` on the worker's loop, awaited from another loop."""
+        async def run() -> Any:
+            result = getattr(self.worker, method)(*args)
+            return await result if inspect.isawaitable(result) else result
+        return await asyncio.wait_for(asyncio.wrap_future(asyncio.run_coroutine_threadsafe(run(), self.loop)),
+                                      timeout)
+
+    def close(self) -> None:
+        """Server shutdown: end every live connection (recordings are finalised), then stop the loop."""
+        if not self._thread.is_alive():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self.worker.close(), self.loop).result(CALL_TIMEOUT_S)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)

@@ -1,0 +1,178 @@
+"""Cluster mode on one machine: the workers are Ray actors in processes of their own (web/cluster.py), called by
+the front exactly like the in-process worker. Tabs are placed on the freer worker, so two live sessions land on
+both; each worker admits atomically, so at one session per worker a third is told the server is full and two
+offers for the last slot never both get it; each worker is given a GPU of its own. One private Ray runtime for the
+module (4 fake GPUs, so the bookkeeping shows without any), real aiortc over loopback in every process."""
+import asyncio
+import os
+
+import gradio as gr
+import httpx
+import pytest
+import skimage.data
+
+from conftest import ROOT, run, tiny
+from stream.serve_bench import moving_face
+from test_reliability import free_port, wait_until
+from web import loadtest
+
+ray = pytest.importorskip("ray")
+ASTRONAUT = skimage.data.astronaut()
+
+
+@pytest.fixture(scope="module")
+def runtime(loopback_only):
+    """A private Ray runtime; its worker processes see this tree's code and gather ICE on loopback only."""
+    ray.init(address="local", num_cpus=4, num_gpus=4, include_dashboard=False, namespace="liveportrait",
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)},
+                          "worker_process_setup_hook": "web.loadtest.loopback_ice"})
+    yield
+    ray.shutdown()
+
+
+def test_each_worker_gets_a_gpu_of_its_own(runtime):
+    """4 (fake) GPUs, 4 workers: 4 distinct CUDA_VISIBLE_DEVICES. (First: the other tests' workers hold 2.)"""
+    from web.cluster import Cluster
+    cluster = Cluster(tiny(step_s=0.1), 4)
+    try:
+        async def devices() -> list[str]:
+            return [h["devices"] for h in await asyncio.gather(*(w.call("health") for w in cluster.workers))]
+        seen = run(devices())
+        assert len(set(seen)) == 4 and set(seen) <= {"0", "1", "2", "3"}, seen
+    finally:
+        for worker in cluster.workers:
+            worker.close()
+
+
+@pytest.fixture(scope="module")
+def served(runtime, tmp_path_factory):
+    """Two CPU workers of one live session each, behind one front on a loopback port."""
+    from web.app import LiveApp
+    from web.cluster import Cluster
+
+    loadtest.loopback_ice()
+    cluster = Cluster(tiny(max_sessions=1, step_s=0.1), 2)
+    app = LiveApp(tiny(), untrained=True, workdir=tmp_path_factory.mktemp("front"), workers=cluster.workers)
+    port = free_port()
+    demo = app.launch(port=port, block=False)
+    yield app, f"http://127.0.0.1:{port}/"
+    demo.close()
+    app.close()
+
+
+def healths(app) -> list[dict]:
+    async def all_():
+        return await asyncio.gather(*(w.call("health") for w in app.workers))
+    return run(all_())
+
+
+async def live_tab(http: httpx.AsyncClient) -> tuple:
+    """A tab that goes live over WebRTC and receives a frame: (its Tab, its peer)."""
+    tab = loadtest.Tab(http)
+    pc, received = loadtest.new_peer(moving_face(4), 10)
+    await loadtest.offer(http, pc, await tab.open())
+    await asyncio.wait_for((await asyncio.wait_for(received, 60)).recv(), 60)
+    return tab, pc
+
+
+def test_sessions_on_both_workers_and_a_third_is_told_full(served):
+    app, url = served
+
+    async def scenario() -> dict:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            first, second = await live_tab(http), await live_tab(http)
+            health = healths(app)
+            third = loadtest.Tab(http)
+            page = await third.open()
+            pc, _ = loadtest.new_peer(moving_face(4), 10)
+            await pc.setLocalDescription(await pc.createOffer())
+            full = await http.post("offer", json={"sdp": pc.localDescription.sdp, "type": "offer", **page})
+            await pc.close()
+            for tab, peer in (first, second):
+                await peer.close()
+                await tab.close()
+            await third.close()
+            return dict(health=health, full=(full.status_code, full.json()))
+    got = asyncio.run(scenario())
+    assert [h["live_sessions"] for h in got["health"]] == [1, 1]
+    assert len({h["pid"] for h in got["health"]}) == 2 and os.getpid() not in {h["pid"] for h in got["health"]}
+    assert got["full"] == (503, {"error": "the server is full (1 live session); try again shortly"})
+    assert wait_until(lambda: all(h["live_sessions"] == 0 for h in healths(app)), 60)
+
+
+def test_http_streaming_in_cluster_mode(served):
+    app, _ = served
+    r = gr.Request(session_hash="http")
+    run(app.open_page(r))
+    out = [run(app.http_frame(ASTRONAUT, r)) for _ in range(3)]
+    assert out[-1].shape == (512, 512, 3) and "Live via HTTP streaming" in run(app.stats(r))
+    run(app.close_page(r))
+    assert wait_until(lambda: all(h["live_sessions"] == 0 for h in healths(app)), 60)
+
+
+def test_two_concurrent_offers_for_the_last_slot(served):
+    """One worker is taken; two tabs placed on the other offer at once: one gets in, the other is told."""
+    app, url = served
+
+    async def scenario() -> list[int]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            taken = await live_tab(http)
+            tabs = [loadtest.Tab(http) for _ in range(2)]
+            pages = [await t.open() for t in tabs]
+            for t in tabs:  # both on the free worker
+                app.placed[t.session] = next(w for w in app.workers if w is not app.placed[taken[0].session])
+            peers = [loadtest.new_peer(moving_face(4), 10)[0] for _ in tabs]
+            for pc in peers:
+                await pc.setLocalDescription(await pc.createOffer())
+            rs = await asyncio.gather(*[http.post("offer", json={"sdp": pc.localDescription.sdp, "type": "offer",
+                                                                 **p}) for pc, p in zip(peers, pages)])
+            for pc in [*peers, taken[1]]:
+                await pc.close()
+            for t in [*tabs, taken[0]]:
+                await t.close()
+            return sorted(r.status_code for r in rs)
+    assert asyncio.run(scenario()) == [200, 503]
+    assert wait_until(lambda: all(h["live_sessions"] == 0 for h in healths(app)), 60)
+
+
+def test_a_killed_worker_loses_only_its_tabs_session_and_they_come_back(served, tmp_path):
+    """SIGKILL of one worker's process: the tab on the other worker streams on without a stall over 6 s; the hit
+    tab's frames say why, and within 20 s it streams again (on the restarted worker or the other one), with the
+    portrait and controls the front kept."""
+    import signal
+    import time
+
+    import cv2
+    import PIL.Image
+    app, _ = served
+    steady, hit = gr.Request(session_hash="steady"), gr.Request(session_hash="hit")
+    app.placed["steady"], app.placed["hit"] = app.workers  # one on each worker
+    for r in (steady, hit):
+        run(app.open_page(r))
+    portrait = tmp_path / "portrait.png"
+    PIL.Image.fromarray(cv2.resize(ASTRONAUT, (384, 384))).save(portrait)
+    assert "Portrait ready (384×384)" in run(app.set_portrait(str(portrait), hit))[1]
+    run(app.set_controls(True, True, True, 1.0, False, 0.3, False, 0.1, 0.0, False, hit))
+    for r in (steady, hit):
+        run(app.http_frame(ASTRONAUT, r))
+    pid = run(app.placed["hit"].call("health"))["pid"]
+    os.kill(pid, signal.SIGKILL)
+
+    start = last_steady = time.monotonic()
+    gaps, told, back = [], [], None
+    while time.monotonic() - start < 60 and back is None:
+        out = run(app.http_frame(ASTRONAUT, steady))
+        now = time.monotonic()
+        if out is not None and out.shape == (512, 512, 3) and out.mean() > ASTRONAUT.mean() / 2:
+            gaps.append(now - last_steady)
+            last_steady = now
+        out = run(app.http_frame(ASTRONAUT, hit))
+        if out.shape == ASTRONAUT.shape and out.mean() < ASTRONAUT.mean() / 2:
+            told.append(time.monotonic() - start)  # the darkened webcam frame with the reason on it
+        elif out.shape == (384, 384, 3):
+            back = time.monotonic() - start
+    assert back is not None and back < 20, (back, told)
+    assert max(gaps) < 6, gaps
+    for r in (steady, hit):
+        run(app.close_page(r))
+    assert wait_until(lambda: all(h["live_sessions"] == 0 for h in healths(app)), 60)

@@ -1,0 +1,122 @@
+"""The worker interface (web/worker.py) is the same in and out of process: every call's arguments, results and
+exceptions are plain, picklable data, so that a worker in another process (a Ray actor) is called exactly like the
+in-process one. Here the in-process worker is called through a handle that pickles everything both ways and
+refuses anything that is not plain data, while a tab uses every feature through the front's handlers."""
+import os
+import pickle
+import subprocess
+import sys
+
+import av
+import gradio as gr
+import numpy as np
+import PIL.Image
+import pytest
+import skimage.data
+
+from conftest import ROOT, run, tiny
+from model.editing import SLIDERS
+from model.weights import WeightsError
+from stream.face import FaceModelError, NoFaceError
+from stream.render import InputError
+from web import app as front
+from web.worker import (Local, NotLive, ServerFull, TabClosed, UnknownTab, UnknownView, ViewersFull,
+                        WorkerLost)
+
+PLAIN = (str, bytes, int, float, bool, type(None), np.ndarray)
+
+
+def plain(x) -> bool:
+    """Text, bytes, numbers, arrays, and dicts, lists and tuples of them (an Edits is a dataclass of floats)."""
+    if isinstance(x, (list, tuple)):
+        return all(plain(v) for v in x)
+    if isinstance(x, dict):
+        return all(isinstance(k, str) and plain(v) for k, v in x.items())
+    if type(x).__module__ == "model.editing":
+        return plain(vars(x))
+    return isinstance(x, PLAIN)
+
+
+@pytest.mark.parametrize("error", [
+    ServerFull.of(3), ServerFull.of(1), ViewersFull.of(2), UnknownView("a-token"), NotLive("the performer is not live"),
+    TabClosed("this tab was closed; reload the page"), UnknownTab("a-tab"), WorkerLost("the server lost worker-1"),
+    InputError("The file is not an image."),
+    NoFaceError("No face found in the portrait."), FaceModelError("The face model is damaged."),
+    WeightsError("No weights in /x.\nDownload them with ..."),
+], ids=lambda e: type(e).__name__)
+def test_exceptions_survive_a_pickle_round_trip(error):
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is type(error) and str(back) == str(error)
+
+
+class Pickling(Local):
+    """The in-process worker, called as if it were in another process: arguments, results and exceptions go
+    through pickle, and each must be plain data. `seen` records the methods called."""
+
+    seen: set[str] = set()
+
+    async def call(self, method, *args, **kw):
+        assert plain(args), (method, args)
+        self.seen.add(method)
+        try:
+            result = await super().call(method, *pickle.loads(pickle.dumps(args)), **kw)
+        except Exception as e:
+            raise pickle.loads(pickle.dumps(e)) from None
+        assert plain(result), (method, result)
+        return pickle.loads(pickle.dumps(result))
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(front, "Local", Pickling)
+        a = front.LiveApp(tiny(step_s=0.1), untrained=True, workdir=tmp_path_factory.mktemp("front"))
+    yield a
+    a.close()
+
+
+def test_every_tab_feature_through_plain_data(app, tmp_path):
+    from test_render import driving_video
+    r = gr.Request(session_hash="tab")
+    key = run(app.open_page(r))
+    portrait = tmp_path / "portrait.png"
+    PIL.Image.fromarray(skimage.data.astronaut()).save(portrait)
+    image, status = run(app.set_portrait(str(portrait), r))
+    assert "Portrait ready (512×512)" in status and image.shape == (512, 512, 3)
+    (tmp_path / "wall.png").write_bytes(b"not an image at all")
+    assert "not an image" in run(app.set_portrait(str(tmp_path / "wall.png"), r))[1]  # InputError, pickled
+    run(app.set_controls(True, True, False, 1.0, True, 0.3, False, 0.1, 0.5, False, r))
+    run(app.set_edits(r, "all", *[0.5] + [0.0] * (len(SLIDERS) - 1)))
+    out = [run(app.http_frame(skimage.data.astronaut(), r)) for _ in range(3)]
+    assert out[-1].shape == (256, 256, 3)
+    assert "Live via HTTP streaming" in run(app.stats(r))
+    assert "Recording" in run(app.start_recording(r))
+    run(app.http_frame(skimage.data.astronaut(), r))
+    (path,), status = run(app.stop_recording(key, r))
+    assert not path.startswith(str(app.dir)) and "Saved" in status  # the front's copy, in Gradio's cache
+    with av.open(path) as c:
+        assert sum(1 for _ in c.decode(video=0)) >= 1
+    assert run(app.reset_reference(r)).startswith("Reference reset")
+    link = run(app.share_output("http://example.test/", key, r))
+    assert link.startswith("http://example.test/view/") and link.rsplit("/", 1)[1] in app.shared
+
+    class Select:
+        value = "Portrait editing"
+    edited = run(app.select_tab(Select(), r))
+    assert edited.shape == (512, 512, 3)
+    driving_video(tmp_path / "driving.mp4", frames=4)
+    rendered, status = run(app.render_video(str(tmp_path / "driving.mp4"), r))
+    assert not rendered.startswith(str(app.dir)) and "4 frames" in status
+    with av.open(rendered) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 4
+    run(app.close_page(r))
+    assert {"about", "restore", "stats", "set_portrait", "set_controls", "http_frame", "start_recording", "stop_recording",
+            "reset_reference", "share", "set_editing", "edited", "render", "close_tab"} <= Pickling.seen
+
+
+def test_launch_imports_no_ray():
+    """The single-process default needs no Ray installed: neither the entry point nor the app imports it."""
+    code = "import sys, launch, web.app, web.worker; sys.exit('ray' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
