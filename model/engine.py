@@ -29,9 +29,9 @@ from .networks import LivePortraitNetworks
 log = logging.getLogger("liveportrait.engine")
 BUCKETS = (1, 2, 4, 8)  # CUDA-graph batch sizes: a batch is padded up to the next one, larger batches are split
 WARMUP = "warm-up"  # the session warmup() drives
-# --compile: name -> torch.compile mode. "default" compiles in about a minute per batch size; "max-autotune" also
-# benchmarks Triton templates for every conv shape (coordinate descent included), many minutes per batch size cold.
-# Our own CUDA graphs replace Inductor's, hence "-no-cudagraphs".
+# --compile: name -> torch.compile mode. "max-autotune" also benchmarks Triton templates for every conv shape (3-D
+# ones included) and runs coordinate-descent tuning: far longer cold than "default". Our own CUDA graphs replace
+# Inductor's, hence "-no-cudagraphs".
 COMPILE_MODES = {"max-autotune": "max-autotune-no-cudagraphs", "default": None, "off": None}
 COMPILE_RECORD = "compile-mode"  # in the compile cache: the mode whose kernels it holds
 
@@ -264,6 +264,11 @@ class Engine:
     def close(self, session: str) -> None:
         """Free a session's cache (its GPU memory returns to the allocator)."""
         self.sessions.pop(session, None)
+
+    @property
+    def ready_buckets(self) -> frozenset[int]:
+        """Batch sizes that serve now without compiling or capturing first."""
+        return self._ready
 
     def first_buckets(self) -> list[int]:
         """What serving needs first: batch 1 and the largest bucket (any batch fits it, padded or in chunks)."""

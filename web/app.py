@@ -33,7 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
 
 from model.editing import SLIDERS, Edits
-from model.engine import Engine, load_networks
+from model.engine import COMPILE_MODES, Engine, load_networks, recorded_compile_mode
 from stream import encode
 from stream.face import NoFaceError, prepare_source
 from stream.render import MAX_BYTES, MAX_SIDE, InputError
@@ -518,6 +518,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--codec", choices=encode.CODECS, default="h264",
                         help="WebRTC video codec: h264 (x264 tuned for live video; VP8 for a browser without "
                              "H.264) or vp8 (default: h264; docs/benchmarks.md has the trade-off)")
+    parser.add_argument("--compile", choices=list(COMPILE_MODES), default=None,
+                        help="torch.compile mode of the engine (default: on CUDA the mode the compile cache holds, "
+                             "else default: max-autotune autotunes every conv, far longer cold; off on a CPU)")
     parser.add_argument("--stream-max", type=positive(int), default=720,
                         help="longer side in pixels of the video sent to the browser (recordings keep the "
                              "portrait's full size; default: 720)")
@@ -544,9 +547,14 @@ def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = N
         certfile, keyfile, cert, created = tls.self_signed(args.host)
         ssl = certfile, keyfile
         print(tls.advice(certfile, cert, args.host, args.port, created))
-    engine = Engine(load_networks(args.weights, args.config, download=not args.no_download), device=args.device)
+    engine = Engine(load_networks(args.weights, args.config, download=not args.no_download), device=args.device,
+                    compile=args.compile)
     Scheduler.of(engine).max_batch = args.max_batch
-    took = engine.warmup()  # compile and capture now, not in a user's first frame (minutes cold on CUDA, cached after)
+    if engine.compile_mode != "off":
+        log.info("torch.compile %s mode; the compile cache holds %s", engine.compile_mode,
+                 recorded_compile_mode() or "nothing yet (a cold start: minutes)")
+    took = engine.warmup()  # batch 1 and the largest now, not in a user's first frame (minutes cold on CUDA)
+    engine.warm_rest()  # the other batch sizes on a background thread: meanwhile batches pad up to a ready one
     step = took.get(1) if engine.device.type == "cpu" else None  # CUDA's first call compiles: the worker measures
     app = LiveApp(engine, ice_servers, untrained=str(args.weights) == "recipe", max_sessions=args.max_sessions,
                   limits=Limits.from_args(args), max_renders=args.max_renders, step_s=step, codec=args.codec,
