@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from . import kinematics as kin
-from .engine import COMPILE_MODES, Engine, load_networks
+from .engine import COMPILE_MODES, Engine, _sync, load_networks
 from .images import to_image, to_tensor
 from .networks import LivePortraitNetworks
 
@@ -69,11 +69,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ---- measuring ----
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:

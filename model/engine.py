@@ -370,22 +370,18 @@ class Engine:
                 cat(lambda s: s.rows[0]), cat(lambda s: s.ratios), cat(lambda s: s.rows[1]))
 
     def _run_bucket(self, frames: torch.Tensor, inputs: tuple) -> torch.Tensor:
-        """One step at this batch size (a CUDA-graph replay, capturing it first if needed); the size is ready
-        to serve afterwards."""
+        """One step at this batch size (a CUDA-graph replay); the first at a size compiles and captures it, once,
+        whichever thread comes first, and makes it ready to serve."""
         b = frames.shape[0]
-        if self.cuda_graphs:
-            if b not in self._graphs:
-                with self._bucket_lock:
-                    if b not in self._graphs:
-                        self._capture(frames, inputs)
-            out = self._replay(frames, inputs)
-        elif b in self._ready:
-            out = self._step_fn(self._to_input(frames), *inputs)
-        else:
-            with self._bucket_lock:  # the first call at a size compiles
-                out = self._step_fn(self._to_input(frames), *inputs)
-        self._ready |= {b}
-        return out
+        if b not in self._ready or (self.cuda_graphs and b not in self._graphs):
+            with self._bucket_lock:
+                if self.cuda_graphs and b not in self._graphs:
+                    self._capture(frames, inputs)
+                out = self._replay(frames, inputs) if self.cuda_graphs else \
+                    self._step_fn(self._to_input(frames), *inputs)
+                self._ready |= {b}  # under the lock: no other thread's update is lost
+                return out
+        return self._replay(frames, inputs) if self.cuda_graphs else self._step_fn(self._to_input(frames), *inputs)
 
     def _capture(self, frames: torch.Tensor, inputs: tuple) -> None:
         """Capture the step for this batch size over static buffers, on the engine's one side stream into its one
