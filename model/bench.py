@@ -3,6 +3,7 @@
     python launch.py bench --device cpu                       # full size, recipe weights, a few minutes on CPU
     python launch.py bench --device cpu --config tiny         # seconds
     python launch.py bench --batch-sizes 1,4,8 --json out.json  # on a GPU: every variant at each batch size
+    python launch.py bench --quick                            # on a GPU: 3 variants, batch 1 and 8, ~3 minutes
 
 Everything runs in one process on the same inputs (the golden file's source, reference and driving frames), so
 the rows compare like with like; each variant gets its own copy of the networks (the Engine casts and re-lays
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from . import kinematics as kin
-from .engine import Engine, load_networks
+from .engine import COMPILE_MODES, Engine, _sync, load_networks
 from .images import to_image, to_tensor
 from .networks import LivePortraitNetworks
 
@@ -40,6 +41,9 @@ VARIANTS = ("cached", "channels_last", "compile", "precision", "cuda_graphs", "o
 CPU_COMPILE_OFF = ("off by default on CPU: measured on a 2-core EPYC, a cold compile takes ~69 s (full size) for a "
                    "~7% shorter frame than the cached eager engine, ~53 s for ~10% at tiny size (ask with --variants)")
 MODULES = ("F", "M", "W", "G")
+# --quick: what a short GPU session can afford (docs/gpu.md): fp32 eager, fp16 eager and the app's engine, each at
+# batch 1 and the largest bucket, 30 timed frames after 3 warm-up calls; two compiles in the cheap mode
+QUICK = dict(variants="cached,precision,optimised", precision="fp16", batch_sizes="1,8", frames=30, warmup=3)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,15 +60,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", default=None,
                    help=f"comma list of {','.join(VARIANTS)} (default: all that apply to the device; compile is "
                         "off by default on CPU); the baseline always runs")
+    p.add_argument("--compile", choices=[m for m in COMPILE_MODES if m != "off"], default="default",
+                   help="torch.compile mode of the compile and optimised variants (default: default, the cheap one)")
+    p.add_argument("--quick", action="store_true",
+                   help="fits 3 minutes on a GPU: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK.items())
+                        + " (options given explicitly still win; on a CPU batch 1 and its native precisions)")
     p.add_argument("--json", type=Path, default=None, help="also write the JSON report to this file")
 
 
 # ---- measuring ----
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
@@ -193,7 +197,7 @@ def _plan(args, cuda: bool) -> tuple[dict[str, dict], list[dict]]:
     if "channels_last" in wanted:
         plan["+channels_last"] = {**base, "channels_last": True}
     if "compile" in wanted:
-        plan["+compile"] = {**base, "compile": True}
+        plan["+compile"] = {**base, "compile": args.compile}
     elif not cuda:
         skipped.append({"variant": "+compile", "reason": CPU_COMPILE_OFF})
     if "precision" in wanted:
@@ -211,7 +215,7 @@ def _plan(args, cuda: bool) -> tuple[dict[str, dict], list[dict]]:
         else:
             skipped.append({"variant": "+cuda_graphs", "reason": "CUDA graphs: CUDA only"})
     if "optimised" in wanted:  # CPU: fp32 eager on every core (see docs/benchmarks.md for what did not help)
-        plan["optimised"] = (dict(precision="fp16", channels_last=True, compile=True, cuda_graphs=True) if cuda
+        plan["optimised"] = (dict(precision="fp16", channels_last=True, compile=args.compile, cuda_graphs=True) if cuda
                              else dict(precision="fp32", channels_last=False, compile=False))
     return plan, skipped
 
@@ -258,10 +262,19 @@ def _engine_profile(nets: LivePortraitNetworks, device: torch.device, kwargs: di
     return {**ms, "F": 0.0, "F_per_portrait": once["F"], "set_source": once["total"]}
 
 
+def apply_quick(args: argparse.Namespace, cuda: bool) -> None:
+    """--quick: QUICK's settings for what was not given explicitly (a CPU: batch 1 only, its native precisions)."""
+    for k, v in QUICK.items():
+        if getattr(args, k) is None and (cuda or k not in ("batch_sizes", "precision")):
+            setattr(args, k, v)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the plan, print the markdown tables and the JSON report; 0 on success."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda, tiny = device.type == "cuda", args.config == "tiny"
+    if args.quick:
+        apply_quick(args, cuda)
     frames = args.frames or (200 if cuda else 20 if tiny else 3)
     warmup = max(1, args.warmup or (20 if cuda else 3 if tiny else 1))
     batch_sizes = [int(b) for b in (args.batch_sizes or ("1,4,8" if cuda else "1")).split(",")]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,11 @@ from .networks import LivePortraitNetworks
 log = logging.getLogger("liveportrait.engine")
 BUCKETS = (1, 2, 4, 8)  # CUDA-graph batch sizes: a batch is padded up to the next one, larger batches are split
 WARMUP = "warm-up"  # the session warmup() drives
+# --compile: name -> torch.compile mode. "max-autotune" also benchmarks Triton templates for every conv shape (3-D
+# ones included) and runs coordinate-descent tuning: far longer cold than "default". Our own CUDA graphs replace
+# Inductor's, hence "-no-cudagraphs".
+COMPILE_MODES = {"max-autotune": "max-autotune-no-cudagraphs", "default": None, "off": None}
+COMPILE_RECORD = "compile-mode"  # in the compile cache: the mode whose kernels it holds
 
 # Columns of the per-item control tensor: the per-frame step is branch-free, so one compiled graph / CUDA graph
 # serves every combination of controls and items with different controls can share a batch.
@@ -60,13 +66,40 @@ class Session:
     ratios: torch.Tensor           # (1,3) fp32 source [eye_left, eye_right, lip] open ratios
     reference: kin.KpInfo | None = None
     controls: Controls = field(default_factory=Controls)
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None  # the controls as the step takes them, on the device:
+    # (1,7) CONTROLS and (1,132) editing rows, rebuilt only when a control changes (set_controls clears them)
 
 
 def compile_cache_dir() -> Path:
     """Where torch.compile keeps compiled graphs, kernels and autotuning results between runs: a cold max-autotune
-    compile takes minutes, a warm one seconds. $TORCHINDUCTOR_CACHE_DIR if set, else the per-user cache directory."""
+    compile takes minutes, a warm one seconds. $TORCHINDUCTOR_CACHE_DIR if set, else the per-user cache directory;
+    Triton's kernels go in its `triton` folder unless $TRITON_CACHE_DIR says otherwise."""
     default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "liveportrait-live" / "torch-compile"
-    return Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default)))
+    cache = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default)))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
+    return cache
+
+
+def use_compile_cache(path: str | Path) -> Path:
+    """Keep Inductor's and Triton's caches in `path` from now on in this process (and its children)."""
+    path = Path(path).resolve()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"] = str(path), str(path / "triton")
+    return path
+
+
+def recorded_compile_mode() -> str | None:
+    """The compile mode whose kernels the cache holds (written by a warm-up that compiled), or None."""
+    try:
+        mode = (compile_cache_dir() / COMPILE_RECORD).read_text().strip()
+    except OSError:
+        return None
+    return mode if mode in COMPILE_MODES else None
+
+
+def default_compile_mode(device: torch.device) -> str:
+    """off on a CPU (a cold compile costs a minute for a few % there: docs/benchmarks.md); on CUDA the mode the
+    cache already holds, else the cheap "default" (a first start must not spend many minutes autotuning)."""
+    return "off" if device.type != "cuda" else recorded_compile_mode() or "default"
 
 
 class ConfigError(ValueError):
@@ -89,8 +122,9 @@ def load_networks(weights: str | Path | None = None, config: str = "full", seed:
 
 class Engine:
     def __init__(self, nets: LivePortraitNetworks, device: str | None = None, precision: str | None = None,
-                 compile: bool | None = None, cuda_graphs: bool | None = None, channels_last: bool | None = None,
-                 threads: int | None = None, buckets: Sequence[int] | None = None):
+                 compile: str | bool | None = None, cuda_graphs: bool | None = None,
+                 channels_last: bool | None = None, threads: int | None = None, buckets: Sequence[int] | None = None):
+        """`compile`: a COMPILE_MODES name (True = "default", False = "off"; None: default_compile_mode)."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         cuda = self.device.type == "cuda"
         self.precision = precision or ("fp16" if cuda else "fp32")
@@ -114,25 +148,35 @@ class Engine:
         self.F, self.M = nets.appearance_feature_extractor, nets.motion_extractor
         self.W, self.G = nets.warping_module, nets.spade_generator
         self.S = nets.stitching_retargeting_module.float()  # the MLPs and all keypoint math stay fp32
+        self.G.freeze_spectral_norm()  # in fp32, once: not per frame in the engine's precision
         for m in (self.F, self.M, self.W, self.G):
             m.to(self.dtype)
             if self.channels_last:  # Module.to(memory_format=channels_last) raises on W's and F's 5-D conv weights
-                for p in m.parameters():
+                for p in (*m.parameters(), *m.buffers()):
                     if p.dim() in (4, 5):
                         p.data = p.data.contiguous(
                             memory_format=torch.channels_last if p.dim() == 4 else torch.channels_last_3d)
         self.sessions: dict[str, Session] = {}
         self._pinned: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
         self._graphs: dict[int, tuple] = {}
-        self._step_fn = self._step
-        if compile if compile is not None else cuda:
-            self._step_fn = self._compile(self._step)
+        if self.cuda_graphs:  # every bucket's graph captures on one side stream into one memory pool
+            self._side, self._pool = torch.cuda.Stream(self.device), torch.cuda.graph_pool_handle()
+        self._bucket_lock = threading.Lock()  # one bucket compiles / captures at a time (warm_rest's thread)
+        self._warm_inputs: tuple[torch.Tensor, tuple] | None = None  # warmup()'s batch-1 step inputs
+        self.compile_mode = {True: "default", False: "off", None: default_compile_mode(self.device)}.get(
+            compile, compile)
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode {compile!r}: expected one of {', '.join(COMPILE_MODES)}")
+        self._step_fn = self._step if self.compile_mode == "off" else self._compile(self._step)
+        # buckets that serve without compiling or capturing first: all of them when there is nothing to prepare
+        self._ready = frozenset(() if self.compile_mode != "off" or self.cuda_graphs else self.buckets)
 
     # ---- configuration ----
 
     def _compile(self, fn):
-        """torch.compile the per-frame step; say why and run eager when it is unavailable."""
-        mode = "max-autotune-no-cudagraphs" if self.device.type == "cuda" else None
+        """torch.compile the per-frame step; say why and run eager when it is unavailable. An error inside a CUDA
+        graph capture is raised: running eager there would record into a broken capture and hide the error."""
+        mode = COMPILE_MODES[self.compile_mode]
         cache = compile_cache_dir()
         try:
             compiled = torch.compile(fn, mode=mode, dynamic=False)
@@ -144,9 +188,11 @@ class Engine:
             try:
                 return compiled(*args)
             except Exception as e:  # first call compiles: a failure there also falls back, once
+                if _capturing():
+                    raise
                 compiled = self._eager_fallback(fn, e)
                 return compiled(*args)
-        self.notes.append(f"torch.compile on ({mode or 'default'} mode, cache {cache})")
+        self.notes.append(f"torch.compile on ({self.compile_mode} mode, cache {cache})")
         return run
 
     def _eager_fallback(self, fn, err: Exception):
@@ -174,6 +220,13 @@ class Engine:
         copied.record()
         return out
 
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A small host tensor -> the device without a host sync: pinned, asynchronous (the caching host allocator
+        keeps the pinned copy until the transfer is done)."""
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
+
     def _to_input(self, u8: torch.Tensor) -> torch.Tensor:
         x = (u8.permute(0, 3, 1, 2).to(self.dtype) / 255).clamp(0, 1)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
@@ -197,7 +250,7 @@ class Engine:
         old = self.sessions.get(session)
         self.sessions[session] = Session(
             feature=feature, source=source, x_s=kin.transform_keypoint(source),
-            ratios=torch.tensor([list(ratios) if ratios is not None else [0.3, 0.3, 0.0]], device=self.device),
+            ratios=self._to_device(torch.tensor([list(ratios) if ratios is not None else [0.3, 0.3, 0.0]])),
             reference=old.reference if old else None, controls=old.controls if old else Controls())
 
     @torch.inference_mode()
@@ -206,32 +259,75 @@ class Engine:
         self.sessions[session].reference = None if crop is None else self._motion(self._to_input(self._upload(crop)))
 
     def set_controls(self, session: str = "default", **controls) -> None:
+        s = self.sessions[session]
         for k, v in controls.items():
             if not hasattr(Controls, k):
                 raise TypeError(f"unknown control {k!r}")
-            setattr(self.sessions[session].controls, k, editing.check(k, v))
+            setattr(s.controls, k, editing.check(k, v))
+            s.rows = None  # rebuilt on the session's next frame
 
     def close(self, session: str) -> None:
         """Free a session's cache (its GPU memory returns to the allocator)."""
         self.sessions.pop(session, None)
 
+    @property
+    def ready_buckets(self) -> frozenset[int]:
+        """Batch sizes that serve now without compiling or capturing first."""
+        return self._ready
+
+    def first_buckets(self) -> list[int]:
+        """What serving needs first: batch 1 and the largest bucket (any batch fits it, padded or in chunks)."""
+        return sorted({self.buckets[0], self.buckets[-1]}) if self.buckets else [1]
+
     def warmup(self, batch_sizes: Sequence[int] | None = None) -> dict[int, float]:
-        """Compile and capture now what a first frame would otherwise wait minutes for: every CUDA-graph bucket
-        (batch 1 without buckets), logging a progress line per size. Returns seconds per batch size."""
-        sizes = list(batch_sizes or self.buckets or (1,))
+        """Compile and capture now what a first frame would otherwise wait minutes for: `first_buckets()` unless
+        told otherwise (warm_rest() does the others off the serving path), logging a progress line per size.
+        Returns seconds per batch size. A warm-up that compiled records the mode in the compile cache."""
+        sizes = list(batch_sizes or self.first_buckets())
         crop = np.full((256, 256, 3), 128, np.uint8)  # any image: compiled code and graphs depend on shapes only
-        self.set_source(crop, WARMUP)
+        with torch.inference_mode():
+            self.set_source(crop, WARMUP)
+            self.set_reference(crop, WARMUP)
+            session = self.sessions.pop(WARMUP)
+            self._warm_inputs = self._upload(crop).clone(), self._inputs([session])
         took: dict[int, float] = {}
-        try:
-            for i, b in enumerate(sizes, 1):
-                log.info("warm-up %d/%d: compiling and capturing batch %d ...", i, len(sizes), b)
-                start = time.perf_counter()
-                self.animate(np.repeat(crop[None], b, 0), [WARMUP] * b)
-                took[b] = time.perf_counter() - start
-                log.info("warm-up %d/%d: batch %d ready in %.1f s", i, len(sizes), b, took[b])
-        finally:
-            self.close(WARMUP)
+        for i, b in enumerate(sizes, 1):
+            log.info("warm-up %d/%d: compiling and capturing batch %d ...", i, len(sizes), b)
+            took[b] = self._warm(b)
+            log.info("warm-up %d/%d: batch %d ready in %.1f s", i, len(sizes), b, took[b])
+        if self.compile_mode != "off" and not any("torch.compile unavailable" in n for n in self.notes):
+            try:
+                (compile_cache_dir() / COMPILE_RECORD).write_text(self.compile_mode + "\n")
+            except OSError as e:
+                log.warning("could not record the compile mode in the cache: %s", e)
         return took
+
+    def warm_rest(self) -> threading.Thread:
+        """Compile and capture the buckets warmup() left, one at a time on a background thread: until one is
+        ready, its batches are padded up to a ready bucket (the largest always is), so serving never waits."""
+        if self._warm_inputs is None:
+            raise RuntimeError("warm_rest() follows warmup()")
+        rest = [b for b in self.buckets if b not in self._ready]
+
+        def run() -> None:
+            for b in rest:
+                try:
+                    log.info("background warm-up: batch %d ready in %.1f s", b, self._warm(b))
+                except Exception:  # that bucket then prepares on first use, as without a warm-up
+                    log.exception("background warm-up of batch %d failed", b)
+        thread = threading.Thread(target=run, name="engine-warm-rest", daemon=True)
+        thread.start()
+        return thread
+
+    @torch.inference_mode()
+    def _warm(self, b: int) -> float:
+        """Seconds to make batch size b ready (compile, capture) from warmup()'s inputs repeated b times."""
+        frames, inputs = self._warm_inputs
+        rep = lambda t: t.repeat(b, *[1] * (t.dim() - 1))
+        start = time.perf_counter()
+        self._run_bucket(rep(frames), tuple(map(rep, inputs)))
+        _sync(self.device)
+        return time.perf_counter() - start
 
     # ---- the per-frame step ----
 
@@ -255,27 +351,32 @@ class Engine:
                     for i in range(0, real, m)]
             out = torch.cat([o for o, _ in outs]) if as_tensor else np.concatenate([o for o, _ in outs])
             return (out, {k: np.concatenate([kp[k] for _, kp in outs]) for k in KP_KEYS}) if motion else out
-        if pad := next((b for b in self.buckets if b >= real), real) - real:  # fill the bucket with copies of item 0:
+        if pad := self._bucket(real) - real:  # fill the bucket with copies of item 0:
             crops, names = np.concatenate([crops, np.repeat(crops[:1], pad, 0)]), names + names[:1] * pad
             # items never mix (eval-mode norms are per item), so pads cannot change the real items' outputs
-        inputs = self._inputs(names)
-        frames = self._upload(crops)
-        out, kp = self._replay(frames, inputs) if self.cuda_graphs else self._step_fn(self._to_input(frames), *inputs)
+        out, kp = self._run_bucket(self._upload(crops), self._inputs([self.sessions[n] for n in names]))
         out = out[:real] if as_tensor else out[:real].cpu().numpy()
         return (out, unpack_motion(kp[:real])) if motion else out
 
-    def _inputs(self, names: Sequence[str]) -> tuple:
-        """The per-item tensors of a batch: the sessions' caches, references, controls and edits."""
-        items = [self.sessions[n] for n in names]
+    def _bucket(self, real: int) -> int:
+        """The batch size to run `real` items at: the smallest ready bucket that fits, else the smallest bucket
+        that fits (prepared now), else `real` itself (no buckets)."""
+        fits = [b for b in self.buckets if b >= real]
+        return min((b for b in fits if b in self._ready), default=fits[0] if fits else real)
+
+    def _inputs(self, items: list[Session]) -> tuple[torch.Tensor, ...]:
+        """The step's inputs for these sessions, concatenated on the device (no host transfer but a session's
+        changed control rows)."""
+        for s in items:
+            if s.rows is None:
+                rows = self._to_device(torch.cat([
+                    torch.tensor([s.controls.row()]), editing.expand([s.controls.region], [s.controls])], 1))
+                s.rows = rows[:, :len(CONTROLS)], rows[:, len(CONTROLS):]
         cat = lambda get: torch.cat([get(s) for s in items])
-        return (
-            cat(lambda s: s.feature), cat(lambda s: s.x_s),
-            *[cat(lambda s, k=k: s.source[k]) for k in KP_KEYS],
-            *[cat(lambda s, k=k: s.reference[k]) for k in KP_KEYS],
-            torch.tensor([s.controls.row() for s in items], device=self.device),
-            cat(lambda s: s.ratios),
-            editing.expand([s.controls.region for s in items], [s.controls for s in items]).to(self.device),
-        )
+        return (cat(lambda s: s.feature), cat(lambda s: s.x_s),
+                *[cat(lambda s, k=k: s.source[k]) for k in KP_KEYS],
+                *[cat(lambda s, k=k: s.reference[k]) for k in KP_KEYS],
+                cat(lambda s: s.rows[0]), cat(lambda s: s.ratios), cat(lambda s: s.rows[1]))
 
     # ---- driving motion given instead of driving crops (motion templates, driving images, source videos) ----
 
@@ -302,7 +403,7 @@ class Engine:
         for i, name in enumerate(sessions):
             if self.sessions[name].reference is None:
                 self.sessions[name].reference = {k: v[i:i + 1] for k, v in driving.items()}
-        out = self._drive(driving, *self._inputs(list(sessions)))
+        out = self._drive(driving, *self._inputs([self.sessions[n] for n in sessions]))
         return out if as_tensor else out.cpu().numpy()
 
     @torch.inference_mode()
@@ -324,23 +425,39 @@ class Engine:
         r = torch.tensor([list(ratios)], dtype=torch.float32, device=self.device)
         return self.S["retarget_eye"](kin.retarget_input(x_s, r)).view(x_s.shape).cpu().numpy()
 
-    def _replay(self, frames: torch.Tensor, inputs: tuple) -> torch.Tensor:
-        """CUDA graph per batch size over static buffers: copy in, replay, read the static output."""
+    def _run_bucket(self, frames: torch.Tensor, inputs: tuple) -> torch.Tensor:
+        """One step at this batch size (a CUDA-graph replay); the first at a size compiles and captures it, once,
+        whichever thread comes first, and makes it ready to serve."""
         b = frames.shape[0]
-        if b not in self._graphs:
-            static_in = [frames.clone(), *[t.clone() for t in inputs]]
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(3):  # warm-up: cudnn autotune and compile outside the capture
-                    self._step_fn(self._to_input(static_in[0]), *static_in[1:])
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = self._step_fn(self._to_input(static_in[0]), *static_in[1:])
-            self._graphs[b] = (graph, static_in, static_out)
-            self.notes.append(f"CUDA graph captured for batch {b}")
-        graph, static_in, static_out = self._graphs[b]
+        if b not in self._ready or (self.cuda_graphs and b not in self._graphs):
+            with self._bucket_lock:
+                if self.cuda_graphs and b not in self._graphs:
+                    self._capture(frames, inputs)
+                out = self._replay(frames, inputs) if self.cuda_graphs else \
+                    self._step_fn(self._to_input(frames), *inputs)
+                self._ready |= {b}  # under the lock: no other thread's update is lost
+                return out
+        return self._replay(frames, inputs) if self.cuda_graphs else self._step_fn(self._to_input(frames), *inputs)
+
+    def _capture(self, frames: torch.Tensor, inputs: tuple) -> None:
+        """Capture the step for this batch size over static buffers, on the engine's one side stream into its one
+        graph memory pool. thread_local: allocations by other threads (serving, paste-back) cannot break it."""
+        static_in = [frames.clone(), *[t.clone() for t in inputs]]
+        side = self._side
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up: cudnn autotune and compile outside the capture
+                self._step_fn(self._to_input(static_in[0]), *static_in[1:])
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
+            static_out = self._step_fn(self._to_input(static_in[0]), *static_in[1:])
+        self._graphs[frames.shape[0]] = (graph, static_in, static_out)
+        self.notes.append(f"CUDA graph captured for batch {frames.shape[0]}")
+
+    def _replay(self, frames: torch.Tensor, inputs: tuple) -> torch.Tensor:
+        """Copy into the batch size's static buffers, replay its graph, copy out the static output."""
+        graph, static_in, static_out = self._graphs[frames.shape[0]]
         for dst, src in zip(static_in, (frames, *inputs)):
             dst.copy_(src, non_blocking=True)
         graph.replay()
@@ -393,3 +510,13 @@ def unpack_motion(packed: torch.Tensor) -> dict[str, np.ndarray]:
         size = int(np.prod(shape))
         out[k], i = a[:, i:i + size].reshape(-1, *shape), i + size
     return out
+
+
+def _capturing() -> bool:
+    """Whether this thread's current CUDA stream is capturing a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,11 +1,14 @@
-"""The device check: one command proves and measures the CUDA path (correctness, speed, start-up, serving).
+"""The device check: proves and measures the CUDA path (correctness, speed, start-up, serving) in two commands
+that each fit a short GPU session's 10-minute command (docs/gpu.md has the exact calls and their budgets):
 
-    python -m model.gpu_check --out DIR                  # on a GPU: full size, designed for 8 min on one H100
-    python -m model.gpu_check --out DIR --device cpu     # tiny config, under 2 min (CI runs it)
+    python -m model.gpu_check --part correctness --cache-dir DIR/cache --out DIR/correctness
+    python -m model.gpu_check --part speed --cache-dir DIR/cache --out DIR/speed   # the compile cache now warm
+    python -m model.gpu_check --out DIR --device cpu     # every step, tiny config (CI runs it)
 
-GPU time is rare and short, so every finished step is kept: DIR/gpu_check.json and DIR/gpu_check.md are rewritten
-and flushed after each step, and a run cut off by a timeout leaves the finished steps behind. The JSON's "steps"
-maps a step's name to {"status": "pass" | "fail" | "skip", ...figures}; a skip says why. Exit status 1 on any fail.
+GPU time is rare and short, so nothing is lost to a kill: DIR/gpu_check.json and DIR/gpu_check.md are rewritten and
+flushed when a step starts ("running", with its start time), as it goes (after each batch size), and when it ends.
+The JSON's "steps" maps a step's name to {"status": "pass" | "fail" | "skip" | "running", ...figures}; a skip says
+why, and a "running" left behind is the step the run was killed in. Exit status 1 on any fail.
 Needs only torch, numpy, opencv, safetensors and huggingface_hub (docs/gpu.md: how to run it on a bare GPU machine).
 Weights are the conformance kit's recipe weights: the real networks and FLOPs, and the golden file's outputs.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import importlib.metadata
 import json
 import logging
 import os
@@ -21,9 +25,12 @@ import platform
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import traceback
+import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +40,7 @@ import torch
 from . import kinematics as kin
 from .bench import GOLDEN, _device_name, _engine, _engine_profile, _free, _run, _sync, _time
 from .conformance import ANGLE_ABS, CHAINED, IMAGE_SHARE, STAGEWISE, measure, measure_image
-from .engine import BUCKETS, Engine
+from .engine import BUCKETS, COMPILE_MODES, Engine, use_compile_cache
 from .images import to_tensor
 from .networks import LivePortraitNetworks
 
@@ -41,7 +48,13 @@ log = logging.getLogger("liveportrait.gpu_check")
 PSNR_MIN_DB = 40.0  # fp16 against fp32, and batched against single calls in fp16
 PASTE_MAX_LEVELS = 3  # torch paste-back against cv2
 SERVING_SESSIONS = (1, 4, 8, 16)
-NO_COMPILE = "not used: the default engine does not compile on this device"
+NO_COMPILE = "not used: --compile off"
+SMOKE_TIMEOUT_S = {"cuda": 120.0, "cpu": 900.0}  # the torch.compile smoke test: ~10 s on a GPU machine; a
+# cold C++ compile on the 2-core CI VM under load took 60-150 s
+PARTS = {"correctness": ("environment", "conformance_fp32", "paste_back", "startup", "fp16_psnr", "batched_vs_single",
+                         "cuda_graph_vs_eager"),
+         "speed": ("environment", "startup", "speed_default", "speed_eager", "padded_vs_exact", "serving",
+                   "warm_start")}
 TAGS = {"src": "input.source_rgb_u8", "drv0": "input.driving0_rgb_u8", "drv": "input.driving_rgb_u8"}
 
 
@@ -56,6 +69,7 @@ class Check:
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cuda = self.device.type == "cuda"
         self.config = args.config or ("full" if self.cuda else "tiny")
+        self.compile = args.compile or ("default" if self.cuda else "off")  # the cheap mode: a session is short
         self.out = args.out
         self.started = time.monotonic()
         self.deadline = self.started + args.budget_s
@@ -70,12 +84,16 @@ class Check:
         self.engine: Engine | None = None  # the default engine, built by the startup step
         self.cold: dict | None = None  # the startup step's figures, for the warm start to compare with
         self.fp32_image: np.ndarray | None = None  # our full-size fp32 image of the golden frame
-        self.cache = Path(tempfile.mkdtemp(prefix="lp-compile-cache-"))  # cold by construction
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.cache)
+        # --cache-dir: kept, so a second run (or command) starts warm; else a temporary one, cold by construction
+        self.keep_cache = args.cache_dir is not None
+        self.cache = use_compile_cache(args.cache_dir or tempfile.mkdtemp(prefix="lp-compile-cache-"))
+        self.cache_files_before = _files(self.cache)
+        self.step: str | None = None  # the step running now (progress goes into its entry)
         self.report = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                        "command": " ".join([sys.executable, "-m", "model.gpu_check", *sys.argv[1:]]),
-                       "device": _device_name(self.device), "config": self.config,
-                       "weights": "recipe (untrained, FLOP-identical)", "budget_s": args.budget_s, "steps": {}}
+                       "device": _device_name(self.device), "config": self.config, "compile": self.compile,
+                       "compile_cache": str(self.cache), "weights": "recipe (untrained, FLOP-identical)",
+                       "budget_s": args.budget_s, "steps": {}}
 
     def nets(self, config: str | None = None) -> LivePortraitNetworks:
         """Recipe networks of a config (built once, kept on the CPU; engines take copies)."""
@@ -86,6 +104,20 @@ class Check:
 
     def left_s(self) -> float:
         return self.deadline - time.monotonic()
+
+    def begin(self, name: str) -> None:
+        """The step's entry, on disk before it does anything: a run killed in it still names it."""
+        self.step = name
+        self.report["steps"][name] = {"status": "running", "started": _now(), "elapsed_s": 0.0}
+        self._started_step = time.monotonic()
+        self.write()
+
+    def progress(self, **figures) -> None:
+        """Figures so far of the running step (after each batch size), on disk at once."""
+        entry = self.report["steps"].get(self.step)
+        if entry is not None and entry["status"] == "running":
+            entry.update(figures, elapsed_s=time.monotonic() - self._started_step)
+            self.write()
 
     def write(self) -> None:
         """Rewrite the JSON and the markdown, flushed to disk, so a run cut off later keeps what it has."""
@@ -140,18 +172,37 @@ def _with_source(engine: Engine, images: dict[str, np.ndarray], session: str = "
 # ---- the steps, in order: cheap and essential first; a run cut off keeps them ----
 
 def environment(c: Check) -> dict:
-    """What ran: Python, torch, CUDA, cuDNN, GPU, driver, libraries, the commit."""
+    """What ran (Python, torch, CUDA, cuDNN, GPU, driver, libraries, the commit), and what torch.compile needs
+    before anything compiles: Triton, gcc, Python.h, a writable cache, free GPU memory, then a torch.compile smoke
+    test on the device. Each missing piece is one line in `problems`; they fail the step unless --compile off."""
     import cv2
     info = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "opencv": cv2.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "device": _device_name(c.device), "config": c.config, "compile_cache": str(c.cache),
-            "commit": _commit()}
+            "device": _device_name(c.device), "config": c.config, "compile": c.compile, "commit": _commit()}
     if c.cuda:
         props = torch.cuda.get_device_properties(c.device)
+        free, total = torch.cuda.mem_get_info(c.device)
         info.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), gpu=props.name,
-                    capability=f"{props.major}.{props.minor}", gpu_memory_gb=props.total_memory / 2 ** 30,
-                    driver=_driver())
-    return {"status": "pass", **info}
+                    capability=f"{props.major}.{props.minor}", gpu_memory_gb=total / 2 ** 30,
+                    gpu_free_gb=free / 2 ** 30, driver=_driver())
+    problems = []
+    for key, (value, problem) in (("triton", _check_triton(c.cuda)), ("gcc", _check_gcc()),
+                                  ("python_h", _check_python_h()), ("compile_cache", _check_cache(c.cache))):
+        info[key] = value
+        problems += [problem] if problem else []
+    info["compile_cache_files"] = len(c.cache_files_before)
+    if c.cuda and info["gpu_free_gb"] < 8:
+        problems.append(f"GPU memory: only {info['gpu_free_gb']:.1f} GiB free of {info['gpu_memory_gb']:.0f} "
+                        "(another process holds it): the speed figures need about 8")
+    if c.compile == "off":
+        info["compile_smoke"] = "not run: --compile off"
+    elif problems:
+        info["compile_smoke"] = "not run: the toolchain is incomplete"
+    else:
+        info["compile_smoke"] = smoke = _compile_smoke(c.device, c.compile)
+        if "error" in smoke:
+            problems.append(f"torch.compile smoke test on {c.device}: {smoke['error']}")
+    return {"status": "fail" if problems and c.compile != "off" else "pass", "problems": problems, **info}
 
 
 @torch.inference_mode()
@@ -268,13 +319,18 @@ def padded_vs_exact(c: Check) -> dict:
 
 
 def startup(c: Check) -> dict:
-    """The cold start the app makes: the default engine for the device, warmed up (compile and capture every
-    bucket) with an empty compile cache, then a new session's first frame. Later steps use this engine."""
-    figures, c.engine = start(c.nets(), c.device, c.images, c.deadline)
+    """The start the app makes: the default engine for the device in the --compile mode, warmed up (batch 1 and
+    the largest bucket), a new session's first frame, then the other buckets on the background thread (as the
+    app does while serving). Cold with an empty compile cache, warm with a filled --cache-dir. Later steps use
+    this engine."""
+    cache = (f"warm: {len(c.cache_files_before)} files from an earlier run" if c.cache_files_before else
+             "empty (cold)") if c.compile != "off" else NO_COMPILE
+    c.progress(cache=cache)
+    figures, c.engine = start(c.nets(), c.device, c.images, c.compile, c.deadline, c.progress)
     c.cold = figures
     fell_back = [n for n in c.engine.notes if "torch.compile unavailable" in n]
     status = "fail" if c.cuda and fell_back else "pass"  # on CUDA the product path is the compiled one
-    return {"status": status, "cache": "empty (cold)" if _compiles(c.engine) else NO_COMPILE, **figures}
+    return {"status": status, "cache": cache, **figures}
 
 
 def fp16_psnr(c: Check) -> dict:
@@ -352,12 +408,15 @@ def speed_default(c: Check) -> dict:
     for j in range(BUCKETS[-1]):
         _with_source(engine, c.images, f"s{j}")
     rows = _speed_rows(c, {"default": lambda b: engine})
+    syncs = [_host_syncs(engine, c.images, b) for b in (1, BUCKETS[-1])] if c.cuda else \
+        "CUDA only: a CPU has no device to wait for"
+    c.progress(rows=rows, host_syncs=syncs)
     for j in range(BUCKETS[-1]):
         engine.close(f"s{j}")
     grew = [r["batch"] for r in rows if r.get("reserved_growth_mb", 0) > 0 or r.get("cuda_mallocs", 0) > 0
             or r.get("alloc_retries", 0) > 0]
     return {"status": "fail" if grew else "pass", "allocator_grew_at_batch": grew, "notes": engine.notes,
-            "rows": rows}
+            "rows": rows, "host_syncs": syncs}
 
 
 def serving(c: Check) -> dict:
@@ -377,8 +436,9 @@ def warm_start(c: Check) -> dict:
     """The second start: a new process, the same compile cache (now filled): build, warm up, first frame."""
     if c.cold is None:
         raise Skip("needs the startup step (the cold start) in the same run")
-    code = f"from model.gpu_check import _start_child; _start_child({c.config!r}, {c.seed}, {str(c.device)!r})"
-    t, env = time.monotonic(), {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(c.cache)}
+    code = (f"from model.gpu_check import _start_child; "
+            f"_start_child({c.config!r}, {c.seed}, {str(c.device)!r}, {c.compile!r})")
+    t, env = time.monotonic(), dict(os.environ)  # the same compile cache (use_compile_cache set it)
     try:
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                               cwd=Path(__file__).parents[1], timeout=max(30.0, c.left_s()))
@@ -387,42 +447,45 @@ def warm_start(c: Check) -> dict:
     if proc.returncode:
         return {"status": "fail", "error": proc.stderr[-3000:]}
     warm = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"status": "pass", "cache": "filled by the startup step (warm)" if _compiles(c.engine) else NO_COMPILE,
+    return {"status": "pass", "cache": "filled by the startup step (warm)" if c.compile != "off" else NO_COMPILE,
             "process_wall_s": time.monotonic() - t, **warm,
             "warmup_speedup": c.cold["warmup_s"] / max(warm["warmup_s"], 1e-9)}
 
 
-def _start_child(config: str, seed: int, device: str) -> None:
+def _start_child(config: str, seed: int, device: str, compile: str) -> None:
     """The warm start's new process: build the networks, start, print the figures as one JSON line."""
     t = time.monotonic()
     with np.load(GOLDEN) as z:
         images = _golden_images(z)
     nets = LivePortraitNetworks(config).fill_recipe(seed)
     nets_s = time.monotonic() - t
-    figures = start(nets, torch.device(device), images)[0]
+    figures = start(nets, torch.device(device), images, compile)[0]
     print(json.dumps({**figures, "nets_s": nets_s, "in_process_s": time.monotonic() - t}))
 
 
 STEPS: dict[str, Callable[[Check], dict]] = {f.__name__: f for f in (
-    environment, conformance_fp32, paste_back, speed_eager, padded_vs_exact, startup, fp16_psnr, batched_vs_single,
-    cuda_graph_vs_eager, speed_default, serving, warm_start)}
+    environment, conformance_fp32, paste_back, startup, fp16_psnr, batched_vs_single, cuda_graph_vs_eager,
+    speed_default, speed_eager, padded_vs_exact, serving, warm_start)}
 
 
 # ---- helpers of the steps ----
 
-def start(nets: LivePortraitNetworks, device: torch.device, images: dict[str, np.ndarray],
-          deadline: float | None = None) -> tuple[dict, Engine]:
-    """What the app does at start-up, timed: build the default engine, warm up every bucket (stopping early past
-    `deadline`: the rest then compiles on first use), then a new session's first frame and the next one."""
+def start(nets: LivePortraitNetworks, device: torch.device, images: dict[str, np.ndarray], compile: str,
+          deadline: float | None = None, progress: Callable[..., None] = lambda **_: None) -> tuple[dict, Engine]:
+    """What the app does at start-up, timed: build the default engine, warm up batch 1 and the largest bucket
+    (stopping early past `deadline`), a new session's first frame and the next one, then the other buckets on the
+    engine's background thread (waited for here until `deadline`). `progress` gets the figures after each size."""
     t = time.perf_counter()
-    engine = Engine(copy.deepcopy(nets), device=str(device))
+    engine = Engine(copy.deepcopy(nets), device=str(device), compile=compile)
     _sync(device)
-    build_s = time.perf_counter() - t
-    warmed: dict[int, float] = {}
-    for b in engine.buckets or (1,):
+    figures: dict = {"build_s": time.perf_counter() - t, "buckets": list(engine.buckets),
+                     "precision": engine.precision, "warmup_s_per_batch": {}}
+    for b in engine.first_buckets():
         if deadline is not None and time.monotonic() > deadline:
             break
-        warmed |= engine.warmup([b])
+        figures["warmup_s_per_batch"] |= engine.warmup([b])
+        progress(**figures)
+    warmed = figures["warmup_s_per_batch"]
     frames = []
     for i in range(2):
         t = time.perf_counter()
@@ -431,10 +494,16 @@ def start(nets: LivePortraitNetworks, device: torch.device, images: dict[str, np
         engine.animate(images["driving"][None], ["first"])
         frames.append(1000 * (time.perf_counter() - t))
     engine.close("first")
-    figures = {"build_s": build_s, "warmup_s_per_batch": warmed, "warmup_s": sum(warmed.values()),
-               "not_warmed": [b for b in engine.buckets if b not in warmed], "buckets": list(engine.buckets),
-               "first_frame_ms": frames[0], "next_frame_ms": frames[1], "precision": engine.precision,
-               "notes": engine.notes}
+    figures.update(warmup_s=sum(warmed.values()), first_frame_ms=frames[0], next_frame_ms=frames[1])
+    progress(**figures)
+    if warmed and set(engine.buckets) - engine.ready_buckets:  # the rest, as the app warms them while serving
+        t, rest = time.perf_counter(), engine.warm_rest()
+        while rest.is_alive() and (deadline is None or time.monotonic() < deadline):
+            rest.join(timeout=5.0)
+            progress(**figures, background_ready=sorted(engine.ready_buckets))
+        figures["background_warmup_s"] = time.perf_counter() - t if not rest.is_alive() else None
+    figures.update(ready=sorted(engine.ready_buckets), notes=engine.notes,
+                   not_ready=[b for b in engine.buckets if b not in engine.ready_buckets])
     return figures, engine
 
 
@@ -465,12 +534,116 @@ def _speed_rows(c: Check, builders: dict[str, Callable[[int], Engine]]) -> list[
             ref = image if ref is None else ref
             rows.append({**row, "dtype": engine.precision, **{f"vs_first_{k}": v for k, v in
                                                               _compare(image, ref).items() if k != "mean_abs"}})
+            c.progress(rows=rows)
             del engine
     return rows
 
 
-def _compiles(engine: Engine | None) -> bool:
-    return engine is not None and any(n.startswith("torch.compile on") for n in engine.notes)
+def _host_syncs(engine: Engine, images: dict[str, np.ndarray], batch: int, calls: int = 10) -> dict:
+    """What makes the host wait for the GPU per animate(as_tensor=True) call, as the scheduler calls it: the
+    profiler's CUDA runtime synchronisation calls, and torch's sync debug mode warnings (a synchronising op)."""
+    from torch.profiler import ProfilerActivity, profile
+    names = [_with_source(engine, images, f"sync{j}") for j in range(batch)]
+    crops = np.stack([images["driving"]] * batch)
+    engine.animate(crops, names, as_tensor=True)
+    _sync(engine.device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for _ in range(calls):
+                    engine.animate(crops, names, as_tensor=True)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        _sync(engine.device)
+    for n in names:
+        engine.close(n)
+    found = Counter(e.name for e in prof.events() if "ynchronize" in e.name)
+    found["cudaDeviceSynchronize"] -= 1  # ours, after the calls
+    return {"batch": batch, "calls": calls, "per_call": {k: v / calls for k, v in found.items() if v > 0},
+            "sync_debug_warnings_per_call": len(caught) / calls,
+            "first_warning": str(caught[0].message).splitlines()[0] if caught else None}
+
+
+def _files(path: Path) -> list[Path]:
+    return [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _check_triton(cuda: bool) -> tuple[str | None, str | None]:
+    """Triton's version; missing is a problem on CUDA only (Inductor's GPU kernels are Triton's)."""
+    for dist in ("triton", "pytorch-triton"):
+        try:
+            return importlib.metadata.version(dist), None
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return None, ("triton: not installed; torch.compile on CUDA generates Triton kernels (install the triton "
+                  "version your torch build names)") if cuda else None
+
+
+def _check_gcc(cc: str | None = None) -> tuple[str | None, str | None]:
+    """The C compiler Triton builds its launcher with (and Inductor's CPU code): $CC, else gcc."""
+    cc = cc or os.environ.get("CC") or "gcc"
+    path = shutil.which(cc)
+    if path is None:
+        return None, f"gcc: {cc} not found; Triton and Inductor compile C with it (install gcc, or set $CC)"
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"gcc: {path} does not run ({e})"
+    return f"{path}: {(out.splitlines() or ['?'])[0]}", None
+
+
+def _check_python_h(include: str | Path | None = None) -> tuple[str | None, str | None]:
+    """Python.h, which Triton's launcher and Inductor's CPU code compile against."""
+    header = Path(include or sysconfig.get_paths()["include"]) / "Python.h"
+    if header.is_file():
+        return str(header), None
+    return None, (f"Python.h: not in {header.parent}; Triton compiles its launcher against it (install the "
+                  f"python{sys.version_info.major}.{sys.version_info.minor}-dev package)")
+
+
+def _check_cache(path: Path) -> tuple[str | None, str | None]:
+    """The compile cache can be written (a read-only one makes every start cold)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        return None, f"compile cache: {path} is not writable ({e.strerror or e}); choose another with --cache-dir"
+    return str(path), None
+
+
+def _compile_smoke(device: torch.device, mode: str) -> dict:
+    """torch.compile of a small function on the device, in a new process (bounded: SMOKE_TIMEOUT_S), with the
+    check's compile cache: seconds, and Inductor's FX-graph cache hits (a second run with --cache-dir hits)."""
+    code = f"from model.gpu_check import _smoke_child; _smoke_child({str(device)!r}, {mode!r})"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=SMOKE_TIMEOUT_S[device.type], cwd=Path(__file__).parents[1])
+    except subprocess.TimeoutExpired:
+        return {"error": f"no result within {SMOKE_TIMEOUT_S[device.type]:.0f} s"}
+    if proc.returncode:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        return {"error": lines[-1] if lines else f"exit status {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _smoke_child(device: str, mode: str) -> None:
+    from torch._dynamo.utils import counters
+    t = time.perf_counter()
+    fn = torch.compile(lambda x: torch.nn.functional.gelu(x @ x.T).sum(1), mode=COMPILE_MODES[mode], dynamic=False)
+    x = torch.randn(64, 64, device=device)
+    ok = torch.allclose(fn(x), torch.nn.functional.gelu(x @ x.T).sum(1), rtol=1e-3, atol=1e-3)
+    _sync(torch.device(device))
+    if not ok:
+        raise SystemExit("the compiled function's result differs from eager")
+    print(json.dumps({"seconds": time.perf_counter() - t, "fx_graph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
+                      "fx_graph_cache_miss": counters["inductor"]["fxgraph_cache_miss"]}))
 
 
 def _tf32() -> dict:
@@ -516,7 +689,9 @@ def markdown(report: dict) -> str:
            f"wall {report.get('wall_s', 0):.0f} s of a {report['budget_s']:.0f} s budget", "", f"`{report['command']}`",
            "", "| step | status | seconds | why / note |", "|---|---|---|---|"]
     for name, s in report["steps"].items():
-        why = s.get("reason") or (s.get("error") or "").split("\n", 1)[0]
+        why = s.get("reason") or (s.get("error") or "").split("\n", 1)[0] or "; ".join(s.get("problems", []))
+        if s["status"] == "running":
+            why = f"started {s['started']}, {s['elapsed_s']:.0f} s in when last written: the run was cut off here"
         out.append(f"| {name} | {s['status']} | {_cell(s.get('seconds'))} | {why} |")
     for name, s in report["steps"].items():
         out += ["", f"## {name}: {s['status']}", ""]
@@ -530,6 +705,8 @@ def markdown(report: dict) -> str:
                 out.append("")
             elif k == "error":
                 out += ["```", str(v).strip(), "```"]
+            elif k == "problems":
+                out += [f"- problem: {line}" for line in v] or ["- problems: none"]
             else:
                 out.append(f"- {k}: {_cell(v)}")
         if "arrays" in s:
@@ -542,15 +719,18 @@ def markdown(report: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     """Run the chosen steps in order, each guarded (a failure is reported, the next step still runs)."""
     args.out.mkdir(parents=True, exist_ok=True)
-    c = Check(args)
-    chosen = args.steps.split(",") if args.steps else list(STEPS)
+    chosen = args.steps.split(",") if args.steps else list(PARTS.get(args.part, STEPS))
     if unknown := set(chosen) - set(STEPS):
-        raise SystemExit(f"unknown steps {sorted(unknown)}; choose from {', '.join(STEPS)}")
-    log.info("device check on %s (config %s), results in %s", c.report["device"], c.config, args.out)
+        print(f"gpu_check: error: unknown steps {sorted(unknown)}; choose from {', '.join(STEPS)}", file=sys.stderr)
+        return 2
+    c = Check(args)
+    log.info("device check on %s (config %s, compile %s, cache %s), results in %s", c.report["device"], c.config,
+             c.compile, c.cache, args.out)
     try:
         for name in (s for s in STEPS if s in chosen):
             t = time.monotonic()
             log.info("step %s ...", name)
+            c.begin(name)
             try:
                 if c.left_s() < 0:
                     raise Skip(f"the time budget ({c.budget_s:.0f} s) is spent; rerun with --steps {name}")
@@ -564,7 +744,8 @@ def run(args: argparse.Namespace) -> int:
             c.write()
             log.info("step %s: %s (%.1f s)", name, result["status"], time.monotonic() - t)
     finally:
-        shutil.rmtree(c.cache, ignore_errors=True)
+        if not c.keep_cache:
+            shutil.rmtree(c.cache, ignore_errors=True)
     print(markdown(c.report))
     failed = [n for n, s in c.report["steps"].items() if s["status"] == "fail"]
     if failed:
@@ -579,10 +760,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--config", choices=["full", "tiny"], default=None,
                    help="network size of every step but the full-size conformance (default: full on CUDA, tiny on CPU)")
-    p.add_argument("--steps", default=None, help=f"comma list of steps to run (default: all): {', '.join(STEPS)}")
+    p.add_argument("--part", choices=[*PARTS, "all"], default="all",
+                   help="correctness: environment to cuda_graph_vs_eager; speed: environment, startup (warm with "
+                        "--cache-dir), then the speed and serving steps; all (default): every step")
+    p.add_argument("--steps", default=None, help=f"comma list of steps to run (overrides --part): {', '.join(STEPS)}")
+    p.add_argument("--compile", choices=list(COMPILE_MODES), default=None,
+                   help="the default engine's torch.compile mode (default: default on CUDA, the cheap one; off on CPU)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="keep Inductor's and Triton's compile caches here between runs (default: a temporary one, "
+                        "deleted at the end: every start cold)")
     p.add_argument("--budget-s", type=float, default=450.0,
-                   help="steps not started by then are skipped with the reason (default 450: designed for a "
-                        "whole run within 8 minutes on one H100, not yet measured on a GPU)")
+                   help="no step starts after this many seconds, and startup stops warming buckets (default 450; "
+                        "the run's length on a GPU is not yet measured)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run(args)

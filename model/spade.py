@@ -15,13 +15,23 @@ class SNConv2d(nn.Conv2d):
         self.weight_orig = nn.Parameter(weight.detach())
         self.register_buffer("weight_u", torch.zeros(out_channels))
         self.register_buffer("weight_v", torch.zeros(weight[0].numel()))
+        self.register_buffer("frozen", None, persistent=False)  # normalized_weight(), once (freeze)
 
     def normalized_weight(self) -> torch.Tensor:
         sigma = torch.dot(self.weight_u, torch.mv(self.weight_orig.flatten(1), self.weight_v))
         return self.weight_orig / sigma
 
+    def freeze(self) -> None:
+        """Compute the normalised weight now and use it from here on (eval weights do not change)."""
+        with torch.no_grad():
+            self.frozen = self.normalized_weight().detach().clone()
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.frozen = None  # new weights: normalise them again
+        super()._load_from_state_dict(*args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.normalized_weight(), self.bias)
+        return self._conv_forward(x, self.normalized_weight() if self.frozen is None else self.frozen, self.bias)
 
 
 class SPADE(nn.Module):
@@ -73,6 +83,13 @@ class SPADEDecoder(nn.Module):
         self.up = nn.Upsample(scale_factor=2)
         self.conv_img = (nn.Sequential(nn.Conv2d(out_channels, 3 * 4, kernel_size=3, padding=1), nn.PixelShuffle(2))
                          if upscale > 1 else nn.Conv2d(out_channels, 3, kernel_size=3, padding=1))
+
+    def freeze_spectral_norm(self) -> None:
+        """Every SNConv2d's normalised weight computed once, at its current precision (the engine: fp32, before
+        casting), instead of on every call."""
+        for m in self.modules():
+            if isinstance(m, SNConv2d):
+                m.freeze()
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
         x = self.fc(feature)

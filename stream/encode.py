@@ -21,6 +21,7 @@ docs/benchmarks.md ("The live path per stage").
 from __future__ import annotations
 
 import fractions
+import functools
 from typing import Iterator
 
 import aiortc.rtcrtpreceiver
@@ -77,6 +78,12 @@ def chroma_planes(planes: np.ndarray, width: int, height: int) -> tuple[np.ndarr
     return flat[n:n + q].reshape(height // 2, width // 2), flat[n + q:n + 2 * q].reshape(height // 2, width // 2)
 
 
+@functools.lru_cache(maxsize=None)
+def _bt601(device: torch.device) -> torch.Tensor:
+    """BT601 on a device, made once per device: a per-frame host->device copy would sync the GPU."""
+    return torch.as_tensor(BT601, dtype=torch.float32, device=device)
+
+
 @torch.no_grad()
 def yuv420_device(rgb: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """The same on a torch device: HxWx3 uint8 -> (h*3/2, w) uint8 I420 planes, so only those cross to the host.
@@ -85,7 +92,7 @@ def yuv420_device(rgb: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     x = rgb.permute(2, 0, 1)[None].float()
     if x.shape[-2:] != (h, w):
         x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
-    m = torch.as_tensor(BT601, dtype=torch.float32, device=x.device)
+    m = _bt601(x.device)
     y = torch.einsum("c,bchw->bhw", m[0, :3], x) + m[0, 3]
     uv = torch.einsum("kc,bchw->bkhw", m[1:, :3], F.avg_pool2d(x, 2)) + m[1:, 3, None, None]
     planes = torch.cat([y.reshape(-1), uv.reshape(-1)]).round_().clamp_(0, 255).to(torch.uint8)

@@ -50,9 +50,15 @@ right before the batch (source swap, reference reset, controls); `motion`, if a 
 engine found in the crop (what a motion template keeps: model/template.py). `face` is the (S,S,3) uint8 output: a
 numpy array on CPU, a tensor on the engine's device on CUDA (so paste-back can stay there).
 `stream.serve_bench.simulate` drives sessions fed with ready crops this way.
+
+On CUDA nothing here waits for the GPU: the engine call returns once its work is queued. A CUDA event recorded
+after it times the step on the device (read when the GPU has passed it, not waited for), and a finish runs on
+its pool thread's own stream, which waits for that event on the GPU, not on the host: so a session's paste-back
+and encoding overlap the next batch instead of queueing behind it on the default stream.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -60,9 +66,10 @@ import weakref
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, TypeVar
+from typing import Any, Callable, Iterator, Protocol, TypeVar
 
 import numpy as np
+import torch
 
 log = logging.getLogger("liveportrait.scheduler")
 T = TypeVar("T")
@@ -92,7 +99,7 @@ class Lane:
         self.scheduler, self.client = scheduler, client
         self.inbox: tuple[Any, float] | None = None
         self.ready: Work | None = None
-        self.waiting: tuple[Work, Any] | None = None  # an output waiting for the previous one's finish
+        self.waiting: tuple[Work, Any, Any] | None = None  # an output waiting for the previous one's finish
         self.preparing = self.in_engine = self.finishing = self.closed = False
         self.served = 0.0  # when the engine last took this lane's work (the longest-waiting goes first)
         self.prepare_at = 0.0  # don't start preparing before this (monotonic): just in time for the next batch
@@ -130,6 +137,8 @@ class Scheduler:
         self.max_batch = max_batch
         self.lanes: list[Lane] = []
         self.steps: deque[float] = deque(maxlen=200)  # ms per engine call, recent
+        self._timing: deque[tuple[Any, Any]] = deque()  # CUDA (start, end) events of steps the GPU has not passed
+        self._local = threading.local()  # a pool thread's own CUDA stream
         self.batch_sizes: Counter[int] = Counter()
         self._ended = 0  # engine calls (batches and `call`s) ended, for Lane.waited_max
         self._cond = threading.Condition()
@@ -224,6 +233,7 @@ class Scheduler:
         `waited_max`: the most engine calls that ended while one of its frames was ready and waiting for the
         engine (1: it never waited for more than the call in flight); `oneshots`: frames animated for `run`."""
         with self._cond:
+            self._collect_steps()
             steps = np.array(self.steps) if self.steps else np.zeros(1)
             return dict(sessions=len(self.lanes), engine_step_p50_ms=round(float(np.percentile(steps, 50)), 1),
                         engine_step_p95_ms=round(float(np.percentile(steps, 95)), 1),
@@ -288,30 +298,61 @@ class Scheduler:
             self._kick(lane)
             self._cond.notify_all()
 
-    def _to_finish(self, lane: Lane, work: Work, face: Any) -> None:
+    def _to_finish(self, lane: Lane, work: Work, face: Any, done: Any = None) -> None:
+        """`done`: the CUDA event after the batch that made `face` (None on CPU)."""
         if lane.closed or self._closed:
             return
         if lane.finishing:  # the previous output is still being finished: wait in the one slot
             lane.dropped += lane.waiting is not None
-            lane.waiting = (work, face)
+            lane.waiting = (work, face, done)
         else:
             lane.finishing = True
-            self._pool.submit(self._finish, lane, work, face)
+            self._pool.submit(self._finish, lane, work, face, done)
 
-    def _finish(self, lane: Lane, work: Work, face: Any) -> None:
+    def _finish(self, lane: Lane, work: Work, face: Any, done: Any = None) -> None:
         try:
-            lane.client.finish(work, face)
+            with self._own_stream(face, done):
+                lane.client.finish(work, face)
         except Exception:
             log.exception("finish failed")
             with self._cond:
                 lane.failed += 1
         with self._cond:
             if lane.waiting is not None and not (lane.closed or self._closed):
-                (work, face), lane.waiting = lane.waiting, None
-                self._pool.submit(self._finish, lane, work, face)
+                (work, face, done), lane.waiting = lane.waiting, None
+                self._pool.submit(self._finish, lane, work, face, done)
             else:
                 lane.finishing = False
                 self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def _own_stream(self, face: Any, done: Any) -> Iterator[None]:
+        """Pool thread: the GPU work of a finish goes on this thread's own stream, ordered after the batch by its
+        event on the GPU; `face` is marked in use there so the allocator does not hand its memory out early."""
+        if done is None or not isinstance(face, torch.Tensor):
+            yield
+            return
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(face.device)
+        stream.wait_event(done)
+        face.record_stream(stream)
+        with torch.cuda.stream(stream):
+            yield
+
+    def _event(self) -> Any:
+        """A timing CUDA event recorded now on the engine thread's stream (None on CPU)."""
+        if not self._as_tensor:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _collect_steps(self) -> None:
+        """Step times of the batches the GPU has finished, from their events (never waits: query only)."""
+        while self._timing and self._timing[0][1].query():
+            start, end = self._timing.popleft()
+            self.steps.append(start.elapsed_time(end))
 
     # ---- the engine thread, and the clock that starts preparations just in time ----
 
@@ -351,6 +392,7 @@ class Scheduler:
             calls, batch = list(self._calls), []
             self._calls.clear()
             now = time.monotonic()
+            self._collect_steps()
             step = float(np.median(list(self.steps)[-5:])) if self.steps else 0.0
             waiting = [l for l in self.lanes if l.ready] + self._oneshots
             for item in sorted(waiting, key=lambda x: x.served)[:self.max_batch]:
@@ -392,9 +434,9 @@ class Scheduler:
                 else:
                     log.exception("engine setup failed")
                     failed.append(who)
-        faces = None
+        faces = done = None
         if ok:
-            t = time.perf_counter()
+            t, start = time.perf_counter(), self._event()
             try:
                 faces = self.animate([w for _, w in ok])
             except Exception as e:
@@ -404,14 +446,17 @@ class Scheduler:
                         who.future.set_exception(e)
                     else:
                         failed.append(who)
-            ms = (time.perf_counter() - t) * 1000
+            ms, done = (time.perf_counter() - t) * 1000, self._event()
         lanes = [who for who, _ in batch if isinstance(who, Lane)]
         with self._cond:
             for lane in lanes:  # the calls that ended between its frame's readiness and this batch
                 lane.waited_max = max(lane.waited_max, self._ended - lane.ready_mark)
             self._ended += 1
             if ok:
-                self.steps.append(ms)
+                if done is None:
+                    self.steps.append(ms)
+                else:  # the call only queued the step: its time is the events', once the GPU is past them
+                    self._timing.append((start, done))
                 self.batch_sizes[len(ok)] += 1
             for lane in failed:
                 lane.failed += 1
@@ -420,7 +465,7 @@ class Scheduler:
                     self.oneshots += 1
                     who.future.set_result(faces[i])
                 else:
-                    self._to_finish(who, work, faces[i])
+                    self._to_finish(who, work, faces[i], done)
             for lane in lanes:
                 lane.in_engine, lane.prepare_at = False, 0.0  # the engine is free: prepare now if not started
                 self._kick(lane)

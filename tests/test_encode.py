@@ -295,3 +295,18 @@ def test_peer_pair_negotiates_the_preferred_codec_and_frames_arrive(peers, name,
     assert r["answer"] == negotiated and r["encoder"] is encoder and r["transceivers"] == 1
     assert [(f.width, f.height) for f in r["got"]["client"]] == [(720, 720)] * 3  # streamed at 720
     assert [(f.width, f.height) for f in r["got"]["server"]] == [(640, 480)] * 3  # the webcam, decoded
+
+
+def test_the_colour_matrix_goes_to_a_device_once():
+    rgb = torch.zeros((64, 96, 3), dtype=torch.uint8)
+    yuv420_device(rgb, (48, 32))
+    made = []
+
+    class Factories(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.tensor, torch.as_tensor) and (kwargs or {}).get("device") is not None:
+                made.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+    with Factories():
+        yuv420_device(rgb, (48, 32))
+    assert made == []  # per frame, no host->device copy of the constants (on CUDA: a sync of the whole GPU)

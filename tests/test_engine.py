@@ -188,3 +188,52 @@ def test_channels_last_matches_default_layout(tiny_nets, images):
     engine = make(copy.deepcopy(tiny_nets), images, channels_last=True)
     assert engine.G.fc.weight.is_contiguous(memory_format=torch.channels_last)
     assert np.abs(engine.animate(images["drv"][None]).astype(int) - default).max() <= 1
+
+
+class DeviceTransfers(torch.overrides.TorchFunctionMode):
+    """Records every host->device transfer a CPU engine asks for: `.to(<device>)` and `torch.tensor(device=)`, with
+    whether it was asynchronous (on CUDA each synchronous one is a whole-GPU sync from pageable memory)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, bool]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to and any(isinstance(a, (torch.device, str)) for a in (*args[1:], kwargs.get("device"))):
+            self.calls.append(("to", bool(kwargs.get("non_blocking"))))
+        elif func is torch.tensor and kwargs.get("device") is not None:
+            self.calls.append(("tensor", False))
+        return func(*args, **kwargs)
+
+
+def test_a_frame_moves_nothing_to_the_device_but_changed_controls(tiny_nets, images):
+    engine = make(tiny_nets, images)
+    drv = images["drv"][None]
+    engine.animate(drv)  # the session's first frame builds its control rows
+    with DeviceTransfers() as steady:
+        for _ in range(3):
+            engine.animate(drv)
+    engine.set_controls(multiplier=0.5, lip_target=0.3)
+    with DeviceTransfers() as changed:
+        engine.animate(drv)
+        engine.animate(drv)
+    assert steady.calls == []  # the rows stay on the device between frames
+    assert changed.calls == [("to", True)]  # one asynchronous copy of the new rows, on the next frame only
+
+
+def test_spectral_norm_is_computed_once_at_build(tiny_nets, images, monkeypatch):
+    from model.spade import SNConv2d
+    engine = make(tiny_nets, images)
+    calls = []
+    normalized = SNConv2d.normalized_weight
+    monkeypatch.setattr(SNConv2d, "normalized_weight", lambda self: calls.append(1) or normalized(self))
+    with capture(engine.G) as frozen:
+        engine.animate(images["drv"][None])
+    assert calls == []
+    for m in engine.G.modules():
+        if isinstance(m, SNConv2d):
+            m.frozen = None
+    with capture(engine.G) as per_call:
+        engine.animate(images["drv"][None])
+    assert calls and torch.equal(frozen[0], per_call[0])

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.engine import WARMUP, Engine
+from model.engine import (COMPILE_RECORD, WARMUP, Engine, default_compile_mode,
+                          recorded_compile_mode)
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +50,68 @@ def test_batches_beyond_the_largest_bucket_go_in_chunks(tiny_nets, crops):
     assert isinstance(as_tensor, torch.Tensor) and np.array_equal(as_tensor.numpy(), out)
 
 
-def test_warmup_runs_every_bucket_with_progress_and_leaves_no_session(tiny_nets, caplog):
+def test_warmup_prepares_batch_1_and_the_largest_with_progress_and_leaves_no_session(tiny_nets, caplog):
     engine = Engine(tiny_nets, device="cpu", threads=torch.get_num_threads(), buckets=(1, 2, 4))
     with caplog.at_level(logging.INFO, logger="liveportrait.engine"):
         took = engine.warmup()
-    assert list(took) == [1, 2, 4] and all(s > 0 for s in took.values())
+    assert list(took) == [1, 4] and all(s > 0 for s in took.values())
     lines = [r.getMessage() for r in caplog.records]
-    assert [line for line in lines if "ready in" in line][-1].startswith("warm-up 3/3: batch 4 ready in")
+    assert [line for line in lines if "ready in" in line][-1].startswith("warm-up 2/2: batch 4 ready in")
     assert WARMUP not in engine.sessions
     assert list(Engine(tiny_nets, device="cpu", threads=torch.get_num_threads()).warmup()) == [1]  # no buckets
+
+
+@pytest.fixture
+def identity_compile(monkeypatch, tmp_path):
+    """torch.compile that compiles nothing (a real one takes minutes here), and a compile cache of the test's own."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    return tmp_path / "cache"
+
+
+def test_the_other_buckets_warm_off_the_serving_path_and_batches_wait_for_none(tiny_nets, crops, identity_compile):
+    engine = Engine(tiny_nets, device="cpu", threads=torch.get_num_threads(), buckets=(1, 2, 4), compile="default")
+    for i in range(2):
+        engine.set_source(crops[i], f"s{i}")
+    assert list(engine.warmup()) == [1, 4]
+    seen = []
+    hook = engine.G.register_forward_hook(lambda m, a, out: seen.append(out.shape[0]))
+    drive, names = np.stack(crops[2:4]), ["s0", "s1"]
+    before = engine.animate(drive, names)  # bucket 2 is not ready: padded to the ready 4, not compiled now
+    engine.warm_rest().join(timeout=600)
+    after = engine.animate(drive, names)
+    hook.remove()
+    assert seen == [4, 2, 2]  # padded; warm_rest's own batch 2; then served at 2
+    assert np.abs(before.astype(int) - after).max() <= 1
+
+
+def test_compile_modes_and_the_mode_the_cache_holds(tiny_nets, identity_compile):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_compile_mode(cpu) == "off" and default_compile_mode(cuda) == "default"  # empty cache: cheap
+    engine = Engine(tiny_nets, device="cpu", threads=torch.get_num_threads(), compile="max-autotune")
+    assert any(n.startswith("torch.compile on (max-autotune mode") for n in engine.notes)
+    engine.warmup()
+    assert (identity_compile / COMPILE_RECORD).read_text().strip() == "max-autotune"
+    assert recorded_compile_mode() == "max-autotune" == default_compile_mode(cuda)
+    assert Engine(tiny_nets, device="cpu", compile=True).compile_mode == "default"
+    assert Engine(tiny_nets, device="cpu", compile=False).compile_mode == "off"
+    with pytest.raises(ValueError, match="expected one of max-autotune, default, off"):
+        Engine(tiny_nets, device="cpu", compile="fastest")
+
+
+def test_an_error_during_graph_capture_is_raised_not_run_eager(tiny_nets, crops, monkeypatch):
+    def compiled(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled)
+    engine = Engine(tiny_nets, device="cpu", threads=torch.get_num_threads(), compile="default")
+    engine.set_source(crops[0], "s0")
+    engine.set_reference(crops[1], "s0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        engine.animate(crops[2][None], ["s0"])
+    assert not any("running eager" in n for n in engine.notes)
 
 
 def test_compile_cache_is_persistent_unless_one_is_given(tiny_nets, monkeypatch, tmp_path):

@@ -39,6 +39,7 @@ from fastapi.routing import APIRoute
 from gradio.utils import get_upload_folder
 
 from model.editing import SLIDERS, Edits
+from model.engine import COMPILE_MODES
 from stream import encode
 from stream.face import NoFaceError
 from stream.pipeline import draw_text
@@ -705,6 +706,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--codec", choices=encode.CODECS, default="h264",
                         help="WebRTC video codec: h264 (x264 tuned for live video; VP8 for a browser without "
                              "H.264) or vp8 (default: h264; docs/benchmarks.md has the trade-off)")
+    parser.add_argument("--compile", choices=list(COMPILE_MODES), default=None,
+                        help="torch.compile mode of the engine (default: on CUDA the mode the compile cache holds, "
+                             "else default: max-autotune autotunes every conv, far longer cold; off on a CPU)")
     parser.add_argument("--stream-max", type=positive(int), default=720,
                         help="longer side in pixels of the video sent to the browser (recordings keep the "
                              "portrait's full size; default: 720)")
@@ -742,7 +746,7 @@ def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = N
         certfile, keyfile, cert, created = tls.self_signed(args.host)
         ssl = certfile, keyfile
         print(tls.advice(certfile, cert, args.host, args.port, created))
-    config = WorkerConfig(weights=args.weights, config=args.config, device=args.device,
+    config = WorkerConfig(weights=args.weights, config=args.config, device=args.device, compile=args.compile,
                           download=not args.no_download, face_model=args.face_model, warmup=True,
                           max_batch=args.max_batch, max_sessions=args.max_sessions, codec=args.codec,
                           stream_max=args.stream_max, max_viewers=args.max_viewers, ice_servers=ice_servers,

@@ -37,7 +37,7 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 import skimage.data
 
-from model.engine import Engine, load_networks
+from model.engine import Engine, load_networks, recorded_compile_mode
 from stream import encode
 from stream.editor import PortraitEditor
 from stream import offline
@@ -69,6 +69,7 @@ class WorkerConfig:
     config: str = "full"
     device: str | None = None
     download: bool = True
+    compile: str | None = None  # torch.compile mode (model.engine.COMPILE_MODES); None: the device's default
     face_model: str | None = None
     warmup: bool = False
     max_batch: int = 8
@@ -246,7 +247,7 @@ class Worker:
     def __init__(self, config: WorkerConfig):
         use_face_model(config.face_model)  # this process's face tracking (a Ray worker is a process of its own)
         self.engine = Engine(load_networks(config.weights, config.config, download=config.download),
-                             device=config.device)
+                             device=config.device, compile=config.compile)
         Scheduler.of(self.engine).max_batch = config.max_batch
         self.sample = prepare_source(skimage.data.astronaut())  # NASA, public domain
         self.max_sessions = config.max_sessions or DEFAULT_MAX_SESSIONS.get(self.engine.device.type, 1)
@@ -258,7 +259,13 @@ class Worker:
         self.work = WorkDir(Path(config.workdir or default_work_dir()), self.limits, self._takes)
         self.gone: dict[str, float] = {}  # tabs closed by their page -> when: a later call must not bring one back
         self.views: dict[str, Tab] = {}  # view token -> the tab that shared its output
-        step = self.engine.warmup().get(1) if config.warmup else None  # compile and capture now, not in a first frame
+        step = None
+        if config.warmup:  # batch 1 and the largest now, not in a user's first frame (minutes cold on CUDA) ...
+            if self.engine.compile_mode != "off":
+                log.info("torch.compile %s mode; the compile cache holds %s", self.engine.compile_mode,
+                         recorded_compile_mode() or "nothing yet (a cold start: minutes)")
+            step = self.engine.warmup().get(1)
+            self.engine.warm_rest()  # ... the other batch sizes on a background thread; batches pad up meanwhile
         self.step_s = config.step_s or (step if self.device == "cpu" and step else self._measure_step())
         self._watch: asyncio.Task | None = None
 
