@@ -31,17 +31,25 @@ def runtime(loopback_only):
 
 
 def test_each_worker_gets_a_gpu_of_its_own(runtime):
-    """4 (fake) GPUs, 4 workers: 4 distinct CUDA_VISIBLE_DEVICES. (First: the other tests' workers hold 2.)"""
-    from web.cluster import Cluster
-    cluster = Cluster(tiny(step_s=0.1), 4)
+    """4 (fake) GPUs, 4 workers: 4 distinct CUDA_VISIBLE_DEVICES. The actors are started with the options
+    `Cluster` starts its workers with (web.cluster.placement); what runs in them only reports what Ray gave its
+    process, so no engine is built. (First: the other tests' workers hold 2 GPUs.)"""
+    from web.cluster import placement
+
+    class Probe:
+        def devices(self) -> tuple[str | None, int]:
+            return os.environ.get("CUDA_VISIBLE_DEVICES"), os.getpid()
+    n, options = placement(4)
+    assert options["num_gpus"] == 1
+    probes = [ray.remote(Probe).options(**options).remote() for _ in range(n)]
     try:
-        async def devices() -> list[str]:
-            return [h["devices"] for h in await asyncio.gather(*(w.call("health") for w in cluster.workers))]
-        seen = run(devices())
-        assert len(set(seen)) == 4 and set(seen) <= {"0", "1", "2", "3"}, seen
+        seen = ray.get([p.devices.remote() for p in probes], timeout=120)
     finally:
-        for worker in cluster.workers:
-            worker.close()
+        for p in probes:
+            ray.kill(p)
+    assert sorted(d for d, _ in seen) == ["0", "1", "2", "3"] and len({pid for _, pid in seen}) == 4, seen
+    with pytest.raises(ValueError, match="--workers 5: the cluster has 4 GPUs"):
+        placement(5)
 
 
 @pytest.fixture(scope="module")
