@@ -820,6 +820,7 @@ def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = N
                       workers=cluster.workers if cluster else None)
         if on_start:
             on_start(app)
+
         def terminate(*_) -> None:  # `docker stop` / systemd: drain, then shut down like Ctrl-C
             signal.signal(signal.SIGTERM, signal.default_int_handler)  # a second SIGTERM: at once
             if args.drain_timeout:
