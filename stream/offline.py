@@ -22,8 +22,8 @@ from tqdm import tqdm
 from model import drive
 from model.engine import Engine
 from model.template import Template
-from stream.face import (SOURCE, FaceTracker, LiveFaceDriver, NoFaceError, SourceFace, crop_driving, crop_matrix,
-                         crop_params, eye_ratio, lip_ratio, limit_size)
+from stream.face import (SOURCE, FaceTracker, LiveFaceDriver, LiveTracker, NoFaceError, SourceFace, crop_driving,
+                         crop_matrix, crop_params, eye_ratio, lip_ratio, limit_size)
 from stream.paste import PasteBack
 from stream.pipeline import Settings
 from stream.recorder import CODEC
@@ -206,7 +206,7 @@ def _slice(motion: dict, i: int, j: int) -> dict:
 
 def driving_image_motion(session: Session, rgb: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
     """A driving image's motion (batch 1) and its eye/lip ratios: the face cropped as a driving frame."""
-    tracker = FaceTracker(live=False)
+    tracker = FaceTracker()
     try:
         lmk = tracker.landmarks(np.ascontiguousarray(rgb))
     finally:
@@ -307,13 +307,13 @@ def render_source_video(engine: Engine, source: str | Path, driving: str | Path,
     session = Session(engine, settings)
     try:
         # pass 1: each source frame's crop (tracked face, its own rotated box) and motion
-        tracker, m_o2c, ratios, crops = FaceTracker(live=True), [], [], []
+        tracker, m_o2c, ratios, crops = LiveTracker(), [], [], []
         bar = Bar(None, "source motion", progress)
         try:
             lmk = None
             for i, rgb in enumerate(video_frames(source, max_seconds)):
                 image = limit_size(rgb)
-                lmk = tracker.landmarks(image, i / float(fps))
+                lmk = tracker.landmarks(image)
                 if lmk is None:
                     if not m_o2c:
                         raise NoFaceError(f"No face found in the first frame of the source video "

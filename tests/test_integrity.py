@@ -199,8 +199,8 @@ def test_a_stranger_with_only_the_session_hash_gets_nothing(served):
     assert got["page"] == "" and got["offer"] == 403, got
     assert "view/" not in json.dumps(got["share"]) and not app.workers[0].worker.views, got
     assert "Nothing recorded yet." in json.dumps(got["stop"]), got
-    takes, status = run(app.stop_recording(key, r))
-    assert len(takes) == 1 and decoded(takes[0]) >= 1, status
+    takes, status = run(app.stop_recording(key, r))  # the take, and its motion as a template
+    assert len(takes) == 2 and takes[1].endswith(".pkl") and decoded(takes[0]) >= 1, status
     run(app.close_page(r))
     assert wait_until(lambda: idle(app)), app.workers[0].worker.counts()
 
@@ -327,7 +327,8 @@ def test_record_twice_says_so_and_no_take_is_lost(app, monkeypatch):
     for _ in range(3):
         run(app.http_frame(ASTRONAUT, r))
     takes, status = run(app.stop_recording(key, r))
-    assert len(takes) == 3 and len(set(takes)) == 3 and all(decoded(t) >= 1 for t in takes), takes
+    videos = [t for t in takes if t.endswith(".mp4")]  # each followed by its motion template
+    assert len(videos) == 3 and len(set(takes)) == 6 and all(decoded(t) >= 1 for t in videos), takes
     assert run(app.stop_recording(key, r))[1] == "Nothing recorded yet."  # handed out once
 
 
@@ -337,7 +338,7 @@ def test_a_failing_recorder_stops_only_the_recording(app, monkeypatch):
     run(app.http_frame(ASTRONAUT, r))
     run(app.start_recording(r))
 
-    def full_disk(self, rgb, t=None):
+    def full_disk(self, rgb, t=None, motion=None):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(Recorder, "write", full_disk)
     pipeline = app.workers[0].worker.tabs["disk"].pipeline
@@ -460,7 +461,7 @@ def test_a_take_waiting_for_its_page_survives_the_clean_up(app):
     app.workers[0].worker.work.clean()
     assert take.exists()
     takes, status = run(app.stop_recording(key, r))
-    assert [Path(p).name for p in takes] == [take.name] and not take.exists()  # handed over: the page's copy
+    assert [Path(p).name for p in takes] == [take.name, take.with_suffix(".pkl").name] and not take.exists()  # handed over: the page's copy
 
 
 def test_a_replaced_connection_holds_its_slot_until_closed(tmp_path):
@@ -653,7 +654,7 @@ def test_renders_wait_in_a_bounded_queue(tmp_path, loopback_only):
     app = LiveApp(tiny(step_s=0.1), untrained=True, workdir=tmp_path, max_renders=2)
     running, most, release, lock = [0], [0], threading.Event(), threading.Lock()
 
-    async def render(tab: str, name: str, driving: bytes):  # the worker's render, held until released
+    async def render(tab: str, driving: tuple, *options):  # the worker's render, held until released
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])
@@ -667,15 +668,15 @@ def test_renders_wait_in_a_bounded_queue(tmp_path, loopback_only):
     video = tmp_path / "driving.mp4"
     video.write_bytes(b"\0" * 1000)  # never decoded: the render is the test's
     try:
-        jobs = [Client(f"http://127.0.0.1:{port}/", verbose=False).submit(handle_file(str(video)),
-                                                                           api_name="/render_video")
+        jobs = [Client(f"http://127.0.0.1:{port}/", verbose=False).submit(handle_file(str(video)), None, False,
+                                                                           False, api_name="/render_video")
                 for _ in range(4)]
         queued = lambda: [j.status() for j in jobs if j.status().code == Status.IN_QUEUE]
         assert wait_until(lambda: running[0] == 2 and len(queued()) == 2, 60), (running, [j.status() for j in jobs])
         assert sorted(s.rank for s in queued()) == [0, 1], queued()
         release.set()
         results = [j.result(timeout=60) for j in jobs]
-        assert all(r[1].startswith("rendered for ") for r in results) and len({r[1] for r in results}) == 4
+        assert all(r[3].startswith("rendered for ") for r in results) and len({r[3] for r in results}) == 4
         assert most[0] == 2
     finally:
         release.set()

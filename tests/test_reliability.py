@@ -473,7 +473,7 @@ def test_recording_stops_at_its_limit_and_the_page_says_so(app):
     while "stopped at the 0.6 s limit" not in run(app.stats(r)) and time.monotonic() < end:
         run(app.http_frame(frame, r))
     assert "stopped at the 0.6 s limit" in run(app.stats(r))
-    (path,), status = run(app.stop_recording(key, r))
+    (path, _), status = run(app.stop_recording(key, r))  # the take and its motion template
     with av.open(path) as c:
         n = sum(1 for _ in c.decode(video=0))
         assert n >= 1 and float(c.duration / av.time_base) <= 0.6 + 0.1
@@ -484,9 +484,10 @@ def test_render_limits(app, tmp_path):
     from test_render import driving_video
     driving_video(tmp_path / "short.mp4", frames=4)
     r = gr.Request(session_hash="render")
-    assert "this server renders at most 0.01 MB" in run(app.render_video(str(tmp_path / "short.mp4"), r))[1]
+    video = str(tmp_path / "short.mp4")
+    assert "this server renders at most 0.01 MB" in run(app.render_video(video, None, False, False, r))[3]
     app.limits.render_max_mb = 10
-    out, status = run(app.render_video(str(tmp_path / "short.mp4"), r))
+    out, _, _, status = run(app.render_video(video, None, False, False, r))
     assert out is None and "longer than 0.2 s" in status
     assert not list(app.dir.glob("render-*"))  # nothing half-written left behind
 

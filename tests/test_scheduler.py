@@ -392,11 +392,12 @@ def test_a_one_shot_error_goes_to_its_caller(engine, images):
 
 
 class OverlappingEngine:
-    """A fake CUDA engine (so the scheduler overlaps preparation with the engine step): each step takes 0.2 s,
-    unless `hold` is set: then it lasts until `hold` is set by the test's client (at most 5 s)."""
+    """A fake accelerator engine (a device that is not the CPU, so the scheduler overlaps preparation with the
+    engine step, as on CUDA, without CUDA's events and streams): each step takes 0.2 s, unless `hold` is set: then
+    it lasts until `hold` is set by the test's client (at most 5 s)."""
 
     def __init__(self):
-        self.device = type("Device", (), {"type": "cuda"})()
+        self.device = type("Device", (), {"type": "accelerator"})()
         self.hold: threading.Event | None = None
         self.steps: list[tuple[float, float]] = []  # (start, end) of each engine call
 

@@ -92,8 +92,8 @@ def test_every_tab_feature_through_plain_data(app, tmp_path):
     assert "Live via HTTP streaming" in run(app.stats(r))
     assert "Recording" in run(app.start_recording(r))
     run(app.http_frame(skimage.data.astronaut(), r))
-    (path,), status = run(app.stop_recording(key, r))
-    assert not path.startswith(str(app.dir)) and "Saved" in status  # the front's copy, in Gradio's cache
+    (path, motion), status = run(app.stop_recording(key, r))  # the take, and its motion as a template
+    assert not path.startswith(str(app.dir)) and "Saved" in status and motion.endswith(".pkl")  # Gradio's copies
     with av.open(path) as c:
         assert sum(1 for _ in c.decode(video=0)) >= 1
     assert run(app.reset_reference(r)).startswith("Reference reset")
@@ -105,8 +105,8 @@ def test_every_tab_feature_through_plain_data(app, tmp_path):
     edited = run(app.select_tab(Select(), r))
     assert edited.shape == (512, 512, 3)
     driving_video(tmp_path / "driving.mp4", frames=4)
-    rendered, status = run(app.render_video(str(tmp_path / "driving.mp4"), r))
-    assert not rendered.startswith(str(app.dir)) and "4 frames" in status
+    rendered, _, template, status = run(app.render_video(str(tmp_path / "driving.mp4"), None, True, False, r))
+    assert not rendered.startswith(str(app.dir)) and "4 frames" in status and template.endswith(".pkl")
     with av.open(rendered) as c:
         assert sum(1 for _ in c.decode(video=0)) == 4
     run(app.close_page(r))
