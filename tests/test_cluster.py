@@ -6,15 +6,19 @@ module (4 fake GPUs, so the bookkeeping shows without any), real aiortc over loo
 import asyncio
 import os
 
+import av
 import gradio as gr
 import httpx
+import numpy as np
 import pytest
 import skimage.data
 
 from conftest import ROOT, run, tiny
+from model.editing import SLIDERS
 from stream.serve_bench import moving_face
 from test_reliability import free_port, wait_until
 from web import loadtest
+from web.worker import WorkerLost
 
 ray = pytest.importorskip("ray")
 ASTRONAUT = skimage.data.astronaut()
@@ -31,17 +35,25 @@ def runtime(loopback_only):
 
 
 def test_each_worker_gets_a_gpu_of_its_own(runtime):
-    """4 (fake) GPUs, 4 workers: 4 distinct CUDA_VISIBLE_DEVICES. (First: the other tests' workers hold 2.)"""
-    from web.cluster import Cluster
-    cluster = Cluster(tiny(step_s=0.1), 4)
+    """4 (fake) GPUs, 4 workers: 4 distinct CUDA_VISIBLE_DEVICES. The actors are started with the options
+    `Cluster` starts its workers with (web.cluster.placement); what runs in them only reports what Ray gave its
+    process, so no engine is built. (First: the other tests' workers hold 2 GPUs.)"""
+    from web.cluster import placement
+
+    class Probe:
+        def devices(self) -> tuple[str | None, int]:
+            return os.environ.get("CUDA_VISIBLE_DEVICES"), os.getpid()
+    n, options = placement(4)
+    assert options["num_gpus"] == 1
+    probes = [ray.remote(Probe).options(**options).remote() for _ in range(n)]
     try:
-        async def devices() -> list[str]:
-            return [h["devices"] for h in await asyncio.gather(*(w.call("health") for w in cluster.workers))]
-        seen = run(devices())
-        assert len(set(seen)) == 4 and set(seen) <= {"0", "1", "2", "3"}, seen
+        seen = ray.get([p.devices.remote() for p in probes], timeout=120)
     finally:
-        for worker in cluster.workers:
-            worker.close()
+        for p in probes:
+            ray.kill(p)
+    assert sorted(d for d, _ in seen) == ["0", "1", "2", "3"] and len({pid for _, pid in seen}) == 4, seen
+    with pytest.raises(ValueError, match="--workers 5: the cluster has 4 GPUs"):
+        placement(5)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +75,12 @@ def served(runtime, tmp_path_factory):
 def healths(app) -> list[dict]:
     async def all_():
         return await asyncio.gather(*(w.call("health") for w in app.workers))
+    return run(all_())
+
+
+def counts(app) -> list[dict]:
+    async def all_():
+        return await asyncio.gather(*(w.call("counts") for w in app.workers))
     return run(all_())
 
 
@@ -135,6 +153,83 @@ def test_two_concurrent_offers_for_the_last_slot(served):
     assert wait_until(lambda: all(h["live_sessions"] == 0 for h in healths(app)), 60)
 
 
+def test_editor_in_cluster_mode(served):
+    """The Portrait editing tab: its engine session is the worker's, its image comes back as an array."""
+    app, _ = served
+    r = gr.Request(session_hash="editor")
+    run(app.open_page(r))
+
+    class Select:
+        value = "Portrait editing"
+    edited = run(app.select_tab(Select(), r))
+    moved = run(app.set_edits(r, "all", *[0.8] + [0.0] * (len(SLIDERS) - 1)))
+    assert edited.shape == moved.shape == (512, 512, 3) and not np.array_equal(edited, moved)
+    assert run(app.placed["editor"].call("counts"))["engine_sessions"] >= 1
+    run(app.close_page(r))
+    assert wait_until(lambda: all(w["engine_sessions"] == 0 for w in counts(app)), 60)
+
+
+def test_recording_download_in_cluster_mode(served):
+    """A take recorded on the worker reaches the page as the front's own copy of its bytes."""
+    app, _ = served
+    r = gr.Request(session_hash="recording")
+    key = run(app.open_page(r))
+    run(app.http_frame(ASTRONAUT, r))
+    assert "Recording" in run(app.start_recording(r))
+    for _ in range(3):
+        run(app.http_frame(ASTRONAUT, r))
+    paths, status = run(app.stop_recording(key, r))
+    assert "Saved" in status and paths[0].endswith(".mp4"), paths
+    assert not any(p.startswith(str(app.dir)) for p in paths)
+    with av.open(paths[0]) as c:
+        assert sum(1 for _ in c.decode(video=0)) >= 1
+    run(app.close_page(r))
+    assert wait_until(lambda: all(h["live_sessions"] == 0 for h in healths(app)), 60)
+
+
+def test_video_file_render_in_cluster_mode(served, tmp_path):
+    """A driving video goes to the worker as bytes; the render comes back as bytes, written by the front."""
+    from test_render import driving_video
+    app, _ = served
+    r = gr.Request(session_hash="render")
+    run(app.open_page(r))
+    driving_video(tmp_path / "driving.mp4", frames=4)
+    rendered, image, template, status = run(app.render_video(str(tmp_path / "driving.mp4"), None, True, False, r))
+    assert image is None and "4 frames" in status and "motion template saved" in status, status
+    assert not rendered.startswith(str(app.dir)) and template.endswith(".pkl")
+    with av.open(rendered) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 4
+    run(app.close_page(r))
+
+
+def test_view_link_in_cluster_mode(served):
+    """Share output on a tab live on one worker: the front routes the view token to that worker, whose viewer
+    receives the performer's frames."""
+    from test_view import watch
+    app, url = served
+
+    async def scenario() -> dict:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            tab, peer = await live_tab(http)
+            token = await app.share(tab.session)
+            page = await http.get(f"view/{token}")
+            viewer, track, r = await watch(http, token)
+            frame = await asyncio.wait_for((await asyncio.wait_for(track, 60)).recv(), 60)
+            health = await app.placed[tab.session].call("health")
+            await viewer.close()
+            await peer.close()
+            await tab.close()  # its unload revokes the link
+            for _ in range(300):
+                if (wrong := await http.get(f"view/{token}")).status_code != 200:
+                    break
+                await asyncio.sleep(0.1)
+            return dict(page=page.status_code, offer=r.status_code, size=(frame.width, frame.height),
+                        viewers=health["viewers"], wrong=wrong.status_code)
+    got = asyncio.run(scenario())
+    assert got == dict(page=200, offer=200, size=(512, 512), viewers=1, wrong=404), got
+    assert wait_until(lambda: all(h["live_sessions"] == h["viewers"] == 0 for h in healths(app)), 60)
+
+
 def test_a_killed_worker_loses_only_its_tabs_session_and_they_come_back(served, tmp_path):
     """SIGKILL of one worker's process: the tab on the other worker streams on without a stall over 6 s; the hit
     tab's frames say why, and within 20 s it streams again (on the restarted worker or the other one), with the
@@ -175,4 +270,49 @@ def test_a_killed_worker_loses_only_its_tabs_session_and_they_come_back(served, 
     assert max(gaps) < 6, gaps
     for r in (steady, hit):
         run(app.close_page(r))
+    assert wait_until(lambda: all(h["live_sessions"] == 0 for h in healths(app)), 60)
+
+
+def test_a_drained_worker_takes_no_new_session_and_exits_once_its_sessions_end(served):
+    """Drain the worker that holds a live session: a tab placed there but not live moves, a new session goes to the
+    other worker, the drained one keeps its session until it ends, then its process exits and it leaves the
+    front. (Last: the module's front has one worker after it.)"""
+    app, url = served
+
+    async def scenario() -> dict:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            live, peer = await live_tab(http)
+            drained = app.placed[live.session]
+            idle = loadtest.Tab(http)
+            page = await idle.open()
+            app.placed[idle.session] = drained  # placed there at its page load, not live
+            await drained.call("restore", idle.session, None, {}, False)
+            pid = (await drained.call("health"))["pid"]
+            drain = asyncio.ensure_future(app.drain([drained], 120))
+            while not (await drained.call("health"))["draining"]:
+                await asyncio.sleep(0.2)
+            pc, received = loadtest.new_peer(moving_face(4), 10)
+            await loadtest.offer(http, pc, page)  # goes live on the other worker
+            await asyncio.wait_for((await asyncio.wait_for(received, 60)).recv(), 60)
+            during = dict(health=await drained.call("health"), done=drain.done(),
+                          other=app.placed[idle.session] is not drained)
+            await peer.close()
+            await live.close()  # its session ends: the drain ends
+            ended = await asyncio.wait_for(drain, 90)
+            await pc.close()
+            await idle.close()
+            return dict(during=during, ended=ended, pid=pid, drained=drained)
+    got = asyncio.run(scenario())
+    assert got["during"]["health"]["live_sessions"] == 1 and not got["during"]["done"] and got["during"]["other"]
+    assert got["ended"] is True and got["drained"] not in app.workers and len(app.workers) == 1
+
+    def exited() -> bool:
+        try:
+            os.kill(got["pid"], 0)
+        except ProcessLookupError:
+            return True
+        return False
+    assert wait_until(exited, 60)
+    with pytest.raises(WorkerLost):
+        run(got["drained"].call("health", timeout=10))
     assert wait_until(lambda: all(h["live_sessions"] == 0 for h in healths(app)), 60)

@@ -602,6 +602,8 @@ def launch(*args: str) -> subprocess.CompletedProcess:
     (["--codec", "av1"], "argument --codec: invalid choice: 'av1'"),
     (["--stream-max", "0"], "argument --stream-max: 0 must be above 0"),
     (["--workers", "0"], "argument --workers: 0 must be above 0"),
+    (["--drain-timeout", "-1"], "argument --drain-timeout: -1 must be 0 or more seconds"),
+    (["--drain-timeout", "soon"], "argument --drain-timeout: 'soon' is not a number of seconds"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, message):
     proc = launch(*args)

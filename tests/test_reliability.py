@@ -352,6 +352,7 @@ def test_offer_needs_the_login_the_page_secret_and_the_same_user(tmp_path, loopb
 
 
 def test_sigterm_during_a_recording_leaves_a_playable_file(tmp_path, loopback_only):
+    loadtest.loopback_ice()  # this side's ICE (run alone, no fixture has set it)
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "web.loadtest", "serve", "--weights", "recipe", "--config",
                                "tiny", "--port", str(port), "--work-dir", str(tmp_path)], cwd=ROOT,
@@ -382,6 +383,50 @@ def test_sigterm_during_a_recording_leaves_a_playable_file(tmp_path, loopback_on
     assert len(files) == 1
     with av.open(str(files[0])) as c:
         assert sum(1 for _ in c.decode(video=0)) >= 3
+
+
+def test_sigterm_with_a_drain_timeout_waits_for_the_live_session(tmp_path, loopback_only):
+    """SIGTERM with --drain-timeout: the server admits no new session (and /healthz says not ready), serves the live
+    one on, and exits once it has ended."""
+    loadtest.loopback_ice()  # this side's ICE (run alone, no fixture has set it)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "web.loadtest", "serve", "--weights", "recipe", "--config",
+                               "tiny", "--port", str(port), "--work-dir", str(tmp_path), "--drain-timeout", "300"],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        assert wait_until(lambda: _up(port), 180)
+
+        async def drain() -> dict:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+                tab, late = loadtest.Tab(http), loadtest.Tab(http)
+                pc, received = loadtest.new_peer(moving_face(4), 10)
+                await loadtest.offer(http, pc, await tab.open())
+                track = await asyncio.wait_for(received, 60)
+                await asyncio.wait_for(track.recv(), 60)
+                page = await late.open()
+                server.send_signal(signal.SIGTERM)
+                for _ in range(300):  # until the drain has begun
+                    if (health := await http.get("healthz")).status_code == 503:
+                        break
+                    await asyncio.sleep(0.1)
+                other, _ = loadtest.new_peer(moving_face(4), 10)
+                await other.setLocalDescription(await other.createOffer())
+                refused = await http.post("offer", json={"sdp": other.localDescription.sdp, "type": "offer", **page})
+                await other.close()
+                frames = [await asyncio.wait_for(track.recv(), 60) for _ in range(3)]  # the live one streams on
+                running = server.poll() is None
+                await pc.close()
+                await tab.close()  # its session ends: the server exits
+                await asyncio.to_thread(server.wait, 120)
+                return dict(health=health.json(), refused=(refused.status_code, refused.json()),
+                            frames=len(frames), running=running)
+        got = asyncio.run(drain())
+        assert got["health"]["ready"] is False and got["running"] and got["frames"] == 3, got
+        assert got["refused"] == (503, {"error": "this server is being drained for a restart; try again shortly"})
+        assert server.returncode == 0
+    finally:
+        server.kill()
 
 
 def _up(port: int) -> bool:

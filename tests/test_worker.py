@@ -120,3 +120,22 @@ def test_launch_imports_no_ray():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_draining_worker_admits_no_new_session_and_keeps_its_live_ones(tmp_path):
+    """drain(): the worker lets go of its tabs without a live session and refuses a new one with the message,
+    whatever room it has; a live session streams on until it ends."""
+    worker = Local(tiny(step_s=0.1, workdir=str(tmp_path)))
+    try:
+        for tab in ("live", "idle", "late"):
+            run(worker.call("restore", tab, None, {}, False))
+        run(worker.call("http_frame", "live", skimage.data.astronaut()))
+        assert run(worker.call("drain")) == ["idle", "late"]
+        run(worker.call("restore", "late", None, {}, False))  # a tab placed there meanwhile
+        with pytest.raises(ServerFull, match="being drained"):
+            run(worker.call("http_frame", "late", skimage.data.astronaut()))
+        assert run(worker.call("http_frame", "live", skimage.data.astronaut())).shape == (512, 512, 3)
+        health = run(worker.call("health"))
+        assert health["draining"] and health["live_sessions"] == 1 < health["capacity"]
+    finally:
+        worker.close()

@@ -20,6 +20,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import json
 import re
@@ -83,6 +84,7 @@ MAX_GONE = 10_000  # closed-tab markers kept at most (each also expires after th
 VIEW_HTML = (STATIC / "view.html").read_text()
 VIEW_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Robots-Tag": "noindex"}
 INVALID_LINK = "this view link is not valid: it was revoked, or its page closed"
+DRAIN_POLL_S = 1.0  # a drain checks this often whether its workers' live sessions have ended
 NO_FACE_S = 1.0  # the page says "no face in view" once the tracker has found none for this long
 
 
@@ -109,6 +111,7 @@ class LiveApp:
         self.dir = Path(workdir or config.workdir or default_work_dir())  # the in-process worker's work directory
         self.workers = workers or [Local(dataclasses.replace(config, workdir=str(self.dir)))]
         self.placed: dict[str, Any] = {}  # session hash -> the worker that holds the tab
+        self.draining: set = set()  # workers being drained: no tab is placed on them (see drain)
         self.shared: dict[str, str] = {}  # view token -> the session hash whose output it shows
         self.info = _wait(self.workers[0].call("about"))  # what the page shows: device, engine, codec, sample
         self.pages: dict[str, Page] = {}
@@ -118,15 +121,18 @@ class LiveApp:
     async def _on(self, session: str) -> Any:
         """The tab's worker: the one that holds it, else the answering one with the most free capacity."""
         if (worker := self.placed.get(session)) is None:
-            if len(self.workers) > 1:
-                loads = await asyncio.gather(*(w.call("load", timeout=LOAD_TIMEOUT_S) for w in self.workers),
+            workers = [w for w in self.workers if w not in self.draining]
+            if not workers:
+                raise ServerFull("this server is being drained for a restart; try again shortly")
+            if len(workers) > 1:
+                loads = await asyncio.gather(*(w.call("load", timeout=LOAD_TIMEOUT_S) for w in workers),
                                              return_exceptions=True)
-                up = [(load, w) for load, w in zip(loads, self.workers) if not isinstance(load, BaseException)]
+                up = [(load, w) for load, w in zip(loads, workers) if not isinstance(load, BaseException)]
                 if not up:
                     raise WorkerLost("no worker of this server answers; try again shortly")
                 worker = max(up, key=lambda lw: lw[0])[1]
             else:
-                worker = self.workers[0]
+                worker = workers[0]
             worker = self.placed.setdefault(session, worker)
         return worker
 
@@ -155,6 +161,8 @@ class LiveApp:
                 self._forget(session)
                 with contextlib.suppress(Exception):
                     await worker.call("close_tab", session, True)  # moved, not closed: it may come back
+                if worker in self.draining:  # that try goes to another worker at once
+                    return await self._call(session, method, *args, **kw)
             raise
 
     def _forget(self, session: str) -> None:
@@ -243,6 +251,35 @@ class LiveApp:
         """Server shutdown: end every live connection (recordings are finalised)."""
         for worker in self.workers:
             worker.close()
+
+    async def drain(self, workers: list, timeout: float) -> bool:
+        """Drain `workers` (on SIGTERM: every one): no tab is placed on them any more and they admit no new live
+        session, so a new one goes to another worker (or, with none left, is told the server is being drained);
+        once their live sessions have ended, or after `timeout` s, they are closed (a recording still running is
+        finalised) and leave the front. True if every session ended in time."""
+        self.draining.update(workers)
+        let_go = await asyncio.gather(*(w.call("drain") for w in workers), return_exceptions=True)
+        for worker, tabs in zip(workers, let_go):
+            for session in tabs if isinstance(tabs, list) else []:
+                if self.placed.get(session) is worker:
+                    self._forget(session)  # placed elsewhere at its next call
+
+        async def live(worker) -> int:
+            with contextlib.suppress(Exception):  # a dead worker has no session left
+                return (await worker.call("health", timeout=LOAD_TIMEOUT_S))["live_sessions"]
+            return 0
+        deadline = time.monotonic() + timeout
+        while (left := sum(await asyncio.gather(*map(live, workers)))) and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        if left:
+            log.warning("drain: %d live session(s) still open after %g s; ending them", left, timeout)
+        for worker in workers:
+            self.workers.remove(worker)
+            for session in [s for s, w in self.placed.items() if w is worker]:
+                self._forget(session)
+            await asyncio.to_thread(worker.close)
+            self.draining.discard(worker)
+        return not left
 
     # ---- portrait and controls ----
 
@@ -453,8 +490,9 @@ class LiveApp:
                 return dict(worker=worker.name, alive=False, error=str(e))
         workers = await asyncio.gather(*(health(w) for w in self.workers))
         up = [h for h in workers if h["alive"]]
-        live, capacity = sum(h["live_sessions"] for h in up), sum(h["capacity"] for h in up)
-        body = dict(ready=bool(up), full=live >= capacity)
+        admitting = [h for h in up if not h["draining"]]  # a draining worker takes no new session
+        live, capacity = sum(h["live_sessions"] for h in up), sum(h["capacity"] for h in admitting)
+        body = dict(ready=bool(admitting), full=sum(h["live_sessions"] for h in admitting) >= capacity)
         if not login_required(request) or await gradio_user(request) is not None:
             body.update(live_sessions=live, capacity=capacity, viewers=sum(h["viewers"] for h in up),
                         workers=workers)
@@ -721,7 +759,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray", metavar="ADDRESS", default=None,
                         help="cluster mode on an existing Ray cluster (ADDRESS of its head, or 'auto'): a worker "
                              "per GPU it offers, or --workers of them")
+    parser.add_argument("--drain-timeout", type=argument(seconds), default=0.0, metavar="SECONDS",
+                        help="on SIGTERM, first drain: admit no new live session and wait this long at most for "
+                             "the live ones to end (default: 0, shut down at once; keep it below the supervisor's "
+                             "grace period, e.g. docker stop -t)")
     add_limit_arguments(parser)
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number of seconds") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{text} must be 0 or more seconds")
+    return value
 
 
 def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = None) -> int:
@@ -768,7 +820,14 @@ def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = N
                       workers=cluster.workers if cluster else None)
         if on_start:
             on_start(app)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop` / systemd: shut down like Ctrl-C
+
+        def terminate(*_) -> None:  # `docker stop` / systemd: drain, then shut down like Ctrl-C
+            signal.signal(signal.SIGTERM, signal.default_int_handler)  # a second SIGTERM: at once
+            if args.drain_timeout:
+                log.info("SIGTERM: draining for at most %g s", args.drain_timeout)
+                _wait(app.drain(list(app.workers), args.drain_timeout))
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, terminate)
         try:
             app.launch(args.host, args.port, args.share, args.auth, ssl=ssl)
         finally:

@@ -58,6 +58,18 @@ class Remote:
         ray.kill(self.actor, no_restart=True)
 
 
+def placement(n: int | None) -> tuple[int, dict]:
+    """How many workers the connected cluster gets (`n` None: one per GPU) and the Ray options each worker's actor
+    is started with: one GPU where the cluster has GPUs, else CPU only, and an equal share of the CPUs.
+    ValueError for more workers than GPUs."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    n = n or gpus or 1
+    if gpus and n > gpus:
+        raise ValueError(f"--workers {n}: the cluster has {gpus} GPUs (one worker per GPU)")
+    return n, dict(num_gpus=1 if gpus else 0, num_cpus=resources.get("CPU", 1) / n, namespace=NAMESPACE)
+
+
 class Cluster:
     """`n` workers on Ray: a private local runtime (`address` None; joins none that runs already), or the cluster
     at `address` ("auto": the one this machine belongs to), where `n` None means one per GPU. Each worker gets one
@@ -69,13 +81,8 @@ class Cluster:
             env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}}
             ray.init(address=address or "local", namespace=NAMESPACE, include_dashboard=False, runtime_env=env,
                      log_to_driver=True)
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
-        n = n or gpus or 1
-        if gpus and n > gpus:
-            raise ValueError(f"--workers {n}: the cluster has {gpus} GPUs (one worker per GPU)")
+        n, options = placement(n)
         actor = ray.remote(max_restarts=-1, max_concurrency=1000, concurrency_groups={"quick": 4})(Worker)
-        options = dict(num_gpus=1 if gpus else 0, num_cpus=resources.get("CPU", 1) / n, namespace=NAMESPACE)
         work = Path(config.workdir or default_work_dir())  # a directory per worker: each cleans only its own
         self.workers = [Remote(actor.options(name=f"worker-{i}", **options).remote(
             dataclasses.replace(config, workdir=str(work / f"worker-{i}"))), f"worker-{i}") for i in range(n)]

@@ -259,6 +259,7 @@ class Worker:
         self.work = WorkDir(Path(config.workdir or default_work_dir()), self.limits, self._takes)
         self.gone: dict[str, float] = {}  # tabs closed by their page -> when: a later call must not bring one back
         self.views: dict[str, Tab] = {}  # view token -> the tab that shared its output
+        self.draining = False  # being drained: admits no new live session (see drain)
         step = None
         if config.warmup:  # batch 1 and the largest now, not in a user's first frame (minutes cold on CUDA) ...
             if self.engine.compile_mode != "off":
@@ -337,6 +338,8 @@ class Worker:
         (TabClosed for a closed tab)."""
         if t.closed:
             raise TabClosed("this tab was closed; reload the page")
+        if not (t.conn or t.admitting) and self.draining:
+            raise ServerFull("this server is being drained for a restart; try again shortly")
         if not (t.conn or t.admitting) and self.live() >= self.max_sessions:
             full = ServerFull.of(self.live())
             t.refused = str(full)
@@ -497,6 +500,16 @@ class Worker:
                 log.exception("%s failed", step.__name__)
         return freed
 
+    async def drain(self) -> list[str]:
+        """Admit no new live session from now on: the front is about to close this worker once its live sessions
+        have ended. Their tabs stay; the tabs without one are let go (as if moved: the front places them on
+        another worker at their next call) and returned."""
+        self.draining = True
+        idle = [k for k, t in list(self.tabs.items()) if not (t.conn or t.admitting or t.retiring)]
+        for tab in idle:
+            await self.close_tab(tab, reaped=True)
+        return idle
+
     async def close(self) -> None:
         """Server shutdown: end every live connection (recordings are finalised)."""
         if self._watch:
@@ -637,7 +650,8 @@ class Worker:
     def health(self) -> dict:
         sched = Scheduler.of(self.engine).stats()
         conns = [c for t in list(self.tabs.values()) if (c := t.conn)]
-        return dict(live_sessions=self.live(), capacity=self.max_sessions, device=str(self.engine.device),
+        return dict(live_sessions=self.live(), capacity=self.max_sessions, draining=self.draining,
+                    device=str(self.engine.device),
                     devices=os.environ.get("CUDA_VISIBLE_DEVICES"), pid=os.getpid(),
                     viewers=self.viewers(), max_viewers_per_session=self.max_viewers,
                     engine_step_p50_ms=sched["engine_step_p50_ms"], batch_sizes=sched["batch_sizes"],
