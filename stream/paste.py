@@ -24,15 +24,17 @@ i.e. pixel centres stay aligned.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import av
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stream.encode import StreamFrames, chroma_planes, stream_size, yuv420_host
+if TYPE_CHECKING:
+    import av
+# The streamed targets import the codec stack (stream/encode.py: av, aiortc) where they are built and called: the
+# full-size ones need none of it, so the GPU check's paste step runs on a machine without av or aiortc.
 
 DSIZE = 512
 Face = np.ndarray | torch.Tensor  # (S,S,3) uint8, as the engine returns it
@@ -109,6 +111,7 @@ class StreamPaste:
     are converted once; per frame only the face's box is blended and converted."""
 
     def __init__(self, image: np.ndarray, m_c2o: np.ndarray, size: int, stream_max: int):
+        from stream.encode import chroma_planes, stream_size, yuv420_host
         h, w = image.shape[:2]
         self.size = w2, h2 = stream_size(w, h, stream_max)
         small = image if (w2, h2) == (w, h) else cv2.resize(image, (w2, h2), interpolation=cv2.INTER_LINEAR)
@@ -118,6 +121,8 @@ class StreamPaste:
 
     def __call__(self, face: np.ndarray) -> av.VideoFrame:
         """`face` (S×S×3 uint8) pasted in -> the yuv420p frame to send."""
+        import av
+        from stream.encode import chroma_planes, yuv420_host
         (x0, y0, x1, y1), (w, h) = self.paste.box, self.size
         box = yuv420_host(self.paste.blend(face), (x1 - x0, y1 - y0))
         frame = av.VideoFrame(w, h, "yuv420p")  # written in place: one copy of the portrait's planes
@@ -163,6 +168,7 @@ class TorchStreamPaste:
     (stream/encode.py), so only the streamed planes cross to the host."""
 
     def __init__(self, image: np.ndarray, m_c2o: np.ndarray, device: str | torch.device, stream_max: int):
+        from stream.encode import StreamFrames
         self.paste, self.frames = TorchPasteBack(image, m_c2o, device), StreamFrames(stream_max)
 
     def __call__(self, face: torch.Tensor) -> av.VideoFrame:

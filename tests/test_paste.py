@@ -1,6 +1,8 @@
 """Paste-back (stream/paste.py): every target makes the same picture, a session keeps one paste per named target,
 and the frame's modules use each other only through public names."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -95,3 +97,16 @@ def test_the_frame_path_uses_no_other_modules_private_names():
                 found += [f"{path.name}: from {node.module} import {a.name}" for a in node.names
                           if a.name.startswith("_")]
     assert not found
+
+
+def test_the_full_size_pastes_need_no_codec_stack():
+    """The GPU check's paste step runs where av and aiortc are not installed (docs/gpu.md): stream.paste and its
+    full-size targets import without them."""
+    code = ("import sys; sys.modules.update(av=None, aiortc=None)\n"
+            "import numpy as np, torch\n"
+            "from stream.paste import PasteBack, TorchPasteBack\n"
+            "m = np.array([[1.0, 0, 0], [0, 1.0, 0]])\n"
+            "PasteBack(np.zeros((64, 64, 3), np.uint8), m, 32)(np.zeros((32, 32, 3), np.uint8))\n"
+            "TorchPasteBack(np.zeros((64, 64, 3), np.uint8), m)(torch.zeros((32, 32, 3), dtype=torch.uint8))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
