@@ -12,7 +12,7 @@ import skimage.data
 
 from conftest import run, tiny
 from test_reliability import wait_until
-from web.worker import WorkerLost
+from web.worker import LOAD_TIMEOUT_S, WorkerLost
 
 ray = pytest.importorskip("ray")
 WEBCAM = skimage.data.astronaut()[:480]  # 480×512: a frame the front darkens to say why is not an animated one
@@ -75,7 +75,7 @@ def test_sessions_on_both_nodes_and_a_removed_nodes_go_to_the_other(nodes, tmp_p
         new = animated(app, "c")
         after = dict(run(kept.call("health")), tabs=run(kept.call("counts"))["tabs"])  # all three tabs held there
         with pytest.raises(WorkerLost):  # nothing can restart it: the remaining node's CPU is taken
-            run(lost.call("health", timeout=10))
+            run(lost.call("health", timeout=LOAD_TIMEOUT_S))
         for session in ("a", "b", "c"):
             run(app.close_page(gr.Request(session_hash=session)))
     finally:
