@@ -188,14 +188,20 @@ def test_recording_download_in_cluster_mode(served):
 
 
 def test_video_file_render_in_cluster_mode(served, tmp_path):
-    """A driving video goes to the worker as bytes; the render comes back as bytes, written by the front."""
+    """A driving video goes to the worker as bytes; the render comes back as bytes, written by the front, and its
+    progress reaches the page's progress bar as data."""
     from test_render import driving_video
+    from test_web import Progress
     app, _ = served
     r = gr.Request(session_hash="render")
     run(app.open_page(r))
     driving_video(tmp_path / "driving.mp4", frames=4)
-    rendered, image, template, status = run(app.render_video(str(tmp_path / "driving.mp4"), None, True, False, r))
+    progress = Progress()
+    rendered, image, template, status = run(app.render_video(str(tmp_path / "driving.mp4"), None, True, False, r,
+                                                             progress))
     assert image is None and "4 frames" in status and "motion template saved" in status, status
+    fractions = [f for f, _ in progress.steps]
+    assert fractions == sorted(fractions) and progress.steps[-1] == (1.0, "render: 4 frames"), progress.steps
     assert not rendered.startswith(str(app.dir)) and template.endswith(".pkl")
     with av.open(rendered) as c:
         assert sum(1 for _ in c.decode(video=0)) == 4

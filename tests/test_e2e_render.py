@@ -42,7 +42,7 @@ def test_video_file_tab_source_video_template_and_image(server, browser, tmp_pat
         page.wait_for_timeout(100)
     status = page.locator("#lp-render-status").inner_text()
     assert "6 frames at 15 fps, with audio" in status  # the shorter: the template's 6 of the source's 8
-    assert any("frame" in t or "%" in t for t in seen), seen  # tqdm's progress, relayed by gr.Progress
+    assert any("frame" in t or "%" in t for t in seen), seen  # the worker's render progress, polled by the front
     page.wait_for_function("() => { const v = document.querySelector('#lp-rendered video');"
                            " return v && v.src; }", timeout=60_000, polling=250)
 

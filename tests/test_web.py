@@ -98,13 +98,27 @@ def test_http_streaming_fallback_animates_and_cleans_up(app):
     assert take.stat().st_size > 0
 
 
+class Progress:
+    """A page's progress bar (gr.Progress's call): what a handler reported, in order."""
+
+    def __init__(self):
+        self.steps: list[tuple[float, str | None]] = []
+
+    def __call__(self, fraction: float, desc: str | None = None) -> None:
+        self.steps.append((fraction, desc))
+
+
 def test_video_file_tab(app, files, tmp_path):
     from test_render import driving_video
     driving_video(tmp_path / "driving.mp4", frames=6)
     driving_video(tmp_path / "source.mp4", frames=4)
     r = request("render")
-    path, image, template, status = run(app.render_video(str(tmp_path / "driving.mp4"), None, True, False, r))
+    progress = Progress()  # the render runs on the worker (its loop's thread): its progress still reaches the page
+    path, image, template, status = run(app.render_video(str(tmp_path / "driving.mp4"), None, True, False, r,
+                                                         progress))
     assert "6 frames at 15 fps, with audio; motion template saved" in status and image is None
+    fractions = [f for f, _ in progress.steps]
+    assert fractions == sorted(fractions) and progress.steps[-1] == (1.0, "render: 6 frames"), progress.steps
     with av.open(path) as c:
         assert len(c.streams.audio) == 1 and sum(1 for _ in c.decode(video=0)) == 6
     assert template.endswith(".pkl")

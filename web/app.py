@@ -86,6 +86,7 @@ VIEW_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "
 INVALID_LINK = "this view link is not valid: it was revoked, or its page closed"
 DRAIN_POLL_S = 1.0  # a drain checks this often whether its workers' live sessions have ended
 NO_FACE_S = 1.0  # the page says "no face in view" once the tracker has found none for this long
+PROGRESS_POLL_S = 0.5  # a render's progress bar asks the tab's worker this often
 
 
 class Page:
@@ -515,9 +516,10 @@ class LiveApp:
         return paths, f"Saved {', '.join(Path(p).name for p in paths)}."
 
     async def render_video(self, driving: str | None, source_video: str | None, save_template: bool, eye: bool,
-                           request: gr.Request, progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple:
+                           request: gr.Request, progress: gr.Progress = gr.Progress()) -> tuple:
         """Video-file tab: the page's portrait (or a source video) driven by an uploaded video (its frame rate and
-        audio kept), image (one image) or motion template. Returns (video, image, template, status)."""
+        audio kept), image (one image) or motion template. Returns (video, image, template, status). The render runs
+        on the tab's worker; its progress reaches the page as data, polled while the render runs."""
         none = (None, None, None)
         if not driving:
             return *none, "Upload a driving video, image or motion template (.pkl) first."
@@ -530,8 +532,17 @@ class LiveApp:
         try:
             files = [await asyncio.to_thread(lambda p=p: (Path(p).name, Path(p).read_bytes())) if p else None
                      for p in (driving, source_video)]
-            out, info = await self._call(request.session_hash, "render", *files, save_template, eye,
-                                         timeout=self.render_timeout())
+            rendering = asyncio.ensure_future(self._call(request.session_hash, "render", *files, save_template, eye,
+                                                         timeout=self.render_timeout()))
+            try:
+                while not rendering.done():  # then once more: the last step's progress
+                    await asyncio.wait([rendering], timeout=PROGRESS_POLL_S)
+                    with contextlib.suppress(Exception):  # no progress shown is no reason to fail a render
+                        if step := await self._call(request.session_hash, "render_progress"):
+                            progress(step[0], desc=step[1])
+                out, info = await rendering
+            finally:
+                rendering.cancel()
         except (InputError, NoFaceError) as e:
             return *none, f"⚠️ {e}"
         if out is None:

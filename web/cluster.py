@@ -58,6 +58,13 @@ class Remote:
         ray.kill(self.actor, no_restart=True)
 
 
+class RayWorker(Worker):
+    """The worker as a Ray actor: its health also names the Ray node it runs on (plain data, for /healthz)."""
+
+    def health(self) -> dict:
+        return dict(super().health(), node=ray.get_runtime_context().get_node_id())
+
+
 def placement(n: int | None) -> tuple[int, dict]:
     """How many workers the connected cluster gets (`n` None: one per GPU) and the Ray options each worker's actor
     is started with: one GPU where the cluster has GPUs, else CPU only, and an equal share of the CPUs.
@@ -82,7 +89,7 @@ class Cluster:
             ray.init(address=address or "local", namespace=NAMESPACE, include_dashboard=False, runtime_env=env,
                      log_to_driver=True)
         n, options = placement(n)
-        actor = ray.remote(max_restarts=-1, max_concurrency=1000, concurrency_groups={"quick": 4})(Worker)
+        actor = ray.remote(max_restarts=-1, max_concurrency=1000, concurrency_groups={"quick": 4})(RayWorker)
         work = Path(config.workdir or default_work_dir())  # a directory per worker: each cleans only its own
         self.workers = [Remote(actor.options(name=f"worker-{i}", **options).remote(
             dataclasses.replace(config, workdir=str(work / f"worker-{i}"))), f"worker-{i}") for i in range(n)]

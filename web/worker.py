@@ -176,6 +176,7 @@ class Tab:
         self.viewers: set[Viewer] = set()  # watching `conn`'s output
         self.joining = 0  # view offers being accepted: they hold a viewer slot meanwhile
         self.error: str | None = None  # why the last connection did not end cleanly (the page's metrics line says)
+        self.rendering: tuple[float, str] | None = None  # the last render's progress: (fraction done, what)
 
     @property
     def pipeline(self) -> SessionPipeline | None:
@@ -595,11 +596,15 @@ class Worker:
         """The tab's portrait (or a source video) driven by a video, an image or a motion template, each given as
         (file name, bytes): ((file name, bytes), info; info["template"]: the driving video's motion as (name, bytes)
         when asked), or (None, why) when the disk quota is full. Raises InputError for a file that cannot be used,
-        NoFaceError for a face not found."""
+        NoFaceError for a face not found. Its progress meanwhile: `render_progress`."""
         t = self.tab(tab)
         if (out := self.work.reserve("render")) is None:
             return None, "⚠️ The server's storage for renders is full; try again later."
         source, settings = t.source, t.settings
+        t.rendering = None
+
+        def progress(fraction: float, what: str) -> None:
+            t.rendering = (fraction, what)
 
         def run() -> tuple[tuple[str, bytes], dict]:
             upload = Path(tempfile.mkdtemp(prefix="upload-", dir=self.work.path))
@@ -615,13 +620,19 @@ class Worker:
                 template = result.with_suffix(".pkl") if save_template and kind == "video" else None
                 with self.work.writing(result):
                     info = render(self.engine, src or source, drv, result, settings, self.limits.render_max_s,
-                                  save_template=template, source_eye_retargeting=source_eye_retargeting)
+                                  save_template=template, progress=progress,
+                                  source_eye_retargeting=source_eye_retargeting)
                 info.pop("output")  # a path on this worker: the front gets the bytes
                 info["template"] = (template.name, _take(template)) if template else None
                 return (result.name, _take(result)), info
             finally:
                 shutil.rmtree(upload, ignore_errors=True)
         return await asyncio.to_thread(run)
+
+    async def render_progress(self, tab: str) -> tuple[float, str] | None:
+        """The tab's running (or last) render's progress, (fraction done, what), for the page's progress bar; None
+        before its first step."""
+        return self.tab(tab).rendering
 
     async def stats(self, tab: str) -> dict:
         """The tab's live state for the page's metrics line (it is polled every second: the tab is open)."""
