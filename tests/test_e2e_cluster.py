@@ -4,17 +4,20 @@ worker's process is killed: the other tab streams on, the hit tab says why and c
 (Chromium and the fake webcam come from test_e2e_browser, the Ray runtime from test_cluster.)"""
 import os
 import signal
+import threading
 import time
 
 import gradio as gr
 import httpx
 import pytest
+import skimage.data
 
 from conftest import run, tiny
 from test_cluster import runtime  # noqa: F401
 from test_e2e_browser import browser, cam, free_port, wait_until  # noqa: F401
 
 FRAMES = "() => window.lpLive.frames"
+ASTRONAUT = skimage.data.astronaut()
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +97,29 @@ def test_two_webrtc_tabs_one_on_each_worker_and_a_third_over_http_streaming(serv
 def test_a_killed_worker_tab_reconnects_by_itself_and_the_other_streams_on(served, two_live):
     """SIGKILL of the process of one tab's worker, while that tab records: the other tab receives frames without a
     stall over 6 s; the hit tab shows why (its recording is lost with the worker) and, with no click, receives
-    frames over WebRTC again within 20 s (on the restarted worker or the other one)."""
+    frames over WebRTC again within 20 s. The other worker is full meanwhile (an HTTP-streaming session from here
+    takes its second slot), so the hit tab's offers are answered 503 until Ray has restarted its worker, where it
+    goes live again."""
     app, url = served
-    (steady, _), (hit, session) = two_live
+    (steady, steady_session), (hit, session) = two_live
+    worker = app.placed[session]
+    filler = gr.Request(session_hash="filler")
+    app.placed["filler"] = app.placed[steady_session]  # the steady tab's worker
+    run(app.open_page(filler))
+    done = threading.Event()
+
+    def fill() -> None:  # a webcam frame a second keeps the session (and its slot) live
+        for _ in range(120):
+            if done.wait(1.0):
+                return
+            run(app.http_frame(ASTRONAUT, filler))
+    filling = threading.Thread(target=fill)
+    run(app.http_frame(ASTRONAUT, filler))
+    filling.start()
+    other = app.placed[steady_session]
+    assert {h["worker"]: h["live_sessions"] for h in healthz(url)} == {other.name: 2, worker.name: 1}
     assert "Recording" in run(app.start_recording(gr.Request(session_hash=session)))
-    (pid,) = [h["pid"] for h in healthz(url) if h["worker"] == app.placed[session].name]
+    (pid,) = [h["pid"] for h in healthz(url) if h["worker"] == worker.name]
     os.kill(pid, signal.SIGKILL)
 
     start = last = time.monotonic()
@@ -117,10 +138,16 @@ def test_a_killed_worker_tab_reconnects_by_itself_and_the_other_streams_on(serve
         elif again is not None and hit.evaluate(FRAMES) >= again + 5:
             back = time.monotonic() - start
     gaps.append(time.monotonic() - last)
+    done.set()
+    filling.join()
     live = hit.evaluate("window.lpLive")
     assert told is not None and "a recording in progress there is lost" in told[1], told
     assert back is not None and back < 20, (back, told, live)
     assert max(gaps) < 6, gaps
     assert live["transport"] == "WebRTC" and not live["fallback"] and live["reconnects"] >= 1, live
     assert live["lost"] in told[1] and live["state"] == "connected"
+    assert app.placed[session] is worker  # the restarted one: the other had no room
+    (restarted,) = [h for h in healthz(url) if h["worker"] == worker.name]
+    assert restarted["pid"] != pid and restarted["live_sessions"] == 1
+    run(app.close_page(filler))
     wait_until(lambda: sum(h["live_sessions"] for h in healthz(url) if h["alive"]) == 2, 60)
