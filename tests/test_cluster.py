@@ -279,6 +279,40 @@ def test_a_killed_worker_loses_only_its_tabs_session_and_they_come_back(served, 
     assert wait_until(lambda: all(h["live_sessions"] == 0 for h in healths(app)), 60)
 
 
+def test_the_front_tells_the_tabs_of_a_restarted_worker_why(served):
+    """A worker's process killed and restarted by Ray before the hit tab calls again: the front's watch noticed (the
+    worker answered from another process), so the tab's metrics line says why and that its recording is lost,
+    not just "not connected"; the tab on the other worker is not told; once live again, the reason goes."""
+    import signal
+
+    from web.app import LOST
+    app, _ = served
+    steady, hit = gr.Request(session_hash="steady-2"), gr.Request(session_hash="hit-2")
+    app.placed["steady-2"], app.placed["hit-2"] = app.workers  # one on each worker
+    for r in (steady, hit):
+        run(app.open_page(r))
+        run(app.http_frame(ASTRONAUT, r))
+    worker = app.placed["hit-2"]
+    pid = run(worker.call("health"))["pid"]
+    os.kill(pid, signal.SIGKILL)
+
+    def restarted() -> bool:
+        try:
+            return run(worker.call("health", timeout=5))["pid"] != pid
+        except WorkerLost:
+            return False
+    assert wait_until(restarted, 60)
+    assert wait_until(lambda: app.pages["hit-2"].lost is not None, 10)  # the watch polls every second
+    line = run(app.stats(hit))
+    assert f"the server lost its worker {worker.name}" in line and LOST in line, line
+    assert "lost its worker" not in run(app.stats(steady))
+    assert wait_until(lambda: getattr(run(app.http_frame(ASTRONAUT, hit)), "shape", None) == (512, 512, 3), 60)
+    assert "Live via HTTP streaming" in run(app.stats(hit)) and app.pages["hit-2"].lost is None
+    for r in (steady, hit):
+        run(app.close_page(r))
+    assert wait_until(lambda: all(h["live_sessions"] == 0 for h in healths(app)), 60)
+
+
 def test_a_drained_worker_takes_no_new_session_and_exits_once_its_sessions_end(served):
     """Drain the worker that holds a live session: a tab placed there but not live moves, a new session goes to the
     other worker, the drained one keeps its session until it ends, then its process exits and it leaves the

@@ -14,8 +14,9 @@ import skimage.data
 from gradio_client import Client, handle_file
 
 from conftest import run, tiny
-from web.app import LiveApp
+from web.app import LOST, LiveApp
 from web.webrtc import parse_ice_servers
+from web.worker import WorkerLost
 
 ASTRONAUT = skimage.data.astronaut()
 
@@ -96,6 +97,40 @@ def test_http_streaming_fallback_animates_and_cleans_up(app):
     assert name not in app.workers[0].worker.engine.sessions and "http" not in app.pages
     (take,) = page.takes  # kept for a download that will not come: the tab is gone, the work dir's limits apply
     assert take.stat().st_size > 0
+
+
+class Unreachable:
+    """A worker handle whose every call fails the way web/cluster.py's `Remote` does for a dead actor."""
+    name = "worker-9"
+
+    async def call(self, method: str, *args, timeout: float = 0) -> None:
+        raise WorkerLost(f"the server lost its worker {self.name} (ActorDiedError)")
+
+
+def test_the_tabs_of_a_worker_that_stops_answering_are_told_why(app):
+    """The front's watch: the tab placed on a worker that does not answer is told why (once), in its metrics line,
+    with its lost recording; a tab elsewhere is not; the tab's next call goes to the worker that answers, and once
+    it is live there the reason goes."""
+    lost, hit, other = Unreachable(), request("on-lost"), request("elsewhere")
+    for r in (hit, other):
+        run(app.open_page(r))
+    app.workers.append(lost)
+    try:
+        app.placed["on-lost"] = lost
+        assert run(app.watch()) == ["on-lost"] and run(app.watch()) == []
+        for _ in range(2):  # from the watch, then from the failed call (which forgets the placement)
+            line = run(app.stats(hit))
+            assert f"the server lost its worker worker-9 (ActorDiedError): {LOST}." in line, line
+        assert "lost its worker" not in run(app.stats(other))
+        for _ in range(20):
+            if getattr(run(app.http_frame(ASTRONAUT, hit)), "shape", None) == (512, 512, 3):
+                break
+        assert "Live via HTTP streaming" in run(app.stats(hit)) and app.pages["on-lost"].lost is None
+        assert app.placed["on-lost"] is app.workers[0]
+    finally:
+        app.workers.remove(lost)
+        for r in (hit, other):
+            run(app.close_page(r))
 
 
 class Progress:

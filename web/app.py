@@ -10,7 +10,9 @@ POST /view/<token>/offer.
 Everything live is a worker's (web/worker.py): one in this process by default, or several Ray actors in cluster
 mode (--workers, --ray: web/cluster.py), called the same way with plain data. A tab is placed on the worker with
 the most room at its first call and stays there; a view token is routed to its tab's worker. Files the worker
-hands back (recordings, renders) are written to this front's work directory, from where Gradio serves them.
+hands back (recordings, renders) are written to this front's work directory, from where Gradio serves them. The
+front watches its workers: the pages of a lost or restarted worker's tabs are told why in their metrics line, from
+which a WebRTC page connects again by itself (web/static/live.js).
 """
 from __future__ import annotations
 
@@ -87,6 +89,8 @@ INVALID_LINK = "this view link is not valid: it was revoked, or its page closed"
 DRAIN_POLL_S = 1.0  # a drain checks this often whether its workers' live sessions have ended
 NO_FACE_S = 1.0  # the page says "no face in view" once the tracker has found none for this long
 PROGRESS_POLL_S = 0.5  # a render's progress bar asks the tab's worker this often
+WATCH_S = 1.0  # the front asks every worker this often whether it still answers, and in the same process
+LOST = "the live session on it ended and a recording in progress there is lost; reconnecting"  # metrics line
 
 
 class Page:
@@ -99,6 +103,7 @@ class Page:
         self.portrait: bytes | None = None
         self.controls: dict[str, Any] = {}
         self.editing = False
+        self.lost: str | None = None  # why its worker was lost (see LiveApp.watch), until it is live again
 
 
 class LiveApp:
@@ -114,6 +119,7 @@ class LiveApp:
         self.placed: dict[str, Any] = {}  # session hash -> the worker that holds the tab
         self.draining: set = set()  # workers being drained: no tab is placed on them (see drain)
         self.shared: dict[str, str] = {}  # view token -> the session hash whose output it shows
+        self.pids: dict[Any, int] = {}  # worker -> the process its health last answered from (see watch)
         self.info = _wait(self.workers[0].call("about"))  # what the page shows: device, engine, codec, sample
         self.pages: dict[str, Page] = {}
         self.closed: dict[str, float] = {}  # session hashes of closed tabs -> when (they expire: see reap)
@@ -153,9 +159,10 @@ class LiveApp:
                 page = self._page(session)
                 await worker.call("restore", session, page.portrait, page.controls, page.editing)
                 return await worker.call(method, session, *args, **kw)
-        except WorkerLost:
+        except WorkerLost as e:
             if self.placed.get(session) is worker:
                 self._forget(session)
+                self._page(session).lost = str(e)
             raise
         except ServerFull:  # not live there: its next try is placed again, on the freest worker then
             if len(self.workers) > 1 and self.placed.get(session) is worker:
@@ -247,6 +254,42 @@ class LiveApp:
                 await self.reap()
             except Exception:  # reaping must outlive any one failure
                 log.exception("reaping failed")
+
+    async def watch(self) -> list[str]:
+        """Ask every worker for its health (within LOAD_TIMEOUT_S): one that does not answer, or answers from
+        another process than before (Ray restarted it, empty), has lost its tabs' live sessions, so each such tab's
+        page is told why (`Page.lost`, in its metrics line, from which a WebRTC page reconnects by itself). The
+        tabs' placement is `_call`'s: a tab moves, or is restored on the restarted worker, at its next call.
+        Returns the tabs told."""
+        async def health(worker) -> int | str:
+            try:
+                return (await worker.call("health", timeout=LOAD_TIMEOUT_S))["pid"]
+            except WorkerLost as e:
+                return str(e)
+        workers = list(self.workers)
+        told = []
+        for worker, pid in zip(workers, await asyncio.gather(*map(health, workers))):
+            if isinstance(pid, str):
+                why = pid
+                self.pids.pop(worker, None)  # told now: its next process is not news
+            elif self.pids.setdefault(worker, pid) != pid:
+                why = f"the server lost its worker {worker.name} (its process {self.pids[worker]} ended; restarted)"
+                self.pids[worker] = pid
+            else:
+                continue
+            for session in [s for s, w in self.placed.items() if w is worker]:
+                if (page := self.pages.get(session)) and page.lost is None:
+                    page.lost = why
+                    told.append(session)
+        return told
+
+    async def _watch_forever(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_S)
+            try:
+                await self.watch()
+            except Exception:  # the watch must outlive any one failure
+                log.exception("watching the workers failed")
 
     def close(self) -> None:
         """Server shutdown: end every live connection (recordings are finalised)."""
@@ -460,10 +503,15 @@ class LiveApp:
         """The metrics line the page polls."""
         if self.gone(request):
             return gr.skip()
+        page = self._page(request.session_hash)
         try:
             m = await self._call(request.session_hash, "stats")
         except WorkerLost as e:
-            return f"**Live:** ⚠️ {e}."
+            return f"**Live:** ⚠️ {page.lost}: {LOST}." if page.lost else f"**Live:** ⚠️ {e}."
+        if m["live"]:
+            page.lost = None
+        elif page.lost:
+            return f"**Live:** ⚠️ {page.lost}: {LOST}."
         error = f" · ⚠️ {m['error']}" if m["error"] else ""
         if not m["live"]:
             if m["refused"]:
@@ -668,9 +716,10 @@ class LiveApp:
         with `ssl` = (certfile, keyfile)."""
         @contextlib.asynccontextmanager
         async def lifespan(_app):
-            reaper = asyncio.create_task(self._reap_forever())
+            tasks = [asyncio.create_task(self._reap_forever()), asyncio.create_task(self._watch_forever())]
             yield
-            reaper.cancel()
+            for task in tasks:
+                task.cancel()
             await asyncio.to_thread(self.close)
 
         self.auth = auth is not None

@@ -47,7 +47,7 @@ class Remote:
         except RayTaskError as e:
             raise e.cause from None
         except (ActorDiedError, ActorUnavailableError, asyncio.TimeoutError) as e:
-            raise WorkerLost(f"the server lost its worker {self.name} ({type(e).__name__}); reconnect") from None
+            raise WorkerLost(f"the server lost its worker {self.name} ({type(e).__name__})") from None
 
     def close(self) -> None:
         """Server shutdown: the worker ends every live connection (recordings are finalised), then exits."""

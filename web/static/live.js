@@ -1,6 +1,8 @@
 // WebRTC client of the live view: webcam -> RTCPeerConnection -> POST offer -> play the animated track; and the
 // page's choice of transport: on a page that is not a secure context the camera is blocked, so both live tabs say
-// how to fix it; when WebRTC fails, the page switches to the HTTP streaming tab and starts it.
+// how to fix it; when WebRTC fails, the page switches to the HTTP streaming tab and starts it. When the server's worker
+// that held this tab's session was lost (cluster mode: it died or restarted), the server says why in the metrics line
+// the page polls; the page shows it and connects again with the camera it has (the network is fine: no fallback).
 // Runs as the gr.HTML component's js_on_load: `element` is the component, `props.value` the page's {session, secret,
 // ice} as JSON (set by the page's load event; an offer must carry session and secret; ice: --ice-servers and
 // --turn-url, with TURN credentials minted for this page). One start at a time: a newer click supersedes an older one still waiting for the camera or the server,
@@ -12,10 +14,15 @@ const $ = (sel) => element.querySelector(sel);
 const live = (window.lpLive = {
   frames: 0, width: 0, height: 0, state: "idle", route: "", transport: "WebRTC", fallback: "", firstFrameMs: 0,
   codec: "", // what the browser decodes, from its stats ("video/H264", "video/VP8")
+  lost: "", reconnects: 0, // why the server lost this tab's worker, and how often the page connected again since Start
 });
 const GATHER_MS = 2000; // the longest wait for our ICE candidates: an unreachable STUN server must not stall the offer
 const FIRST_FRAME_MS = 10000; // no frame this long after the answer, and no connection: use HTTP streaming
 const ANSWER_MS = 15000; // the server gathers its own candidates (at most 5 s) before it answers
+const LOST = "the server lost its worker"; // web/app.py's metrics line, then why, while this tab's worker is lost
+const STALL_MS = 2000; // no frame this long while the server says the worker was lost: connect again
+const RETRY_MS = [500, 1000, 2000]; // the waits between tries while the server has no room yet (503), then the last
+const RETRIES = 30; // then the page gives up and says why
 const HTTP_CAM = "#lp-http-cam"; // Gradio's streaming webcam in the HTTP tab; its buttons carry these titles
 const GRANT = `${HTTP_CAM} [title="grant webcam access"] > button`;
 const RECORD = (what) => `${HTTP_CAM} button:has([title="${what} recording"])`;
@@ -25,6 +32,7 @@ let run = 0; // increases with every start and stop: an older start that resumes
 let pending = 0; // the requestVideoFrameCallback handle of the frame counter
 let watchdog = 0; // the first-frame timer
 let clicked = 0; // performance.now() of the start click
+let lastFrame = 0; // performance.now() of the current connection's latest frame (0: none yet)
 
 function say(state) {
   live.state = state;
@@ -37,6 +45,8 @@ function count(video) {
       live.firstFrameMs = Math.round(performance.now() - clicked);
       if (pc) showRoute(pc); // the codec shows in the stats once a frame is decoded
     }
+    if (!lastFrame && live.lost) notice(`Reconnected after this: ${live.lost}`);
+    lastFrame = performance.now();
     [live.width, live.height] = [video.videoWidth, video.videoHeight];
     $(".lp-frames").textContent =
       `${live.frames} frames, ${live.width}×${live.height}, the first ${(live.firstFrameMs / 1000).toFixed(1)} s after start`;
@@ -45,17 +55,25 @@ function count(video) {
   pending = video.requestVideoFrameCallback(tick);
 }
 
+function notice(text) {
+  Object.assign($(".lp-notice"), { textContent: text, hidden: !text });
+}
+
 function stop(state = "stopped") {
   run++;
-  clearTimeout(watchdog);
   if (cam) {
     cam.getTracks().forEach((t) => t.stop());
     cam = null;
     $(".lp-self").srcObject = null;
     showSelf();
   }
+  hangUp(state);
+}
+
+function hangUp(state) {
+  // the connection only: the camera stays for the next one
+  clearTimeout(watchdog);
   if (pc) {
-    pc.getSenders().forEach((s) => s.track && s.track.stop());
     pc.close();
     pc = null;
     $("video").cancelVideoFrameCallback(pending);
@@ -147,7 +165,8 @@ async function start() {
   stop();
   stopHttp();
   httpNote("");
-  Object.assign(live, { frames: 0, transport: "WebRTC", fallback: "", firstFrameMs: 0 });
+  notice("");
+  Object.assign(live, { frames: 0, transport: "WebRTC", fallback: "", firstFrameMs: 0, lost: "", reconnects: 0 });
   if (!props.value) throw new Error("the page is still loading, try again");
   const mine = run;
   say("opening the camera");
@@ -160,8 +179,40 @@ async function start() {
   cam = stream;
   $(".lp-self").srcObject = stream;
   showSelf();
+  await connect(stream);
+}
+
+function lostWorker() {
+  // why the server lost this tab's worker, while its metrics line (web/app.py LiveApp.stats) says so; else ""
+  const text = document.querySelector("#lp-metrics")?.textContent || "";
+  return text.includes(LOST) ? text.slice(text.indexOf(LOST)).trim() : "";
+}
+
+async function reconnect(why) {
+  // the tab's worker was lost: a new connection with the camera this page has, tried again while the server answers
+  // 503 (no worker has room yet: the lost one is restarting); a newer start, Stop or reconnect ends the tries
+  const mine = ++run;
+  Object.assign(live, { lost: why, reconnects: live.reconnects + 1 });
+  notice(why);
+  for (let tries = 1; ; tries++) {
+    hangUp(`reconnecting: ${why}`);
+    try {
+      return await connect(cam);
+    } catch (err) {
+      if (mine !== run) return;
+      if (err.status !== 503 || tries >= RETRIES) throw err;
+      say(`reconnecting (try ${tries + 1}): ${err.message}`);
+      await new Promise((r) => setTimeout(r, RETRY_MS[Math.min(tries, RETRY_MS.length) - 1]));
+      if (mine !== run) return;
+    }
+  }
+}
+
+async function connect(stream) {
+  // a new RTCPeerConnection for `stream`, its offer answered; the connection replaces the tab's live one
   const { ice, ...page } = JSON.parse(props.value); // ice: the ICE servers, TURN credentials minted for this page
   pc = new RTCPeerConnection({ iceServers: ice || [] });
+  lastFrame = 0;
   const own = pc;
   stream.getTracks().forEach((t) => own.addTrack(t, stream));
   own.getTransceivers().forEach((t) => t.sender.track?.kind === "video" && preferCodec(t, props.codec));
@@ -174,7 +225,10 @@ async function start() {
     if (own !== pc) return;
     say(own.connectionState);
     if (own.connectionState === "connected") showRoute(own);
-    if (own.connectionState === "failed") fallBack("the connection failed: no network path to the server").catch(fail);
+    if (own.connectionState === "failed") {
+      const why = lostWorker(); // the server's worker died, not the network: connect again, no fallback
+      (why ? reconnect(why) : fallBack("the connection failed: no network path to the server")).catch(fail);
+    }
   };
   await own.setLocalDescription(await own.createOffer());
   await gathered(own);
@@ -186,17 +240,29 @@ async function start() {
     body: JSON.stringify({ sdp: own.localDescription.sdp, type: own.localDescription.type, ...page }),
     signal: AbortSignal.timeout(ANSWER_MS),
   });
-  // the server answered but refused (unknown tab, bad offer, ...): its reason, and no fallback
-  if (!res.ok) throw new Error(((await res.json().catch(() => null)) || {}).error || `signalling failed: ${res.status}`);
+  // the server answered but refused (unknown tab, bad offer, full, ...): its reason, and no fallback
+  if (!res.ok) {
+    const error = ((await res.json().catch(() => null)) || {}).error || `signalling failed: ${res.status}`;
+    throw Object.assign(new Error(error), { status: res.status });
+  }
   const answer = await res.json();
   if (own !== pc) return;
   await own.setRemoteDescription(answer);
   watchdog = setTimeout(() => {
     // (connected without a frame yet means a slow engine, which HTTP streaming would not cure)
-    if (own === pc && live.frames === 0 && own.connectionState !== "connected")
+    if (own !== pc || lastFrame) return;
+    const why = lostWorker();
+    if (why) reconnect(why).catch(fail);
+    else if (own.connectionState !== "connected")
       fallBack(`no video within ${FIRST_FRAME_MS / 1000} s: no network path found, connection ${own.connectionState}`).catch(fail);
   }, FIRST_FRAME_MS);
 }
+
+setInterval(() => {
+  // frames stopped and the server says the worker was lost (it tells the page before the connection itself fails)
+  const why = pc && lastFrame && performance.now() - lastFrame > STALL_MS && lostWorker();
+  if (why) reconnect(why).catch(fail);
+}, 500);
 
 function fail(err) {
   stop(`failed: ${err.name === "TimeoutError" ? `no answer from the server within ${ANSWER_MS / 1000} s` : err.message}`);
