@@ -7,17 +7,19 @@ A frame's path through the engine (`animate` -> `_step`):
        session's animation region; its expression/pose edits on top: model/editing.py)
     -> eye/lip retargeting deltas -> S stitching -> driving multiplier -> W (dense motion, 3-D warp) -> G
     -> (B,S,S,3) uint8 (S = 512 at full size).
-The source side (F volume, source keypoints) is computed once per portrait in `set_source`.
+The source side (F volume, source keypoints) is computed once per portrait in `set_source`; `_inputs` gathers it,
+with the reference motion and the controls, into the step's one named input, `StepInputs`.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -68,6 +70,35 @@ class Session:
     controls: Controls = field(default_factory=Controls)
     rows: tuple[torch.Tensor, torch.Tensor] | None = None  # the controls as the step takes them, on the device:
     # (1,7) CONTROLS and (1,132) editing rows, rebuilt only when a control changes (set_controls clears them)
+
+
+class StepInputs(NamedTuple):
+    """What the per-frame step takes besides the driving crops, one row per item, on the device. Built by
+    `Engine._inputs` only and read by name; a CUDA graph keeps one static copy of it per batch size (`leaves()` is
+    the order its buffers are copied in), and torch.compile sees a tuple of tensors and dicts of tensors."""
+    feature: torch.Tensor   # (B,C,D,H,W) F volume, engine dtype
+    x_s: torch.Tensor       # (B,21,3) implicit source keypoints
+    source: kin.KpInfo      # KP_KEYS: the source's motion
+    reference: kin.KpInfo   # KP_KEYS: the reference driving frame's motion
+    controls: torch.Tensor  # (B,7) CONTROLS columns (`control` reads one)
+    ratios: torch.Tensor    # (B,3) source [eye_left, eye_right, lip] open ratios
+    edits: torch.Tensor     # (B,132) editing rows (model/editing.py)
+
+    def leaves(self) -> list[torch.Tensor]:
+        """Every tensor, in one fixed order: feature, x_s, source and reference by KP_KEYS, controls, ratios, edits."""
+        return [self.feature, self.x_s, *[self.source[k] for k in KP_KEYS], *[self.reference[k] for k in KP_KEYS],
+                self.controls, self.ratios, self.edits]
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> StepInputs:
+        """The same structure with fn applied to every tensor."""
+        return StepInputs(fn(self.feature), fn(self.x_s), {k: fn(self.source[k]) for k in KP_KEYS},
+                          {k: fn(self.reference[k]) for k in KP_KEYS}, fn(self.controls), fn(self.ratios),
+                          fn(self.edits))
+
+
+def control(controls: torch.Tensor, name: str) -> torch.Tensor:
+    """The (B,1) column `name` of a (B,7) CONTROLS tensor."""
+    return controls[:, CONTROLS.index(name), None]
 
 
 def compile_cache_dir() -> Path:
@@ -162,7 +193,7 @@ class Engine:
         if self.cuda_graphs:  # every bucket's graph captures on one side stream into one memory pool
             self._side, self._pool = torch.cuda.Stream(self.device), torch.cuda.graph_pool_handle()
         self._bucket_lock = threading.Lock()  # one bucket compiles / captures at a time (warm_rest's thread)
-        self._warm_inputs: tuple[torch.Tensor, tuple] | None = None  # warmup()'s batch-1 step inputs
+        self._warm_inputs: tuple[torch.Tensor, StepInputs] | None = None  # warmup()'s batch-1 step inputs
         self.compile_mode = {True: "default", False: "off", None: default_compile_mode(self.device)}.get(
             compile, compile)
         if self.compile_mode not in COMPILE_MODES:
@@ -325,7 +356,7 @@ class Engine:
         frames, inputs = self._warm_inputs
         rep = lambda t: t.repeat(b, *[1] * (t.dim() - 1))
         start = time.perf_counter()
-        self._run_bucket(rep(frames), tuple(map(rep, inputs)))
+        self._run_bucket(rep(frames), inputs.map(rep))
         _sync(self.device)
         return time.perf_counter() - start
 
@@ -364,7 +395,7 @@ class Engine:
         fits = [b for b in self.buckets if b >= real]
         return min((b for b in fits if b in self._ready), default=fits[0] if fits else real)
 
-    def _inputs(self, items: list[Session]) -> tuple[torch.Tensor, ...]:
+    def _inputs(self, items: list[Session]) -> StepInputs:
         """The step's inputs for these sessions, concatenated on the device (no host transfer but a session's
         changed control rows)."""
         for s in items:
@@ -373,10 +404,11 @@ class Engine:
                     torch.tensor([s.controls.row()]), editing.expand([s.controls.region], [s.controls])], 1))
                 s.rows = rows[:, :len(CONTROLS)], rows[:, len(CONTROLS):]
         cat = lambda get: torch.cat([get(s) for s in items])
-        return (cat(lambda s: s.feature), cat(lambda s: s.x_s),
-                *[cat(lambda s, k=k: s.source[k]) for k in KP_KEYS],
-                *[cat(lambda s, k=k: s.reference[k]) for k in KP_KEYS],
-                cat(lambda s: s.rows[0]), cat(lambda s: s.ratios), cat(lambda s: s.rows[1]))
+        return StepInputs(feature=cat(lambda s: s.feature), x_s=cat(lambda s: s.x_s),
+                          source={k: cat(lambda s: s.source[k]) for k in KP_KEYS},
+                          reference={k: cat(lambda s: s.reference[k]) for k in KP_KEYS},
+                          controls=cat(lambda s: s.rows[0]), ratios=cat(lambda s: s.ratios),
+                          edits=cat(lambda s: s.rows[1]))
 
     # ---- driving motion given instead of driving crops (motion templates, driving images, source videos) ----
 
@@ -403,7 +435,7 @@ class Engine:
         for i, name in enumerate(sessions):
             if self.sessions[name].reference is None:
                 self.sessions[name].reference = {k: v[i:i + 1] for k, v in driving.items()}
-        out = self._drive(driving, *self._inputs([self.sessions[n] for n in sessions]))
+        out = self._drive(driving, self._inputs([self.sessions[n] for n in sessions]))
         return out if as_tensor else out.cpu().numpy()
 
     @torch.inference_mode()
@@ -425,7 +457,7 @@ class Engine:
         r = torch.tensor([list(ratios)], dtype=torch.float32, device=self.device)
         return self.S["retarget_eye"](kin.retarget_input(x_s, r)).view(x_s.shape).cpu().numpy()
 
-    def _run_bucket(self, frames: torch.Tensor, inputs: tuple) -> torch.Tensor:
+    def _run_bucket(self, frames: torch.Tensor, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """One step at this batch size (a CUDA-graph replay); the first at a size compiles and captures it, once,
         whichever thread comes first, and makes it ready to serve."""
         b = frames.shape[0]
@@ -434,65 +466,62 @@ class Engine:
                 if self.cuda_graphs and b not in self._graphs:
                     self._capture(frames, inputs)
                 out = self._replay(frames, inputs) if self.cuda_graphs else \
-                    self._step_fn(self._to_input(frames), *inputs)
+                    self._step_fn(self._to_input(frames), inputs)
                 self._ready |= {b}  # under the lock: no other thread's update is lost
                 return out
-        return self._replay(frames, inputs) if self.cuda_graphs else self._step_fn(self._to_input(frames), *inputs)
+        return self._replay(frames, inputs) if self.cuda_graphs else self._step_fn(self._to_input(frames), inputs)
 
-    def _capture(self, frames: torch.Tensor, inputs: tuple) -> None:
+    def _capture(self, frames: torch.Tensor, inputs: StepInputs) -> None:
         """Capture the step for this batch size over static buffers, on the engine's one side stream into its one
         graph memory pool. thread_local: allocations by other threads (serving, paste-back) cannot break it."""
-        static_in = [frames.clone(), *[t.clone() for t in inputs]]
+        static_frames, static_inputs = frames.clone(), inputs.map(torch.Tensor.clone)
         side = self._side
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(3):  # warm-up: cudnn autotune and compile outside the capture
-                self._step_fn(self._to_input(static_in[0]), *static_in[1:])
+                self._step_fn(self._to_input(static_frames), static_inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
-            static_out = self._step_fn(self._to_input(static_in[0]), *static_in[1:])
-        self._graphs[frames.shape[0]] = (graph, static_in, static_out)
+            static_out = self._step_fn(self._to_input(static_frames), static_inputs)
+        self._graphs[frames.shape[0]] = (graph, [static_frames, *static_inputs.leaves()], static_out)
         self.notes.append(f"CUDA graph captured for batch {frames.shape[0]}")
 
-    def _replay(self, frames: torch.Tensor, inputs: tuple) -> torch.Tensor:
+    def _replay(self, frames: torch.Tensor, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Copy into the batch size's static buffers, replay its graph, copy out the static output."""
         graph, static_in, static_out = self._graphs[frames.shape[0]]
-        for dst, src in zip(static_in, (frames, *inputs)):
+        for dst, src in zip(static_in, [frames, *inputs.leaves()], strict=True):
             dst.copy_(src, non_blocking=True)
         graph.replay()
         return tuple(o.clone() for o in static_out)
 
-    def _step(self, x: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(self, x: torch.Tensor, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """M on the driving crops, then `_drive`; also returns the driving motion packed (B,133) (templates)."""
         driving = self._motion(x)
-        return self._drive(driving, *inputs), torch.cat([driving[k].flatten(1) for k in KP_KEYS], 1)
+        return self._drive(driving, inputs), torch.cat([driving[k].flatten(1) for k in KP_KEYS], 1)
 
-    def _drive(self, driving: kin.KpInfo, feature: torch.Tensor, x_s: torch.Tensor,
-               *rest: torch.Tensor) -> torch.Tensor:
+    def _drive(self, driving: kin.KpInfo, inputs: StepInputs) -> torch.Tensor:
         """Keypoint math -> S -> W -> G for a batch of driving motion; branch-free over the per-item controls."""
-        n = len(KP_KEYS)
-        source, reference = dict(zip(KP_KEYS, rest[:n])), dict(zip(KP_KEYS, rest[n:2 * n]))
-        ctrl, ratios, edit = rest[2 * n], rest[2 * n + 1], rest[2 * n + 2]
-        relative = ctrl[:, CONTROLS.index("relative"), None, None] > 0
+        relative = control(inputs.controls, "relative")[:, :, None] > 0
         # the animation region and the editing sliders choose, per item, what enters the official formulas
-        edited, rel_d, rel_r, abs_d = editing.select(source, driving, reference, edit)
+        edited, rel_d, rel_r, abs_d = editing.select(inputs.source, driving, inputs.reference, inputs.edits)
         rel = kin.relative_motion(edited, rel_d, rel_r)
         absolute = kin.absolute_motion(edited, abs_d)
-        return self._render(torch.where(relative, rel, absolute), feature, x_s, ctrl, ratios)
+        return self._render(torch.where(relative, rel, absolute), inputs.feature, inputs.x_s, inputs.controls,
+                            inputs.ratios)
 
-    def _render(self, x_d: torch.Tensor, feature: torch.Tensor, x_s: torch.Tensor, ctrl: torch.Tensor,
+    def _render(self, x_d: torch.Tensor, feature: torch.Tensor, x_s: torch.Tensor, controls: torch.Tensor,
                 ratios: torch.Tensor, after: torch.Tensor | None = None) -> torch.Tensor:
         """Driving keypoints -> eye/lip retargeting -> stitching (+ `after`) -> multiplier -> W -> G -> uint8."""
-        c = {k: ctrl[:, i:i + 1] for i, k in enumerate(CONTROLS)}
-        eye = self.S["retarget_eye"](kin.retarget_input(x_s, torch.cat([ratios[:, :2], c["eye_target"]], 1)))
-        lip = self.S["retarget_mouth"](kin.retarget_input(x_s, torch.cat([ratios[:, 2:], c["lip_target"]], 1)))
-        x_d = x_d + (c["eye_on"] * eye + c["lip_on"] * lip).view(x_d.shape)
+        c = functools.partial(control, controls)
+        eye = self.S["retarget_eye"](kin.retarget_input(x_s, torch.cat([ratios[:, :2], c("eye_target")], 1)))
+        lip = self.S["retarget_mouth"](kin.retarget_input(x_s, torch.cat([ratios[:, 2:], c("lip_target")], 1)))
+        x_d = x_d + (c("eye_on") * eye + c("lip_on") * lip).view(x_d.shape)
         stitched = kin.apply_stitching(x_d, self.S["retarget_shoulder"](kin.stitching_input(x_s, x_d)))
-        x_d = torch.where(c["stitching"][:, :, None] > 0, stitched, x_d)
+        x_d = torch.where(c("stitching")[:, :, None] > 0, stitched, x_d)
         if after is not None:
             x_d = x_d + after
-        x_d = kin.apply_multiplier(x_s, x_d, c["multiplier"][:, :, None])
+        x_d = kin.apply_multiplier(x_s, x_d, c("multiplier")[:, :, None])
         with self._autocast():
             # keypoints stay fp32: the sampling grids are then fp32 and grid_sample runs in fp32, as officially
             warped = self.W(feature, x_d, x_s)["out"]

@@ -138,7 +138,7 @@ def _load_model(source: str | None) -> bytes:
 class FaceTracker:
     """Mediapipe's Tasks FaceLandmarker in IMAGE mode, 478 points (the face-mesh topology), detecting on every call:
     for stills (the portrait, the editor) and for finding a face that the live tracker lost. With max_faces > 1 the
-    largest face wins. Its detector is short-range (it misses faces under ~15% of the frame), so `landmarks` falls
+    largest face wins. Its detector is short-range (it misses small faces: docs/benchmarks.md), so `landmarks` falls
     back to the landmarker on overlapping windows a third of the image wide, then runs it on a 512² patch around the
     largest face found there."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import av
 import cv2
@@ -130,6 +130,23 @@ class Writer:
                 except Exception:
                     pass
         self.path.unlink(missing_ok=True)
+
+
+def write_video(frames: Iterable[np.ndarray], output: str | Path, fps: float | Fraction, total: int,
+                progress: Progress | None, audio_from: str | Path | None = None) -> bool:
+    """Write rendered RGB frames to an MP4 (`Writer`) with a "render" progress bar; True if it has audio. Any
+    error, in the frames' making too, deletes the half-written file."""
+    writer, bar = Writer(output, fps, audio_from), Bar(total, "render", progress)
+    try:
+        for frame in frames:
+            writer.write(frame)
+            bar.update()
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
 
 
 def video_frames(path: str | Path, max_seconds: float | None = None) -> Iterator[np.ndarray]:
@@ -253,11 +270,8 @@ def render_template(engine: Engine, source: SourceFace, template: Template, outp
         raise InputError(f"The motion template lasts {len(template) / template.fps:.1f} s, longer than "
                          f"{max_seconds:g} s, the limit of this server.")
     session = Session(engine, settings)
-    writer = Writer(output, template.fps)
-    bar = Bar(len(template), "render", progress)
-    try:
-        session.set_source(source.crop.image_256, source.eye, source.lip)
-        session.call(lambda: engine.set_reference_motion(template.kp_info(0), session.name))
+
+    def frames() -> Iterator[np.ndarray]:
         paste = None
         for i in range(0, len(template), CHUNK):
             j = min(i + CHUNK, len(template))
@@ -265,14 +279,12 @@ def render_template(engine: Engine, source: SourceFace, template: Template, outp
             for face in faces:
                 if settings.paste and paste is None:  # the face's size: 512, or less with a smaller config
                     paste = PasteBack(source.image, source.crop.m_c2o, len(face))
-                writer.write(paste(face) if paste else face)
-            bar.update(j - i)
-        audio = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+                yield paste(face) if paste else face
+    try:
+        session.set_source(source.crop.image_256, source.eye, source.lip)
+        session.call(lambda: engine.set_reference_motion(template.kp_info(0), session.name))
+        audio = write_video(frames(), output, template.fps, len(template), progress)
     finally:
-        bar.close()
         session.close()
     return dict(frames=len(template), fps=template.fps, audio=audio, output=str(output))
 
@@ -353,11 +365,8 @@ def render_source_video(engine: Engine, source: str | Path, driving: str | Path,
         arrays = lambda t, k: {key: getattr(t, key)[:k] for key in ("R", "exp", "kp", "scale", "t")}
         x_d = drive.source_video_keypoints(arrays(src, n), arrays(drv, 1 if image else n), settings.region, image)
         target = drive.source_eye_target(ratios[:, :2]) if eye_retargeting else None
-        # pass 2: each source frame animated and pasted back into itself
-        audio_from = driving if driving_kind == "video" else source
-        writer = Writer(output, fps, audio_from)
-        bar = Bar(n, "render", progress)
-        try:
+
+        def frames() -> Iterator[np.ndarray]:  # pass 2: each source frame animated and pasted back into itself
             for i, rgb in enumerate(video_frames(source)):
                 if i >= n:
                     break
@@ -366,14 +375,8 @@ def render_source_video(engine: Engine, source: str | Path, driving: str | Path,
                 after = None if target is None else session.call(
                     lambda: engine.eye_delta([*ratios[i, :2], target], session.name))
                 face = session.call(lambda: engine.animate_keypoints(x_d[i:i + 1], session.name, after))[0]
-                writer.write(PasteBack(frame, np.linalg.inv(m_o2c[i]), len(face))(face) if settings.paste else face)
-                bar.update()
-            audio = writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            bar.close()
+                yield PasteBack(frame, np.linalg.inv(m_o2c[i]), len(face))(face) if settings.paste else face
+        audio = write_video(frames(), output, fps, n, progress, driving if driving_kind == "video" else source)
     finally:
         session.close()
     return dict(frames=n, fps=float(fps), audio=audio, output=str(output))

@@ -10,23 +10,24 @@ threads (`close()` stops them at once):
 
 - A session's prepare and finish calls run one at a time and in frame order (its face tracker and its recording
   need that); different sessions run in parallel on the pool.
-- While the engine runs batch k, the pool prepares batch k+1, just in time: a session's next frame is prepared
-  when the engine's current step is expected to end (median of the last steps) less the session's own
-  preparation time, so the crop is as fresh as the newest frame at that moment (preparing right away would add a
-  whole engine step to the latency of every frame). If the step ends earlier, preparation starts then. On a CPU
-  engine (`overlap` False) preparation waits for the step to end: the engine uses every core, and measured on 2
-  cores, tracking faces during the step made the step itself up to ~50% slower (2 of 3 runs), far more than the
-  ~25 ms of tracking it hid (docs/benchmarks.md). The engine never waits to fill a batch: it takes whatever is
-  ready, up to max_batch, longest-waiting first (a lane by when the engine last took its frame, a one-shot by
-  when it was handed in). The one wait: preparations already running when the engine is free join its batch if they end
-  within 1.5x their sessions' recent preparation time (~20-70 ms per frame measured on 2 busy cores);
-  without it, sessions prepared a few ms apart fall into alternating batches of 1 (measured: 2 sessions on CPU
-  ran 15 batches of 1 and no batch of 2 in 6 s).
+- While the engine runs batch k, the pool prepares batch k+1, just in time (`prepare_delay`): a session's next
+  frame is prepared when the engine's current step is expected to end (median of the last STEP_WINDOW steps) less
+  PREPARE_AHEAD times the session's own preparation time, so the crop is as fresh as the newest frame at that
+  moment (preparing right away would add a whole engine step to the latency of every frame). If the step ends
+  earlier, preparation starts then. On a CPU engine (`overlap` False) preparation waits for the step to end: the
+  engine's threads already use every core, and tracking faces beside it slowed the step by more than the tracking
+  it hid (docs/benchmarks.md, "The scheduler's constants").
+- The engine never waits to fill a batch: it takes whatever is ready, up to max_batch, longest-waiting first
+  (`choose_batch`; a lane by when the engine last took its frame, a one-shot by when it was handed in). The one
+  wait: preparations already running when the engine is free join its batch if they end within JOIN_WAIT times
+  their sessions' recent preparation time; without it, sessions prepared a few ms apart fall into alternating
+  batches of 1.
 - Frames that belong to no live session (a file render, the portrait editor: `run(work)`, synchronous) join the
-  batch selection as one-shot items, longest-waiting first with the lanes' frames, and are no session for
-  admission. So a live session's frame waits for at most the engine call in flight however many renders run
-  (`stats()["waited_max"]`); `call(fn)` is for short housekeeping, since every waiting call runs before the
-  next batch.
+  batch selection as one-shot items (`OneShot`), longest-waiting first with the lanes' frames, and are no session
+  for admission. So a live session's frame waits for at most the engine call in flight however many renders run
+  (`stats()["waited_max"]`); `call(fn)` is for short housekeeping, since every waiting call runs before the next
+  batch. A `Lane` and a `OneShot` answer the same calls (`take`, `fail`, `deliver`, `release`), each in its own
+  way, so a batch treats them alike.
 - Every slot holds one item. A newer frame replaces one still waiting (counted in `Lane.dropped`); nothing queues.
 - A failure in one session's prepare, engine setup or finish is logged and counted (`Lane.failed`); the other
   sessions of the batch keep their outputs. A one-shot's setup or engine error is raised to its `run` caller.
@@ -74,6 +75,24 @@ import torch
 log = logging.getLogger("liveportrait.scheduler")
 T = TypeVar("T")
 
+STEP_WINDOW = 5         # the expected engine step: the median of this many recent steps
+PREPARE_AHEAD = 1.5     # a lane's next frame starts this many of its preparation times before the step should end,
+PREPARE_SLACK_MS = 2.0  # plus this margin
+JOIN_WAIT = 1.5         # preparations in flight join a free engine's batch within this many of their preparation times
+
+
+def prepare_delay(step_ms: float, prepare_ms: float, overlap: bool) -> float:
+    """Seconds from the engine taking a lane's frame to preparing its next one, so that it is ready as the step
+    is expected to end; inf without overlap (a CPU engine): not before the engine is free."""
+    if not overlap:
+        return float("inf")
+    return max(0.0, step_ms - PREPARE_AHEAD * prepare_ms - PREPARE_SLACK_MS) / 1000
+
+
+def choose_batch(waiting: list[Lane | OneShot], max_batch: int) -> list[Lane | OneShot]:
+    """The next batch: whatever is ready, longest-waiting first (the earliest `served`), up to max_batch."""
+    return sorted(waiting, key=lambda item: item.served)[:max_batch]
+
 
 @dataclass
 class Work:
@@ -116,13 +135,49 @@ class Lane:
     def busy(self) -> bool:
         return self.preparing or self.in_engine or self.finishing
 
+    # ---- as a batch item (under the scheduler's lock, but `fail`) ----
+
+    def take(self, now: float, step_ms: float) -> Work:
+        """Into the batch: its ready frame; its next frame is to be prepared in time for the step's end."""
+        work, self.ready, self.in_engine, self.served = self.ready, None, True, now
+        self.prepare_at = now + prepare_delay(step_ms, self.prepare_ms, self.scheduler.overlap)
+        return work
+
+    def fail(self, error: Exception) -> None:
+        """Its frame failed in setup or in the engine (logged there): counted, the session goes on."""
+        with self.scheduler._cond:
+            self.failed += 1
+
+    def deliver(self, work: Work, face: Any, done: Any) -> None:
+        self.scheduler._to_finish(self, work, face, done)
+
+    def release(self) -> None:
+        """The batch ended: the engine calls that ended while its frame waited, and prepare the next now if due."""
+        self.waited_max = max(self.waited_max, self.scheduler._ended - self.ready_mark)
+        self.in_engine, self.prepare_at = False, 0.0
+        self.scheduler._kick(self)
+
 
 class OneShot:
     """A frame outside the live sessions (a file render's, the editor's) waiting for a batch: one `Work`, handed in
     at `served`, its face (or error) in `future`. Not a session: nothing of it outlives its batch."""
 
-    def __init__(self, work: Work, served: float):
-        self.work, self.served, self.future = work, served, Future()
+    def __init__(self, scheduler: Scheduler, work: Work, served: float):
+        self.scheduler, self.work, self.served, self.future = scheduler, work, served, Future()
+
+    def take(self, now: float, step_ms: float) -> Work:
+        self.scheduler._oneshots.remove(self)
+        return self.work
+
+    def fail(self, error: Exception) -> None:
+        self.future.set_exception(error)  # raised to its `run` caller
+
+    def deliver(self, work: Work, face: Any, done: Any) -> None:
+        self.scheduler.oneshots += 1
+        self.future.set_result(face)
+
+    def release(self) -> None:
+        pass
 
 
 _schedulers: "weakref.WeakKeyDictionary[Any, Scheduler]" = weakref.WeakKeyDictionary()
@@ -206,7 +261,7 @@ class Scheduler:
             if work.setup:
                 work.setup()
             return self.animate([work])[0]
-        item = OneShot(work, time.monotonic())
+        item = OneShot(self, work, time.monotonic())
         with self._cond:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
@@ -372,39 +427,42 @@ class Scheduler:
         while self._round():
             pass
 
+    def _waiting(self) -> list[Lane | OneShot]:
+        """The items ready for the engine: lanes with a prepared frame, and one-shots."""
+        return [lane for lane in self.lanes if lane.ready] + self._oneshots
+
+    def _has_work(self) -> bool:
+        return self._closed or bool(self._calls) or bool(self._waiting())
+
+    def _joined(self) -> bool:
+        """No preparation is in flight any more, or the ready items fill a batch."""
+        return self._closed or not any(lane.preparing for lane in self.lanes) or \
+            len(self._waiting()) >= self.max_batch
+
+    def _join_wait(self) -> float:
+        """Seconds the free engine waits for the preparations in flight to join its batch (0: none to wait for)."""
+        preparing = [lane.prepare_ms for lane in self.lanes if lane.preparing]
+        return JOIN_WAIT * max(preparing) / 1000 if preparing and not self._calls else 0.0
+
     def _round(self) -> bool:
         """Wait for work, run the calls waiting, then one batch; False once closed. A method of its own so that
         nothing of a round (a call's result, a batch's works) outlives it and keeps an engine alive."""
         with self._cond:
-            self._cond.wait_for(lambda: self._closed or self._calls or self._oneshots or
-                                any(l.ready for l in self.lanes))
-            preparing = [l.prepare_ms for l in self.lanes if l.preparing]
-            if preparing and not self._calls:  # preparations in flight join this batch (module docstring)
-                self._cond.wait_for(lambda: self._closed or not any(l.preparing for l in self.lanes) or
-                                    sum(1 for l in self.lanes if l.ready) + len(self._oneshots) >= self.max_batch,
-                                    1.5 * max(preparing) / 1000)
+            self._cond.wait_for(self._has_work)
+            if wait := self._join_wait():
+                self._cond.wait_for(self._joined, wait)
             if self._closed:
                 for future in [f for _, f in self._calls] + [o.future for o in self._oneshots]:
                     future.set_exception(RuntimeError("the scheduler is closed"))
                 self._calls.clear()
                 self._oneshots.clear()
                 return False
-            calls, batch = list(self._calls), []
+            calls = list(self._calls)
             self._calls.clear()
             now = time.monotonic()
             self._collect_steps()
-            step = float(np.median(list(self.steps)[-5:])) if self.steps else 0.0
-            waiting = [l for l in self.lanes if l.ready] + self._oneshots
-            for item in sorted(waiting, key=lambda x: x.served)[:self.max_batch]:
-                if isinstance(item, OneShot):
-                    self._oneshots.remove(item)
-                    batch.append((item, item.work))
-                    continue
-                batch.append((item, item.ready))
-                item.ready, item.in_engine, item.served = None, True, now
-                # its next frame is prepared while this batch runs, to be ready when the batch ends
-                lead = max(0.0, step - 1.5 * item.prepare_ms - 2.0) / 1000 if self.overlap else float("inf")
-                item.prepare_at = now + lead
+            step = float(np.median(list(self.steps)[-STEP_WINDOW:])) if self.steps else 0.0
+            batch = [(item, item.take(now, step)) for item in choose_batch(self._waiting(), self.max_batch)]
             self._cond.notify_all()  # the clock
         for fn, future in calls:
             try:
@@ -420,7 +478,7 @@ class Scheduler:
     def _run(self, batch: list[tuple[Lane | OneShot, Work]]) -> None:
         """Set up each item (a failure drops that item only), one engine call, outputs to the finish stage (a
         one-shot's to its caller)."""
-        ok, failed = [], []
+        ok = []
         for who, work in batch:
             try:
                 if work.crop.shape != (256, 256, 3) or work.crop.dtype != np.uint8:
@@ -429,11 +487,8 @@ class Scheduler:
                     work.setup()
                 ok.append((who, work))
             except Exception as e:
-                if isinstance(who, OneShot):
-                    who.future.set_exception(e)
-                else:
-                    log.exception("engine setup failed")
-                    failed.append(who)
+                log.exception("engine setup failed")
+                who.fail(e)
         faces = done = None
         if ok:
             t, start = time.perf_counter(), self._event()
@@ -442,33 +497,20 @@ class Scheduler:
             except Exception as e:
                 log.exception("engine call failed (batch of %d)", len(ok))
                 for who, _ in ok:
-                    if isinstance(who, OneShot):
-                        who.future.set_exception(e)
-                    else:
-                        failed.append(who)
+                    who.fail(e)
             ms, done = (time.perf_counter() - t) * 1000, self._event()
-        lanes = [who for who, _ in batch if isinstance(who, Lane)]
         with self._cond:
-            for lane in lanes:  # the calls that ended between its frame's readiness and this batch
-                lane.waited_max = max(lane.waited_max, self._ended - lane.ready_mark)
-            self._ended += 1
             if ok:
                 if done is None:
                     self.steps.append(ms)
                 else:  # the call only queued the step: its time is the events', once the GPU is past them
                     self._timing.append((start, done))
                 self.batch_sizes[len(ok)] += 1
-            for lane in failed:
-                lane.failed += 1
-            for i, (who, work) in enumerate(ok if faces is not None else []):
-                if isinstance(who, OneShot):
-                    self.oneshots += 1
-                    who.future.set_result(faces[i])
-                else:
-                    self._to_finish(who, work, faces[i], done)
-            for lane in lanes:
-                lane.in_engine, lane.prepare_at = False, 0.0  # the engine is free: prepare now if not started
-                self._kick(lane)
+            for (who, work), face in zip(ok, faces if faces is not None else []):
+                who.deliver(work, face, done)
+            for who, _ in batch:  # `_ended` does not count this batch yet: the calls before it, for waited_max
+                who.release()
+            self._ended += 1
             self._cond.notify_all()
 
     def animate(self, works: list[Work]):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model import kinematics as kin
-from model.engine import Controls, Engine
+from model.engine import CONTROLS, KP_KEYS, Controls, Engine, control
 from model.images import to_image, to_tensor
 
 
@@ -237,3 +237,29 @@ def test_spectral_norm_is_computed_once_at_build(tiny_nets, images, monkeypatch)
     with capture(engine.G) as per_call:
         engine.animate(images["drv"][None])
     assert calls and torch.equal(frozen[0], per_call[0])
+
+
+def test_step_inputs_are_gathered_per_item_and_read_by_name(tiny_nets, images):
+    """`_inputs` gathers each session's cache, reference and controls into one StepInputs, an item a row;
+    `leaves()` is the one order a CUDA graph copies its static buffers in, and `map` keeps the structure."""
+    engine = make(tiny_nets, images)
+    engine.set_source(images["drv"], "b")
+    engine.set_reference(images["src"], "b")
+    engine.set_controls("b", multiplier=0.5, eye_target=0.25, relative=False)
+    a, b = engine.sessions["default"], engine.sessions["b"]
+    inputs = engine._inputs([a, b, a])
+    assert torch.equal(inputs.feature, torch.cat([a.feature, b.feature, a.feature]))
+    assert torch.equal(inputs.x_s[1:2], b.x_s) and torch.equal(inputs.ratios[1:2], b.ratios)
+    for k in KP_KEYS:
+        assert torch.equal(inputs.source[k][1:2], b.source[k]) and torch.equal(inputs.reference[k][2:], a.reference[k])
+    assert control(inputs.controls, "multiplier").flatten().tolist() == [1.0, 0.5, 1.0]
+    assert control(inputs.controls, "eye_target").flatten().tolist() == [0.0, 0.25, 0.0]
+    assert control(inputs.controls, "relative").flatten().tolist() == [1.0, 0.0, 1.0]
+    assert inputs.controls.shape == (3, len(CONTROLS)) and inputs.edits.shape[0] == 3
+    leaves = inputs.leaves()
+    assert len(leaves) == 5 + 2 * len(KP_KEYS) and leaves[0] is inputs.feature and leaves[1] is inputs.x_s
+    motions = [inputs.source[k] for k in KP_KEYS] + [inputs.reference[k] for k in KP_KEYS]
+    assert all(x is y for x, y in zip(leaves[2:-3], motions, strict=True))
+    assert all(x is y for x, y in zip(leaves[-3:], [inputs.controls, inputs.ratios, inputs.edits], strict=True))
+    copied = inputs.map(torch.Tensor.clone)
+    assert all(torch.equal(x, y) and x is not y for x, y in zip(copied.leaves(), leaves, strict=True))

@@ -175,3 +175,21 @@ def test_source_video_eye_retargeting_and_limits(kinds, tmp_path, capsys):
     render(engine, kinds / "source.mp4", kinds / "motion.pkl", tmp_path / "p.mp4",
            progress=lambda done, what: seen.append((round(done, 2), what)))
     assert seen[-1] == (1.0, f"render: {SOURCE_FRAMES} frames")  # the page's progress reaches the end
+
+
+def test_a_render_failing_midway_leaves_no_file(tmp_path):
+    """Both offline video renders write through `write_video`: an error while the frames are made, after some
+    were written, deletes the half-written file and reaches the caller; a render that ends keeps every frame."""
+    from stream.offline import write_video
+
+    def frames(fail: bool):
+        for i in range(3):
+            yield np.full((64, 64, 3), 40 * i, np.uint8)
+        if fail:
+            raise RuntimeError("the engine failed on purpose")
+    out, seen = tmp_path / "out.mp4", []
+    with pytest.raises(RuntimeError, match="on purpose"):
+        write_video(frames(True), out, 25, 3, None)
+    assert not out.exists()
+    assert write_video(frames(False), out, 25, 3, lambda done, what: seen.append((done, what))) is False
+    assert video_facts(out)["frames"] == 3 and seen[-1] == (1.0, "render: 3 frames")

@@ -21,7 +21,8 @@ import skimage.data
 
 from conftest import run, tiny
 from model.engine import Engine, load_networks
-from stream.scheduler import Scheduler, Work
+from stream.scheduler import (JOIN_WAIT, PREPARE_AHEAD, PREPARE_SLACK_MS, Lane, OneShot, Scheduler, Work,
+                              choose_batch, prepare_delay)
 from stream.serve_bench import simulate
 from test_reliability import valid_offer_sdp  # a real offer: /offer checks the SDP before admission
 
@@ -454,3 +455,18 @@ def test_a_frame_arriving_mid_step_is_prepared_during_the_step():
                                        f"after it ended at {1000 * (end - start):.0f} ms"
     finally:
         sched.close()
+
+
+def test_batch_choice_and_prepare_ahead_time():
+    """The batch: lanes and one-shots alike, longest-waiting (earliest `served`) first, at most max_batch. The next
+    frame's preparation starts PREPARE_AHEAD preparation times (plus the slack) before the step should end: never
+    before the engine takes the frame, never during the step without overlap (a CPU engine)."""
+    lanes = [Lane(None, None), Lane(None, None)]
+    lanes[0].served, lanes[1].served = 3.0, 2.0
+    items = [lanes[0], OneShot(None, Work(None), 1.0), lanes[1], OneShot(None, Work(None), 4.0)]
+    assert [i.served for i in choose_batch(items, 3)] == [1.0, 2.0, 3.0]
+    assert [type(i) for i in choose_batch(items, 8)] == [OneShot, Lane, Lane, OneShot]
+    assert prepare_delay(100.0, 20.0, True) == pytest.approx((100 - PREPARE_AHEAD * 20 - PREPARE_SLACK_MS) / 1000)
+    assert prepare_delay(100.0, 80.0, True) == 0.0  # preparing takes longer than the step: at once
+    assert prepare_delay(100.0, 20.0, False) == float("inf")
+    assert JOIN_WAIT > 1  # a preparation that runs as long as it did last time still joins the batch
