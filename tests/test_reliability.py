@@ -462,6 +462,20 @@ def test_vanished_tabs_are_reaped_and_markers_expire(app):
     app.close()
 
 
+def test_a_page_no_worker_holds_is_reaped_by_the_front(app):
+    """A page that never went live is held by no worker: the front reaps it once it has not been called for the idle
+    timeout; one whose metrics line is polled stays."""
+    idle, polled = gr.Request(session_hash="idle"), gr.Request(session_hash="polled")
+    for r in (idle, polled):
+        run(app.open_page(r))
+    for _ in range(5):  # `polled`'s page asks for its metrics line, as an open page does every second
+        time.sleep(0.2)
+        assert "not connected" in run(app.stats(polled))
+    assert run(app.reap()) == ["idle"]
+    assert list(app.pages) == ["polled"] and not app.placed and not app.workers[0].worker.tabs
+    app.close()
+
+
 def test_recording_stops_at_its_limit_and_the_page_says_so(app):
     import skimage.data
     r = gr.Request(session_hash="rec")
