@@ -590,7 +590,7 @@ def test_reaping_outlives_a_failing_reap(app, monkeypatch):
 
 
 def test_a_failing_step_of_reap_leaves_the_others(app, monkeypatch):
-    run(app.stats(gr.Request(session_hash="gone-quiet")))  # a tab that then vanishes without an unload
+    run(app.http_frame(ASTRONAUT, gr.Request(session_hash="gone-quiet")))  # live, then gone without an unload
     app.limits.idle_timeout = 0.2
     monkeypatch.setattr(app.workers[0].worker.work, "clean", lambda: (_ for _ in ()).throw(RuntimeError("clean failed")))
     time.sleep(0.4)
