@@ -228,8 +228,8 @@ class LiveApp:
     # ---- page lifecycle ----
 
     async def open_page(self, request: gr.Request) -> str:
-        """Page load: register the tab; its id, its secret and its ICE servers (TURN credentials minted for it)
-        go to the WebRTC client. Only the load that creates the tab gets them: another call naming the same
+        """Page load: register the tab (no worker holds it until it first needs the engine); its id, its secret
+        and its ICE servers (TURN credentials minted for it) go to the WebRTC client. Only the load that creates the tab gets them: another call naming the same
         session hash (Gradio lets a client choose it) gets nothing."""
         if request.session_hash in self.closed:
             return ""
