@@ -325,7 +325,7 @@ def test_a_drained_worker_takes_no_new_session_and_exits_once_its_sessions_end(s
             drained = app.placed[live.session]
             idle = loadtest.Tab(http)
             page = await idle.open()
-            app.placed[idle.session] = drained  # placed there at its page load, not live
+            app.placed[idle.session] = drained  # placed there (its editor was opened, say), not live
             await drained.call("restore", idle.session, None, {}, False)
             pid = (await drained.call("health"))["pid"]
             drain = asyncio.ensure_future(app.drain([drained], 120))

@@ -18,7 +18,7 @@ import pytest
 from cryptography import x509
 
 from conftest import ROOT, run, tiny
-from test_e2e_browser import (CHROMIUM, FLAGS, free_port, sync_playwright, wait_closed, wait_until, webcam_frames,
+from test_e2e_browser import (CHROMIUM, FLAGS, Held, free_port, sync_playwright, wait_closed, wait_until, webcam_frames,
                               write_y4m)
 
 HOST = "lp.test"
@@ -107,7 +107,7 @@ def browser(tmp_path_factory):
 
 
 def open_page(browser, app, url, init_script=None):
-    """A new tab at `url`, registered with the server: (page, its server-side Page, JS errors logged so far)."""
+    """A new tab at `url`, registered with the server: (page, its tab on the worker, JS errors logged so far)."""
     page = browser.new_page(viewport={"width": 1360, "height": 1020})
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -116,9 +116,9 @@ def open_page(browser, app, url, init_script=None):
         page.add_init_script(init_script)
     page.goto(url)
     page.wait_for_function("() => document.querySelector('.lp-start') && window.lpLive")
-    wait_until(lambda: app.pages and app.workers[0].worker.tabs, 30)
+    wait_until(lambda: app.pages, 30)
     (session,) = app.pages
-    return page, app.workers[0].worker.tabs[session], errors
+    return page, Held(app.workers[0].worker, session), errors
 
 
 def test_https_self_signed_at_a_host_name(https, browser):
@@ -161,7 +161,7 @@ def test_insecure_origin_explains_and_disables_the_camera(turned, browser):
     assert "--https-self-signed" in http_notice.inner_text()
     grant = page.locator('#lp-http-cam [title="grant webcam access"] > button')
     wait_until(grant.is_disabled, 10)
-    assert tab.pipeline is None and not errors, errors
+    assert not tab.placed and not errors, errors  # it never went live: no worker holds it
     page.close()
     wait_closed(app)
 
@@ -220,7 +220,7 @@ def test_falls_back_to_http_streaming_and_back(https, browser, monkeypatch):
     page, tab, errors = open_page(browser, app, f"https://{HOST}:{port}/")
     page.click(".lp-start")
     page.wait_for_function("() => window.lpLive.transport === 'HTTP streaming'", timeout=15_000, polling=100)
-    wait_until(lambda: tab.pipeline and tab.pipeline.transport == "HTTP streaming"
+    wait_until(lambda: tab.placed and tab.pipeline and tab.pipeline.transport == "HTTP streaming"
                and tab.pipeline.metrics.frames_out >= 5, 90)
     note = page.locator("#lp-http-note .lp-notice")
     assert "WebRTC did not work (no video within 10 s" in note.inner_text()

@@ -109,7 +109,7 @@ def test_a_performer_on_http_streaming_has_a_webrtc_viewer(server, browser):
     page.get_by_role("tab", name="Live (HTTP streaming)").click()
     page.get_by_role("button", name="Click to Access Webcam").click()
     page.get_by_role("button", name="capture photo").click()  # starts streaming
-    wait_until(lambda: tab.pipeline and tab.pipeline.metrics.frames_out >= 3, 90)
+    wait_until(lambda: tab.placed and tab.pipeline and tab.pipeline.metrics.frames_out >= 3, 90)
     context, v = viewer(browser, share(page))
     v.wait_for_function("() => window.lpView.frames >= 5", timeout=120_000, polling=250)
     assert v.evaluate("[window.lpView.width, window.lpView.height]") == [512, 512]

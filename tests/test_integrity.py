@@ -23,6 +23,7 @@ from conftest import ROOT, run, tiny
 from stream.serve_bench import moving_face
 from test_reliability import valid_offer_sdp, wait_until
 from web import loadtest
+from web.worker import Local
 
 ASTRONAUT = skimage.data.astronaut()
 
@@ -489,25 +490,59 @@ def test_a_replaced_connection_holds_its_slot_until_closed(tmp_path):
         app.close()
 
 
-def test_a_closed_tab_stays_closed(app):
-    """Calls that raced the page's unload reach the worker after it: none brings the tab back or makes anything
-    for it."""
-    from web.worker import TabClosed
-    r = gr.Request(session_hash="shut")
+class Slow(Local):
+    """The in-process worker behind a slow link: a call of `held` waits in the front until `release` is set, as a
+    call to a worker in another process may arrive late."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.held, self.entered, self.release = None, threading.Event(), threading.Event()
+
+    async def call(self, method, *args, **kw):
+        if method == self.held:
+            self.entered.set()
+            await asyncio.to_thread(self.release.wait, 30)
+        return await super().call(method, *args, **kw)
+
+
+@pytest.fixture(scope="module")
+def slow_pair(tmp_path_factory):
+    """A front with two slow-link workers."""
+    import dataclasses
+    from web.app import LiveApp
+    config = tiny(step_s=0.1)
+    d = tmp_path_factory.mktemp("slow")
+    workers = [Slow(dataclasses.replace(config, workdir=str(d / f"w{i}"))) for i in range(2)]
+    app = LiveApp(config, untrained=True, workdir=d / "front", workers=workers)
+    yield app
+    app.close()
+
+
+@pytest.mark.parametrize("held", ["load", "restore", "http_frame"])
+def test_a_call_racing_the_unload_does_not_bring_the_tab_back(slow_pair, held, tmp_path):
+    """A webcam frame that passed the front's closed-tab check, then the page closed while the front asked the
+    workers where to place the tab (load), while the tab was being restored on its worker (restore), or before
+    the frame reached the worker (http_frame): no worker holds the tab afterwards, nothing is made for it."""
+    import concurrent.futures
+    import PIL.Image
+    app, session = slow_pair, f"racing-{held}"
+    r = gr.Request(session_hash=session)
     run(app.open_page(r))
-    run(app.http_frame(ASTRONAUT, r))
-    run(app.close_page(r))
-    call, w = (lambda *args: run(app.workers[0].call(*args))), app.workers[0].worker
-    assert not call("stats", "shut")["live"]
-    call("set_controls", "shut", dict(overlay=True))
-    call("set_editing", "shut", True)
-    assert call("edited", "shut") is None
-    with pytest.raises(TabClosed):
-        call("http_frame", "shut", ASTRONAUT)
-    with pytest.raises(TabClosed):
-        call("share", "shut")
-    call("restore", "shut", None, {}, False)
-    assert "shut" not in w.tabs and not w.views and w.counts()["live"] == 0 and not w.engine.sessions
+    PIL.Image.fromarray(ASTRONAUT).save(tmp_path / "portrait.png")
+    run(app.set_portrait(str(tmp_path / "portrait.png"), r))  # its restore detects the face: it takes a while
+    for w in app.workers:
+        w.held, w.entered, w.release = held, threading.Event(), threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        frame = pool.submit(run, app.http_frame(ASTRONAUT, r))
+        assert any(w.entered.wait(30) for w in app.workers)
+        run(app.close_page(r))
+        for w in app.workers:
+            w.release.set()
+        assert frame.result(60) is None  # TabClosed: the page is gone
+    for w in app.workers:
+        w.held = None
+    assert session not in app.placed and session not in app.pages
+    assert [w.worker.counts() for w in app.workers] == [dict.fromkeys(app.workers[0].worker.counts(), 0)] * 2
 
 
 def test_pages_get_turn_credentials_minted_for_them(tmp_path):
@@ -520,6 +555,7 @@ def test_pages_get_turn_credentials_minted_for_them(tmp_path):
     try:
         (ice,) = json.loads(run(app.open_page(gr.Request(session_hash="turn-tab"))))["ice"]
         assert set(ice) == {"urls", "username", "credential"} and int(ice["username"].split(":")[0]) > time.time()
+        run(app.http_frame(ASTRONAUT, gr.Request(session_hash="turn-tab")))  # live: it has a worker to share from
         token = run(app.share("turn-tab"))
         view = asyncio.run(app.view_page(fastapi.Request({"type": "http", "path_params": {"token": token},
                                                           "query_string": b"", "headers": []}))).body.decode()
@@ -554,7 +590,7 @@ def test_reaping_outlives_a_failing_reap(app, monkeypatch):
 
 
 def test_a_failing_step_of_reap_leaves_the_others(app, monkeypatch):
-    run(app.stats(gr.Request(session_hash="gone-quiet")))  # a tab that then vanishes without an unload
+    run(app.http_frame(ASTRONAUT, gr.Request(session_hash="gone-quiet")))  # live, then gone without an unload
     app.limits.idle_timeout = 0.2
     monkeypatch.setattr(app.workers[0].worker.work, "clean", lambda: (_ for _ in ()).throw(RuntimeError("clean failed")))
     time.sleep(0.4)

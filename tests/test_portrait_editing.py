@@ -49,10 +49,11 @@ def test_editing_tab_handlers(app):
     values = [Edits().values()[k] for k in SLIDERS]
     values[list(SLIDERS).index("gaze_x")] = -15.0
     assert isinstance(run(app.set_edits(r, "lips", *values)), type(gr.skip()))  # the tab is not shown: no engine call
-    page = app.workers[0].worker.tabs["editing"]
-    assert page.settings.region == "lips" and page.settings.edits.gaze_x == -15.0 and page.editor is None
-    assert page.settings.engine_controls(0.5)["gaze_x"] == -15.0
+    assert "editing" not in app.workers[0].worker.tabs and app.pages["editing"].controls["region"] == "lips"
     shown = run(app.select_tab(gr.SelectData(None, {"value": "Portrait editing", "index": 4, "selected": True}), r))
+    page = app.workers[0].worker.tabs["editing"]  # the editor needs the engine: the tab is placed, with its controls
+    assert page.settings.region == "lips" and page.settings.edits.gaze_x == -15.0
+    assert page.settings.engine_controls(0.5)["gaze_x"] == -15.0
     assert shown.shape == app.workers[0].worker.sample.image.shape and page.editor.name in app.workers[0].worker.engine.sessions
     *reset, plain = run(app.reset_edits(r))
     assert reset == [SLIDERS[k][2] for k in SLIDERS] and page.settings.edits == Edits()

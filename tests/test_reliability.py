@@ -462,6 +462,20 @@ def test_vanished_tabs_are_reaped_and_markers_expire(app):
     app.close()
 
 
+def test_a_page_no_worker_holds_is_reaped_by_the_front(app):
+    """A page that never went live is held by no worker: the front reaps it once it has not been called for the idle
+    timeout; one whose metrics line is polled stays."""
+    idle, polled = gr.Request(session_hash="idle"), gr.Request(session_hash="polled")
+    for r in (idle, polled):
+        run(app.open_page(r))
+    for _ in range(5):  # `polled`'s page asks for its metrics line, as an open page does every second
+        time.sleep(0.2)
+        assert "not connected" in run(app.stats(polled))
+    assert run(app.reap()) == ["idle"]
+    assert list(app.pages) == ["polled"] and not app.placed and not app.workers[0].worker.tabs
+    app.close()
+
+
 def test_recording_stops_at_its_limit_and_the_page_says_so(app):
     import skimage.data
     r = gr.Request(session_hash="rec")
@@ -528,8 +542,10 @@ def test_the_work_directory_outlives_a_run_and_its_limits_cover_earlier_runs(tmp
 def test_nothing_not_yet_downloaded_is_removed(app):
     """A finished take the page has not been given yet stays, past the age limit and over the quota alike; once
     handed out (the page downloads Gradio's copy) or once its tab has gone, the limits apply to it."""
+    import skimage.data
     r = gr.Request(session_hash="takes")
     key = run(app.open_page(r))
+    run(app.http_frame(skimage.data.astronaut(), r))  # live: its worker holds it
     earlier, take = app.dir / "recording-earlier.mp4", app.dir / "recording-take.mp4"
     for f, size in ((earlier, 2 * 2**20), (take, 1000)):
         f.write_bytes(b"x" * size)
@@ -553,6 +569,7 @@ def test_a_work_directory_anywhere_hands_its_files_to_the_page(tmp_path, monkeyp
     """--work-dir may be outside the temp and working directories, the only places Gradio copies a file from: the
     page still gets its recording (Gradio's copy), and the work directory itself is still not served."""
     import tempfile
+    import skimage.data
     from web.app import LiveApp
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # what Gradio takes for the system temp dir
     monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
@@ -569,6 +586,7 @@ def test_a_work_directory_anywhere_hands_its_files_to_the_page(tmp_path, monkeyp
             tab = loadtest.Tab(http)
             try:
                 page = await tab.open()
+                await app.http_frame(skimage.data.astronaut(), gr.Request(session_hash=page["session"]))  # live
                 app.workers[0].worker.tabs[page["session"]].takes.append(take)
                 return await tab.call("stop_recording", [json.dumps(page)])
             finally:

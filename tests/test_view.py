@@ -9,15 +9,18 @@ import json
 import gradio as gr
 import httpx
 import pytest
+import skimage.data
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 
 from conftest import run, tiny
 from stream.serve_bench import moving_face
 from test_reliability import free_port, valid_offer_sdp, wait_until
 from web import loadtest
+from web.app import SHARE_LIVE
 from web.webrtc import AnimatedTrack
 
 MAX_VIEWERS = 2
+ASTRONAUT = skimage.data.astronaut()
 
 
 @pytest.fixture(scope="module")
@@ -88,25 +91,24 @@ def test_viewers_watch_bounded_revocable_and_leave_nothing(served):
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             tab = loadtest.Tab(http)
             page = await tab.open()
+            # a tab that has not been live is held by no worker: nothing to share yet
+            assert (await tab.call("share_output", [url, json.dumps(page)]))[0] == SHARE_LIVE and not worker.views
+
+            performer, received = loadtest.new_peer(moving_face(), 10)
+            await loadtest.offer(http, performer, page)
+            own = await frames(await asyncio.wait_for(received, 30), 2)
             link = (await tab.call("share_output", [url, json.dumps(page)]))[0]
             assert link.startswith(url + "view/")
             token = link.rsplit("/", 1)[1]
             assert len(token) >= 32 and worker.tabs[tab.session].token == token
-
-            # not live yet: the page is served, its offer is told to wait (409); a wrong token is 404 everywhere
             assert (await http.get(f"view/{token}")).status_code == 200
-            _, _, r = await watch(http, token)
-            assert r.status_code == 409, r.text
+            # a wrong token is 404 everywhere
             assert (await http.get("view/wrong-token")).status_code == 404
             assert (await watch(http, "wrong-token"))[2].status_code == 404
             # a view token is no page secret: /offer refuses it with 403, as the page's secret or as a session
             for fields in ({"session": tab.session, "secret": token}, {"session": token, "secret": token}):
                 assert (await http.post("offer", json={"sdp": sdp, "type": "offer", **fields})).status_code == 403
-            assert worker.counts()["live"] == 0
-
-            performer, received = loadtest.new_peer(moving_face(), 10)
-            await loadtest.offer(http, performer, page)
-            own = await frames(await asyncio.wait_for(received, 30), 2)
+            assert worker.counts()["live"] == 1
             t = worker.tabs[tab.session]
             pipeline = t.pipeline
 
@@ -166,6 +168,7 @@ def test_viewers_watch_bounded_revocable_and_leave_nothing(served):
 
 def test_view_page_options_are_checked(served):
     app, url = served
+    run(app.http_frame(ASTRONAUT, gr.Request(session_hash="options-tab")))  # live: it has a worker to share from
     token = run(app.share("options-tab"))
     try:
         page = httpx.get(f"{url}view/{token}?bg=00ff00&fit=cover")
@@ -201,11 +204,11 @@ def test_under_auth_the_link_is_the_permission_to_watch(tmp_path, loopback_only)
             page = await tab.open()
             assert (await anonymous.post("offer", json={"sdp": sdp, "type": "offer", **page})
                     ).status_code == 401
-            link = (await tab.call("share_output", [url, json.dumps(page)]))[0]
-            token = link.rsplit("/", 1)[1]
             performer, received = loadtest.new_peer(moving_face(), 10)
             await loadtest.offer(ada, performer, page)
             await frames(await asyncio.wait_for(received, 30), 1)
+            link = (await tab.call("share_output", [url, json.dumps(page)]))[0]
+            token = link.rsplit("/", 1)[1]
             assert (await anonymous.get(f"view/{token}")).status_code == 200
             assert (await anonymous.get(f"view/{token[:-1]}")).status_code == 404
             viewer, track, r = await watch(anonymous, token)

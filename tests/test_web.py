@@ -58,15 +58,20 @@ def test_bad_portraits_explain_and_keep_the_old_one(app, files, name, message):
     run(app.open_page(request("bad")))
     preview, status = run(app.set_portrait(str(files / name), request("bad")))
     assert message in status and "Portrait not used" in status
-    assert app.workers[0].worker.tabs["bad"].source is app.workers[0].worker.sample
+    assert app.pages["bad"].portrait is None
 
 
 def test_good_portrait_and_sample(app, files):
-    preview, status = run(app.set_portrait(str(files / "astronaut.jpg"), request("good")))
+    r = request("good")
+    run(app.open_page(r))
+    preview, status = run(app.set_portrait(str(files / "astronaut.jpg"), r))
     assert "Portrait ready (512×512)" in status and preview.shape == (512, 512, 3)
+    assert app.pages["good"].portrait == (files / "astronaut.jpg").read_bytes() and "good" not in app.placed
+    run(app.http_frame(ASTRONAUT, r))  # live: its worker gets the portrait
     assert app.workers[0].worker.tabs["good"].source is not app.workers[0].worker.sample
-    preview, status = run(app.use_sample(request("good")))
+    preview, status = run(app.use_sample(r))
     assert app.workers[0].worker.tabs["good"].source is app.workers[0].worker.sample and "Sample portrait" in status
+    run(app.close_page(r))
 
 
 def test_http_streaming_fallback_animates_and_cleans_up(app):
@@ -212,4 +217,4 @@ def test_offer_route(app, server):
     page = json.loads(run(app.open_page(request("tab"))))
     bad = httpx.post(server + "offer", json={**page, "sdp": "not sdp", "type": "offer"})
     assert bad.status_code == 400 and "bad offer" in bad.json()["error"]
-    assert app.workers[0].worker.tabs["tab"].pipeline is None and not app.workers[0].worker.counts()["peers"]
+    assert "tab" not in app.placed and not app.workers[0].worker.counts()["peers"]  # refused before any worker

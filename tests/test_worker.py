@@ -2,6 +2,7 @@
 exceptions are plain, picklable data, so that a worker in another process (a Ray actor) is called exactly like the
 in-process one. Here the in-process worker is called through a handle that pickles everything both ways and
 refuses anything that is not plain data, while a tab uses every feature through the front's handlers."""
+import dataclasses
 import os
 import pickle
 import subprocess
@@ -81,10 +82,12 @@ def test_every_tab_feature_through_plain_data(app, tmp_path):
     key = run(app.open_page(r))
     portrait = tmp_path / "portrait.png"
     PIL.Image.fromarray(skimage.data.astronaut()).save(portrait)
-    image, status = run(app.set_portrait(str(portrait), r))
+    image, status = run(app.set_portrait(str(portrait), r))  # checked by a worker that does not hold the tab yet
     assert "Portrait ready (512×512)" in status and image.shape == (512, 512, 3)
     (tmp_path / "wall.png").write_bytes(b"not an image at all")
     assert "not an image" in run(app.set_portrait(str(tmp_path / "wall.png"), r))[1]  # InputError, pickled
+    out = [run(app.http_frame(skimage.data.astronaut(), r)) for _ in range(3)]  # live: the tab is restored
+    assert run(app.set_portrait(str(portrait), r))[0].shape == (512, 512, 3)  # now its worker's
     run(app.set_controls(True, True, False, 1.0, True, 0.3, False, 0.1, 0.5, False, r))
     run(app.set_edits(r, "all", *[0.5] + [0.0] * (len(SLIDERS) - 1)))
     out = [run(app.http_frame(skimage.data.astronaut(), r)) for _ in range(3)]
@@ -110,8 +113,58 @@ def test_every_tab_feature_through_plain_data(app, tmp_path):
     with av.open(rendered) as c:
         assert sum(1 for _ in c.decode(video=0)) == 4
     run(app.close_page(r))
-    assert {"about", "restore", "stats", "set_portrait", "set_controls", "http_frame", "start_recording", "stop_recording",
+    assert {"about", "restore", "stats", "check_portrait", "set_portrait", "set_controls", "http_frame", "start_recording", "stop_recording",
             "reset_reference", "share", "set_editing", "edited", "render", "close_tab"} <= Pickling.seen
+
+
+def test_a_tab_is_placed_when_it_first_needs_the_engine(tmp_path):
+    """Page load places the tab on no worker, nor do the metrics line, the controls, a portrait upload (checked by a
+    worker that does not hold the tab), the reference reset, Record, Stop recording or Share output: the front
+    answers them from the tab's Page. Going live places it, on one of two workers, and that worker gets the portrait
+    and the controls set before; the Portrait editing tab places a tab too."""
+    config = tiny(step_s=0.1)
+    workers = [Pickling(dataclasses.replace(config, workdir=str(tmp_path / f"w{i}"))) for i in range(2)]
+    app = front.LiveApp(config, untrained=True, workdir=tmp_path / "front", workers=workers)
+    unplaced = lambda: not app.placed and not any(w.worker.counts()["tabs"] for w in workers)
+    try:
+        r = gr.Request(session_hash="lazy")
+        key = run(app.open_page(r))
+        assert unplaced()
+        assert "not connected — start the camera" in run(app.stats(r))
+        PIL.Image.fromarray(skimage.data.astronaut()[:, ::-1]).save(tmp_path / "mirrored.png")
+        image, status = run(app.set_portrait(str(tmp_path / "mirrored.png"), r))
+        assert "Portrait ready" in status
+        PIL.Image.new("RGB", (400, 300), (70, 130, 180)).save(tmp_path / "wall.png")
+        assert "No face found" in run(app.set_portrait(str(tmp_path / "wall.png"), r))[1]  # the last good one stays
+        run(app.set_controls(True, True, False, 1.0, True, 0.3, False, 0.1, 0.5, False, r))
+        run(app.set_edits(r, "eyes", *[0.5] + [0.0] * (len(SLIDERS) - 1)))
+        assert run(app.reset_reference(r)) == "Start the camera first."
+        assert run(app.start_recording(r)) == "Start the camera first, then record."
+        assert run(app.stop_recording(key, r))[1] == "Nothing recorded yet."
+        assert run(app.share_output("http://example.test/", key, r)) == front.SHARE_LIVE
+
+        class Select:
+            value = "Live (HTTP streaming)"
+        run(app.select_tab(Select(), r))
+        assert unplaced(), (app.placed, [w.worker.counts() for w in workers])
+
+        assert run(app.http_frame(skimage.data.astronaut(), r)).shape == (256, 256, 3)  # paste-back off
+        held = app.placed["lazy"].worker
+        (t,) = held.tabs.values()
+        assert np.array_equal(t.source.image, image) and t.pipeline is not None
+        assert t.settings.eye_target == 0.3 and t.settings.region == "eyes" and t.settings.edits.smile == 0.5
+        assert "Live via HTTP streaming" in run(app.stats(r))
+
+        editing = gr.Request(session_hash="editing")
+        run(app.open_page(editing))
+        Select.value = "Portrait editing"
+        assert run(app.select_tab(Select(), editing)).shape == (512, 512, 3)
+        assert app.placed["editing"].worker.tabs["editing"].editor is not None
+        for x in (r, editing):
+            run(app.close_page(x))
+        assert unplaced()
+    finally:
+        app.close()
 
 
 def test_launch_imports_no_ray():

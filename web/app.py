@@ -9,10 +9,12 @@ POST /view/<token>/offer.
 
 Everything live is a worker's (web/worker.py): one in this process by default, or several Ray actors in cluster
 mode (--workers, --ray: web/cluster.py), called the same way with plain data. A tab is placed on the worker with
-the most room at its first call and stays there; a view token is routed to its tab's worker. Files the worker
-hands back (recordings, renders) are written to this front's work directory, from where Gradio serves them. The
-front watches its workers: the pages of a lost or restarted worker's tabs are told why in their metrics line, from
-which a WebRTC page connects again by itself (web/static/live.js).
+the most room when it first needs the engine (going live, the Portrait editing tab, a render) and stays there;
+until then the front answers for it from its Page, which keeps what its worker will be given. A view token is
+routed to its tab's worker. Files the worker hands back (recordings, renders) are written to this front's work
+directory, from where Gradio serves them.
+The front watches its workers: the pages of a lost or restarted worker's tabs are told why in their metrics
+line, from which a WebRTC page connects again by itself (web/static/live.js).
 """
 from __future__ import annotations
 
@@ -53,8 +55,9 @@ from web.guard import Refused, check_offer, gradio_user, login_required, same_se
 from web.limits import Limits, argument, claim, default_work_dir, positive
 from web.limits import add_arguments as add_limit_arguments
 from web.webrtc import mint, parse_ice_servers, turn_server
-from web.worker import (CALL_TIMEOUT_S, DEFAULT_MAX_SESSIONS, LOAD_TIMEOUT_S, MAX_VIEWERS, EditorsFull, Local, NotLive,
-                        ServerFull, TabClosed, UnknownTab, UnknownView, ViewersFull, WorkerConfig, WorkerLost)
+from web.worker import (CALL_TIMEOUT_S, CLOSED, DEFAULT_MAX_SESSIONS, LOAD_TIMEOUT_S, MAX_VIEWERS, RECORD_LIVE,
+                        EditorsFull, Local, NotLive, ServerFull, TabClosed, UnknownTab, UnknownView, ViewersFull,
+                        WorkerConfig, WorkerLost)
 
 log = logging.getLogger("liveportrait.app")
 T = TypeVar("T")
@@ -91,12 +94,15 @@ NO_FACE_S = 1.0  # the page says "no face in view" once the tracker has found no
 PROGRESS_POLL_S = 0.5  # a render's progress bar asks the tab's worker this often
 WATCH_S = 1.0  # the front asks every worker this often whether it still answers, and in the same process
 LOST = "the live session on it ended and a recording in progress there is lost; reconnecting"  # metrics line
+NOT_LIVE = dict(live=False, refused=None, error=None)  # the stats of a tab no worker holds
+SHARE_LIVE = "Start the camera first, then share its output."  # Share output, for a tab that has not been live
 
 
 class Page:
     """What the front knows of a browser tab: the secret its page was given at load (a WebRTC offer must carry
-    it), under --auth who logged in, and what a worker needs to restore the tab (its portrait's bytes, None for
-    the sample; its controls; whether its Portrait editing tab is shown). Everything live is a worker's."""
+    it), under --auth who logged in, what a worker needs to hold the tab (its portrait's bytes, None for the
+    sample; its controls; whether its Portrait editing tab is shown), and when it was last called (a page no
+    worker holds is the front's to reap). Everything live is a worker's."""
 
     def __init__(self, user: str | None = None):
         self.secret, self.user = secrets.token_urlsafe(24), user
@@ -104,6 +110,7 @@ class Page:
         self.controls: dict[str, Any] = {}
         self.editing = False
         self.lost: str | None = None  # why its worker was lost (see LiveApp.watch), until it is live again
+        self.seen = time.monotonic()
 
 
 class LiveApp:
@@ -125,50 +132,77 @@ class LiveApp:
         self.closed: dict[str, float] = {}  # session hashes of closed tabs -> when (they expire: see reap)
         self.auth = False  # under --auth every handler acts only for the login that opened its tab (launch sets it)
 
+    async def _freest(self) -> Any:
+        """The answering worker with the most free capacity (a draining one takes no tab)."""
+        workers = [w for w in self.workers if w not in self.draining]
+        if not workers:
+            raise ServerFull("this server is being drained for a restart; try again shortly")
+        if len(workers) == 1:
+            return workers[0]
+        loads = await asyncio.gather(*(w.call("load", timeout=LOAD_TIMEOUT_S) for w in workers),
+                                     return_exceptions=True)
+        up = [(load, w) for load, w in zip(loads, workers) if not isinstance(load, BaseException)]
+        if not up:
+            raise WorkerLost("no worker of this server answers; try again shortly")
+        return max(up, key=lambda lw: lw[0])[1]
+
     async def _on(self, session: str) -> Any:
-        """The tab's worker: the one that holds it, else the answering one with the most free capacity."""
+        """The tab's worker: the one that holds it, else the freest one, which holds it from now on. A tab whose
+        page has closed is placed nowhere (TabClosed)."""
         if (worker := self.placed.get(session)) is None:
-            workers = [w for w in self.workers if w not in self.draining]
-            if not workers:
-                raise ServerFull("this server is being drained for a restart; try again shortly")
-            if len(workers) > 1:
-                loads = await asyncio.gather(*(w.call("load", timeout=LOAD_TIMEOUT_S) for w in workers),
-                                             return_exceptions=True)
-                up = [(load, w) for load, w in zip(loads, workers) if not isinstance(load, BaseException)]
-                if not up:
-                    raise WorkerLost("no worker of this server answers; try again shortly")
-                worker = max(up, key=lambda lw: lw[0])[1]
-            else:
-                worker = workers[0]
+            worker = await self._freest()
+            self._open(session)  # (its page may have closed while the workers were asked)
             worker = self.placed.setdefault(session, worker)
         return worker
 
+    def _open(self, session: str) -> None:
+        """TabClosed once the tab's page has closed: the front, which keeps the closed-tab markers, never places
+        or restores such a tab (a request that raced the unload must not bring it back)."""
+        if session in self.closed:
+            raise TabClosed(CLOSED)
+
     def _page(self, session: str) -> Page:
-        """The tab's Page; a blank one, not kept, for a call before its page load (only its load makes one)."""
-        return self.pages.get(session) or Page()
+        """The tab's Page, seen now; a blank one, not kept, for a call before its page load (only its load makes
+        one)."""
+        page = self.pages.get(session) or Page()
+        page.seen = time.monotonic()
+        return page
+
+    async def _ask(self, session: str, method: str, *args: Any, unplaced: Any = None) -> Any:
+        """`method` of the tab's worker if a worker holds the tab, else `unplaced`, with no worker call: a tab is
+        placed only when it first needs the engine (`_call`: going live, the editor, a render); until then it has
+        nothing live, and its Page keeps what its worker will be given."""
+        if session in self.placed:
+            return await self._call(session, method, *args)
+        self._page(session)
+        return unplaced
 
     async def _call(self, session: str, method: str, *args: Any, **kw: Any) -> Any:
-        """`method` of the tab's worker, for the tab. A worker that does not hold the tab (it was just placed
-        there, or the worker restarted) gets it restored from what the front kept first; a lost worker's tabs
-        are placed again at their next call."""
+        """`method` of the tab's worker, for the tab, placing the tab first if no worker holds it. A worker that
+        does not hold the tab (it was just placed there, or the worker restarted) gets it restored from its Page
+        first; a lost worker's tabs are placed again at their next need."""
+        page = self._page(session)
         worker = await self._on(session)
         try:
             try:
                 return await worker.call(method, session, *args, **kw)
             except UnknownTab:
-                page = self._page(session)
+                self._open(session)
                 await worker.call("restore", session, page.portrait, page.controls, page.editing)
+                if session in self.closed:  # its page closed while it was restored: the worker lets it go again
+                    await worker.call("close_tab", session)
+                    raise TabClosed(CLOSED)
                 return await worker.call(method, session, *args, **kw)
         except WorkerLost as e:
             if self.placed.get(session) is worker:
                 self._forget(session)
-                self._page(session).lost = str(e)
+                page.lost = str(e)
             raise
         except ServerFull:  # not live there: its next try is placed again, on the freest worker then
             if len(self.workers) > 1 and self.placed.get(session) is worker:
                 self._forget(session)
                 with contextlib.suppress(Exception):
-                    await worker.call("close_tab", session, True)  # moved, not closed: it may come back
+                    await worker.call("close_tab", session)  # moved: placed again at its next need
                 if worker in self.draining:  # that try goes to another worker at once
                     return await self._call(session, method, *args, **kw)
             raise
@@ -202,17 +236,15 @@ class LiveApp:
     # ---- page lifecycle ----
 
     async def open_page(self, request: gr.Request) -> str:
-        """Page load: register the tab; its id, its secret and its ICE servers (TURN credentials minted for it)
-        go to the WebRTC client. Only the load that creates the tab gets them: another call naming the same
-        session hash (Gradio lets a client choose it) gets nothing."""
+        """Page load: register the tab (no worker holds it until it first needs the engine); its id, its secret
+        and its ICE servers (TURN credentials minted for it) go to the WebRTC client. Only the load that creates the
+        tab gets them: another call naming the same session hash (Gradio lets a client choose it) gets nothing."""
         if request.session_hash in self.closed:
             return ""
         page = Page(request.username)
         if self.pages.setdefault(request.session_hash, page) is not page:
             log.warning("a second page load for an open tab: refused")
             return ""
-        with contextlib.suppress(WorkerLost):  # placed again at its next call
-            await self._call(request.session_hash, "stats")  # placed on a worker; its idle clock starts
         return json.dumps({"session": request.session_hash, "secret": page.secret, "ice": mint(self.ice_servers)})
 
     async def close_page(self, request: gr.Request) -> None:
@@ -224,12 +256,14 @@ class LiveApp:
             del self.closed[next(iter(self.closed))]
         self.pages.pop(request.session_hash, None)
         if worker := self.placed.get(request.session_hash):
-            await worker.call("close_tab", request.session_hash)
+            with contextlib.suppress(WorkerLost):  # a lost worker has lost the tab already
+                await worker.call("close_tab", request.session_hash)
         self._forget(request.session_hash)
 
     async def reap(self) -> list[str]:
-        """Free the tabs gone quiet for longer than the idle timeout (each worker also cleans its work directory)
-        and expire old closed-tab markers. Returns the tabs freed; one that comes back later is restored."""
+        """Free the tabs gone quiet for longer than the idle timeout: each worker frees the ones it holds (and
+        cleans its work directory), the front drops the pages no worker holds. Old closed-tab markers expire.
+        Returns the tabs freed; one that comes back later starts afresh."""
         reaped = await asyncio.gather(*(w.call("reap") for w in self.workers), return_exceptions=True)
         freed = []
         for worker, tabs in zip(self.workers, reaped):
@@ -242,6 +276,10 @@ class LiveApp:
                     self._forget(session)
                     freed.append(session)
         now = time.monotonic()
+        for session, page in list(self.pages.items()):
+            if session not in self.placed and now - page.seen > self.limits.idle_timeout:
+                del self.pages[session]
+                freed.append(session)
         for session, when in list(self.closed.items()):
             if now - when > self.limits.idle_timeout:
                 self.closed.pop(session, None)
@@ -259,7 +297,7 @@ class LiveApp:
         """Ask every worker for its health (within LOAD_TIMEOUT_S): one that does not answer, or answers from
         another process than before (Ray restarted it, empty), has lost its tabs' live sessions, so each such tab's
         page is told why (`Page.lost`, in its metrics line, from which a WebRTC page reconnects by itself). The
-        tabs' placement is `_call`'s: a tab moves, or is restored on the restarted worker, at its next call.
+        tabs' placement is `_call`'s: a tab moves, or is restored on the restarted worker, when it next needs the engine.
         Returns the tabs told."""
         async def health(worker) -> int | str:
             try:
@@ -331,19 +369,23 @@ class LiveApp:
         """Upload handler: validate and detect the face; the error is shown in the page, the old portrait stays."""
         if not path or self.gone(request):
             return gr.skip(), ""
+        session = request.session_hash
         try:
             data = await asyncio.to_thread(Path(path).read_bytes)
-            image = await self._call(request.session_hash, "set_portrait", data)
+            if session not in self.placed:  # checked where faces are found, without placing the tab
+                image = await (await self._freest()).call("check_portrait", data)
+            if session in self.placed:  # (placed meanwhile, too: its worker must have the new portrait)
+                image = await self._call(session, "set_portrait", data)
         except (InputError, NoFaceError) as e:
             return gr.skip(), f"⚠️ **Portrait not used.** {e}"
-        self._page(request.session_hash).portrait = data
+        self._page(session).portrait = data
         return image, f"✓ Portrait ready ({image.shape[1]}×{image.shape[0]})."
 
     async def use_sample(self, request: gr.Request) -> tuple:
         if self.gone(request):
             return gr.skip(), ""
         self._page(request.session_hash).portrait = None
-        image = await self._call(request.session_hash, "use_sample")
+        image = await self._ask(request.session_hash, "use_sample", unplaced=self.info["sample"])
         return image, "✓ Sample portrait (astronaut Eileen Collins, NASA, public domain)."
 
     async def set_controls(self, relative: bool, stitching: bool, paste: bool, multiplier: float, eye_on: bool,
@@ -359,9 +401,10 @@ class LiveApp:
         return await self.edited(request)
 
     async def _controls(self, session: str, values: dict[str, Any]) -> None:
-        """Controls changed: kept here (a worker that restarts gets them back) and sent to the tab's worker."""
+        """Controls changed: kept here (the worker that holds the tab later, or again after a restart, gets them)
+        and sent to the tab's worker, if it has one."""
         self._page(session).controls.update(values)
-        await self._call(session, "set_controls", values)
+        await self._ask(session, "set_controls", values)
 
     async def set_edits(self, request: gr.Request, region: str, *sliders: float) -> np.ndarray | None:
         """Animation region or an expression/pose slider changed (values in model.editing.SLIDERS order)."""
@@ -378,24 +421,27 @@ class LiveApp:
         return [*Edits().values().values(), await self.edited(request)]
 
     async def select_tab(self, event: gr.SelectData, request: gr.Request) -> np.ndarray | None:
-        """The Portrait editing tab renders while it is the one shown."""
+        """The Portrait editing tab renders while it is the one shown (shown, its editor needs the engine:
+        `edited` places the tab)."""
         if not self.gone(request):
             self._page(request.session_hash).editing = event.value == "Portrait editing"
-            await self._call(request.session_hash, "set_editing", event.value == "Portrait editing")
+            await self._ask(request.session_hash, "set_editing", event.value == "Portrait editing")
         return await self.edited(request)
 
     async def edited(self, request: gr.Request) -> np.ndarray | None:
         """The page's portrait with its sliders applied, pasted back (one engine call); skipped while the
         Portrait editing tab is not shown."""
+        if self.gone(request) or not self._page(request.session_hash).editing:
+            return gr.skip()
         try:
-            image = await self._call(request.session_hash, "edited") if not self.gone(request) else None
+            image = await self._call(request.session_hash, "edited")
         except EditorsFull as e:
             gr.Warning(f"Portrait editing: {e}.")
             return gr.skip()
         return gr.skip() if image is None else image
 
     async def reset_reference(self, request: gr.Request) -> str:
-        if not self.gone(request) and await self._call(request.session_hash, "reset_reference"):
+        if not self.gone(request) and await self._ask(request.session_hash, "reset_reference", unplaced=False):
             return "Reference reset: the next frame is the neutral pose."
         return "Start the camera first."
 
@@ -444,14 +490,16 @@ class LiveApp:
         working."""
         if not self.holds_secret(request, key):
             return gr.skip()
-        return urljoin(page_url or "", f"view/{await self.share(request.session_hash)}")
+        token = await self.share(request.session_hash)
+        return urljoin(page_url or "", f"view/{token}") if token else SHARE_LIVE
 
-    async def share(self, session: str) -> str:
-        """A new view token for the tab's output (the old one is revoked), routed to the tab's worker."""
-        token = await self._call(session, "share")
-        for old in [t for t, s in self.shared.items() if s == session]:
-            del self.shared[old]
-        self.shared[token] = session
+    async def share(self, session: str) -> str | None:
+        """A new view token for the tab's output (the old one is revoked), routed to the tab's worker; None for a
+        tab no worker holds (it has not been live: nothing to watch, nowhere to route)."""
+        if (token := await self._ask(session, "share")) is not None:
+            for old in [t for t, s in self.shared.items() if s == session]:
+                del self.shared[old]
+            self.shared[token] = session
         return token
 
     async def _viewing(self, token: str) -> Any:
@@ -505,7 +553,7 @@ class LiveApp:
             return gr.skip()
         page = self._page(request.session_hash)
         try:
-            m = await self._call(request.session_hash, "stats")
+            m = await self._ask(request.session_hash, "stats", unplaced=NOT_LIVE)
         except WorkerLost as e:
             return f"**Live:** ⚠️ {page.lost}: {LOST}." if page.lost else f"**Live:** ⚠️ {e}."
         if m["live"]:
@@ -552,12 +600,13 @@ class LiveApp:
     async def start_recording(self, request: gr.Request) -> str:
         if self.gone(request):
             return ""
-        return await self._call(request.session_hash, "start_recording")
+        return await self._ask(request.session_hash, "start_recording", unplaced=RECORD_LIVE)
 
     async def stop_recording(self, key: str | None, request: gr.Request) -> tuple:
         """Every take not yet downloaded (a second Record keeps the first; so do Stop and the limit), copied into
         Gradio's cache for the page; `key`: the page's secret."""
-        takes = await self._call(request.session_hash, "stop_recording") if self.holds_secret(request, key) else []
+        held = self.holds_secret(request, key)
+        takes = await self._ask(request.session_hash, "stop_recording", unplaced=[]) if held else []
         if not takes:
             return gr.skip(), "Nothing recorded yet."
         paths = [await asyncio.to_thread(handed, name, data) for name, data in takes]  # each take, then its motion

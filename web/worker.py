@@ -54,7 +54,8 @@ HTTP_QUIET_S = 5.0  # an HTTP-streaming connection without a webcam frame this l
 CALL_TIMEOUT_S = 120.0  # no call to a worker waits longer (closing a connection waits for its frames in flight)
 LOAD_TIMEOUT_S = 5.0  # health and load answer at once, even from a busy worker
 MAX_VIEWERS = 4  # receive-only viewers per tab unless --max-viewers says otherwise
-MAX_GONE = 10_000  # closed-tab markers kept at most (each also expires after the idle timeout)
+RECORD_LIVE = "Start the camera first, then record."  # what Record says to a tab that is not live
+CLOSED = "this tab was closed; reload the page"  # TabClosed's message
 # Live sessions admitted per device unless --max-sessions says otherwise (docs/benchmarks.md, "Serving"). CPU:
 # measured with `launch.py bench serve`; CUDA: not measured yet, one full batch of the scheduler (--max-batch 8).
 DEFAULT_MAX_SESSIONS = {"cpu": 4, "cuda": 8}
@@ -121,8 +122,9 @@ class TabClosed(RuntimeError):
 
 
 class UnknownTab(LookupError):
-    """A call for a tab this worker does not hold: it was never placed here, or the worker restarted, or it reaped
-    the tab. The front, which keeps the tab's portrait and controls, restores it (`Worker.restore`)."""
+    """A call for a tab this worker does not hold: it was never placed here, or the worker restarted, or it closed
+    the tab. The front, which keeps the tab's portrait and controls, restores it (`Worker.restore`) unless its page
+    has closed."""
 
 
 class WorkerLost(RuntimeError):
@@ -188,7 +190,7 @@ class Tab:
         tab, `conn` is closed instead."""
         if conn is not None and self.closed:
             await conn.close()
-            raise TabClosed("this tab was closed; reload the page")
+            raise TabClosed(CLOSED)
         old, self.conn = self.conn, conn
         if old is not None:
             self.retiring += 1
@@ -258,7 +260,6 @@ class Worker:
         encode.install()  # aiortc's senders and receivers use the tuned encoders and decoders
         self.tabs: dict[str, Tab] = {}
         self.work = WorkDir(Path(config.workdir or default_work_dir()), self.limits, self._takes)
-        self.gone: dict[str, float] = {}  # tabs closed by their page -> when: a later call must not bring one back
         self.views: dict[str, Tab] = {}  # view token -> the tab that shared its output
         self.draining = False  # being drained: admits no new live session (see drain)
         step = None
@@ -301,12 +302,7 @@ class Worker:
                                log.error("worker task failed", exc_info=t.exception()))
 
     def tab(self, tab: str) -> Tab:
-        """On the loop: the tab's state (UnknownTab if this worker does not hold it); its idle clock restarts. A
-        tab its page closed stays closed: a call that names it acts on a closed Tab the worker does not keep."""
-        if tab in self.gone:
-            closed = Tab(self.sample)
-            closed.closed = True
-            return closed
+        """On the loop: the tab's state (UnknownTab if this worker does not hold it); its idle clock restarts."""
         if (t := self.tabs.get(tab)) is None:
             raise UnknownTab(tab)
         t.seen = time.monotonic()
@@ -314,13 +310,13 @@ class Worker:
 
     async def restore(self, tab: str, portrait: bytes | None, controls: dict[str, Any], editing: bool) -> None:
         """Hold `tab` from now on, with what the front kept of it: its portrait (None: the sample), its controls and
-        whether its Portrait editing tab is shown. A tab this worker holds already keeps its state."""
+        whether its Portrait editing tab is shown. A tab this worker holds already keeps its state. The front never
+        restores a tab its page closed (it keeps those markers), and closes one whose close raced this restore."""
         if self._watch is None:
             self._watch = asyncio.ensure_future(self._watch_http())
-        if tab in self.tabs or tab in self.gone:
+        if tab in self.tabs:
             return
-        source = self.sample if portrait is None else await asyncio.to_thread(
-            lambda: prepare_source(read_image(portrait)))
+        source = self.sample if portrait is None else await self._prepare(portrait)
         t = self.tabs.setdefault(tab, Tab(source))
         await self.set_controls(tab, controls)
         t.editing = editing
@@ -338,7 +334,7 @@ class Worker:
         """On the loop: room for `t`'s new connection (its own current one counts as its slot), or ServerFull
         (TabClosed for a closed tab)."""
         if t.closed:
-            raise TabClosed("this tab was closed; reload the page")
+            raise TabClosed(CLOSED)
         if not (t.conn or t.admitting) and self.draining:
             raise ServerFull("this server is being drained for a restart; try again shortly")
         if not (t.conn or t.admitting) and self.live() >= self.max_sessions:
@@ -417,7 +413,7 @@ class Worker:
         """A new view token for the tab's output; the previous one is revoked and its viewers end."""
         t = self.tab(tab)
         if t.closed:
-            raise TabClosed("this tab was closed; reload the page")
+            raise TabClosed(CLOSED)
         await self._revoke(t)
         t.token = secrets.token_urlsafe(24)
         self.views[t.token] = t
@@ -455,13 +451,9 @@ class Worker:
         t.watch(viewer, lambda: self._spawn(t.end_viewer(viewer)))
         return viewer.answer
 
-    async def close_tab(self, tab: str, reaped: bool = False) -> None:
-        """The tab is gone: end its connection, free its editor and forget it. Closed by its page, it stays closed;
-        `reaped` (idle: no unload came) or moved to another worker, a later call restores it afresh."""
-        if not reaped:
-            self.gone[tab] = time.monotonic()
-            while len(self.gone) > MAX_GONE:
-                del self.gone[next(iter(self.gone))]
+    async def close_tab(self, tab: str) -> None:
+        """The tab is gone (closed by its page, idle, or moved to another worker): end its connection, free its
+        editor and forget it. A later call raises UnknownTab; whether the tab comes back is the front's to decide."""
         t = self.tabs.get(tab)
         if t is None or t.closed:
             return
@@ -487,13 +479,10 @@ class Worker:
         for tab in idle:
             try:
                 log.info("tab %s idle for over %g s: freed", tab, timeout)
-                await self.close_tab(tab, reaped=True)
+                await self.close_tab(tab)
                 freed.append(tab)
             except Exception:
                 log.exception("freeing tab %s failed", tab)
-        for k, when in list(self.gone.items()):  # a closed tab's session hash is not reused after this long
-            if now - when > timeout:
-                self.gone.pop(k, None)
         for step in (self.work.clean, release_memory):
             try:
                 await asyncio.to_thread(step)
@@ -508,7 +497,7 @@ class Worker:
         self.draining = True
         idle = [k for k, t in list(self.tabs.items()) if not (t.conn or t.admitting or t.retiring)]
         for tab in idle:
-            await self.close_tab(tab, reaped=True)
+            await self.close_tab(tab)
         return idle
 
     async def close(self) -> None:
@@ -522,9 +511,17 @@ class Worker:
     async def set_portrait(self, tab: str, data: bytes) -> np.ndarray:
         """A portrait upload (the file's bytes): decoded, its face detected (InputError / NoFaceError: the old
         portrait stays)."""
-        source = await asyncio.to_thread(lambda: prepare_source(read_image(data)))
+        source = await self._prepare(data)
         self._use(tab, source)
         return source.image
+
+    async def check_portrait(self, data: bytes) -> np.ndarray:
+        """A portrait upload for a tab no worker holds yet, checked as `set_portrait` does (InputError /
+        NoFaceError) without holding the tab: the image the page shows. The front keeps the bytes."""
+        return (await self._prepare(data)).image
+
+    async def _prepare(self, data: bytes) -> SourceFace:
+        return await asyncio.to_thread(lambda: prepare_source(read_image(data)))
 
     async def use_sample(self, tab: str) -> np.ndarray:
         self._use(tab, self.sample)
@@ -571,7 +568,7 @@ class Worker:
         """The page's message: recording, or why not."""
         t = self.tab(tab)
         if t.conn is None:
-            return "Start the camera first, then record."
+            return RECORD_LIVE
         if (path := self.work.reserve("recording")) is None:
             return "⚠️ The server's storage for recordings is full; try again later."
         try:
