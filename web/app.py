@@ -297,8 +297,8 @@ class LiveApp:
         """Ask every worker for its health (within LOAD_TIMEOUT_S): one that does not answer, or answers from
         another process than before (Ray restarted it, empty), has lost its tabs' live sessions, so each such tab's
         page is told why (`Page.lost`, in its metrics line, from which a WebRTC page reconnects by itself). The
-        tabs' placement is `_call`'s: a tab moves, or is restored on the restarted worker, when it next needs the engine.
-        Returns the tabs told."""
+        tabs' placement is `_call`'s: a tab moves, or is restored on the restarted worker, when it next needs the
+        engine. Returns the tabs told."""
         async def health(worker) -> int | str:
             try:
                 return (await worker.call("health", timeout=LOAD_TIMEOUT_S))["pid"]
