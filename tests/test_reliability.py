@@ -476,6 +476,28 @@ def test_a_page_no_worker_holds_is_reaped_by_the_front(app):
     app.close()
 
 
+def test_a_worker_slow_to_answer_the_reap_does_not_age_a_polled_page(tmp_path):
+    """The front measures a page's quiet time from when its reap starts: a worker slow to answer the reap (a call to
+    another process may arrive late) must not make the front drop a page polled just before."""
+    import dataclasses
+
+    from test_integrity import Slow
+    from web.app import LiveApp
+    from web.limits import Limits
+    config = tiny(limits=Limits(idle_timeout=0.5))
+    slow = Slow(dataclasses.replace(config, workdir=str(tmp_path / "worker")))
+    app = LiveApp(config, untrained=True, workdir=tmp_path / "front", workers=[slow])
+    polled = gr.Request(session_hash="polled")
+    run(app.open_page(polled))
+    slow.held = "reap"
+    threading.Timer(1.0, slow.release.set).start()  # the worker answers the reap twice the idle timeout late
+    try:
+        assert "not connected" in run(app.stats(polled))
+        assert run(app.reap()) == [] and list(app.pages) == ["polled"]
+    finally:
+        app.close()
+
+
 def test_recording_stops_at_its_limit_and_the_page_says_so(app):
     import skimage.data
     r = gr.Request(session_hash="rec")

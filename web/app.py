@@ -264,6 +264,7 @@ class LiveApp:
         """Free the tabs gone quiet for longer than the idle timeout: each worker frees the ones it holds (and
         cleans its work directory), the front drops the pages no worker holds. Old closed-tab markers expire.
         Returns the tabs freed; one that comes back later starts afresh."""
+        now = time.monotonic()  # before the workers answer: a slow answer must not age the pages polled meanwhile
         reaped = await asyncio.gather(*(w.call("reap") for w in self.workers), return_exceptions=True)
         freed = []
         for worker, tabs in zip(self.workers, reaped):
@@ -275,7 +276,6 @@ class LiveApp:
                     self.pages.pop(session, None)
                     self._forget(session)
                     freed.append(session)
-        now = time.monotonic()
         for session, page in list(self.pages.items()):
             if session not in self.placed and now - page.seen > self.limits.idle_timeout:
                 del self.pages[session]
