@@ -56,20 +56,24 @@ def test_each_worker_gets_a_gpu_of_its_own(runtime):
         placement(5)
 
 
-@pytest.fixture(scope="module")
-def served(runtime, tmp_path_factory):
-    """Two CPU workers of one live session each, behind one front on a loopback port."""
+def front(tmp_path_factory, max_sessions: int):
+    """Two CPU workers of `max_sessions` live sessions each, behind one front on a loopback port: (app, its URL)."""
     from web.app import LiveApp
     from web.cluster import Cluster
 
     loadtest.loopback_ice()
-    cluster = Cluster(tiny(max_sessions=1, step_s=0.1), 2)
+    cluster = Cluster(tiny(max_sessions=max_sessions, step_s=0.1), 2)
     app = LiveApp(tiny(), untrained=True, workdir=tmp_path_factory.mktemp("front"), workers=cluster.workers)
     port = free_port()
     demo = app.launch(port=port, block=False)
     yield app, f"http://127.0.0.1:{port}/"
     demo.close()
     app.close()
+
+
+@pytest.fixture(scope="module")
+def served(runtime, tmp_path_factory):
+    yield from front(tmp_path_factory, 1)
 
 
 def healths(app) -> list[dict]:

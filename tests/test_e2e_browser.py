@@ -109,16 +109,23 @@ class Held:
         return getattr(self.worker.tabs[self.session], name)
 
 
-def open_tab(browser, app, url, init_script: str | None = None):
-    """A new tab on the page, once its load event registered it with the server (and placed it on no worker):
-    (page, session id, its tab on the worker)."""
+def new_page(browser, app, url, init_script: str | None = None) -> tuple:
+    """A new tab on the page, once its load event registered it with the front: (page, its session id)."""
+    before = set(app.pages)
     page = browser.new_page(viewport={"width": 1360, "height": 1020})
     if init_script:
         page.add_init_script(init_script)
     page.goto(url)
     page.wait_for_function("() => document.querySelector('.lp-start') && window.lpLive")
-    wait_until(lambda: app.pages, 30)
-    (session,) = app.pages
+    wait_until(lambda: set(app.pages) - before, 30)
+    (session,) = set(app.pages) - before
+    return page, session
+
+
+def open_tab(browser, app, url, init_script: str | None = None):
+    """A new tab on the in-process server, placed on no worker by its page load: (page, session id, its tab on the
+    worker)."""
+    page, session = new_page(browser, app, url, init_script)
     tab = Held(app.workers[0].worker, session)
     assert not tab.placed
     return page, session, tab

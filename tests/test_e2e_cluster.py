@@ -12,9 +12,10 @@ import httpx
 import pytest
 import skimage.data
 
-from conftest import run, tiny
-from test_cluster import runtime  # noqa: F401
-from test_e2e_browser import browser, cam, free_port, wait_until  # noqa: F401
+from conftest import run
+from test_cluster import front, runtime  # noqa: F401
+from test_e2e_browser import browser, cam, wait_until  # noqa: F401
+from test_e2e_browser import new_page as open_tab
 
 FRAMES = "() => window.lpLive.frames"
 ASTRONAUT = skimage.data.astronaut()
@@ -22,28 +23,7 @@ ASTRONAUT = skimage.data.astronaut()
 
 @pytest.fixture(scope="module")
 def served(runtime, tmp_path_factory):  # noqa: F811
-    """Two CPU workers of two live sessions each, behind one front on a loopback port."""
-    from web.app import LiveApp
-    from web.cluster import Cluster
-
-    cluster = Cluster(tiny(max_sessions=2, step_s=0.1), 2)
-    app = LiveApp(tiny(), untrained=True, workdir=tmp_path_factory.mktemp("front"), workers=cluster.workers)
-    port = free_port()
-    demo = app.launch(port=port, block=False)
-    yield app, f"http://127.0.0.1:{port}/"
-    demo.close()
-    app.close()
-
-
-def open_tab(browser, app, url: str):  # noqa: F811
-    """A new tab on the page, once its load event registered it with the front: (page, its session hash)."""
-    before = set(app.pages)
-    page = browser.new_page(viewport={"width": 1360, "height": 1020})
-    page.goto(url)
-    page.wait_for_function("() => document.querySelector('.lp-start') && window.lpLive")
-    wait_until(lambda: set(app.pages) - before, 30)
-    (session,) = set(app.pages) - before
-    return page, session
+    yield from front(tmp_path_factory, 2)
 
 
 def healthz(url: str) -> list[dict]:

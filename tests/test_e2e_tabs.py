@@ -1,21 +1,15 @@
 """Several tabs on one server in real Chromium: two live WebRTC sessions at once share the engine's batches and
 both receive frames; at --max-sessions 1 a second tab is told the server is full, and gets in once the first
 stops. (Chromium, the fake webcam and the server come from test_e2e_browser.)"""
-from test_e2e_browser import Held, browser, cam, server, wait_closed, wait_until  # noqa: F401 (fixtures)
+from test_e2e_browser import browser, cam, server, wait_closed, wait_until  # noqa: F401 (fixtures)
+from test_e2e_browser import open_tab as browser_tab
 
 from stream.scheduler import Scheduler
 
 
 def open_tab(browser, app, url):
-    """A new tab, once its load event registered it (and placed it on no worker): (page, its tab on the worker)."""
-    before = set(app.pages)
-    page = browser.new_page(viewport={"width": 1360, "height": 1020})
-    page.goto(url)
-    page.wait_for_function("() => document.querySelector('.lp-start') && window.lpLive")
-    wait_until(lambda: set(app.pages) - before, 30)
-    (session,) = set(app.pages) - before
-    tab = Held(app.workers[0].worker, session)
-    assert not tab.placed
+    """A new tab (placed on no worker by its load): (page, its tab on the worker)."""
+    page, _, tab = browser_tab(browser, app, url)
     return page, tab
 
 
