@@ -3,7 +3,6 @@ a custom resource each, Ray's health checks tuned so a lost node is noticed in s
 `--ray ADDRESS` does. Sessions are placed on both nodes' workers; when a node is removed, its tab streams again on
 the other node's worker and a new session goes there too. HTTP streaming only (no WebRTC), so it stays cheap. A Ray
 runtime of its own, ended with the module (tests/test_cluster.py has another)."""
-import asyncio
 import time
 
 import gradio as gr
@@ -11,6 +10,7 @@ import pytest
 import skimage.data
 
 from conftest import run, tiny
+from test_cluster import healths
 from test_reliability import wait_until
 from web.worker import LOAD_TIMEOUT_S, WorkerLost
 
@@ -52,17 +52,12 @@ def test_sessions_on_both_nodes_and_a_removed_nodes_go_to_the_other(nodes, tmp_p
     app = LiveApp(tiny(), untrained=True, workdir=tmp_path, workers=front.workers)
     lost = None
     where = {n["NodeID"]: "head" if "head" in n["Resources"] else "other" for n in ray.nodes() if n["Alive"]}
-
-    def healths() -> list[dict]:
-        async def all_():
-            return await asyncio.gather(*(w.call("health") for w in app.workers))
-        return run(all_())
     try:
         for session in ("a", "b"):
             run(app.open_page(gr.Request(session_hash=session)))
             assert animated(app, session)
-        before = {where[h["node"]]: h["live_sessions"] for h in healths()}
-        lost = next(w for w, h in zip(app.workers, healths()) if where[h["node"]] == "other")
+        before = {where[h["node"]]: h["live_sessions"] for h in healths(app)}
+        lost = next(w for w, h in zip(app.workers, healths(app)) if where[h["node"]] == "other")
         kept = next(w for w in app.workers if w is not lost)
 
         start = time.monotonic()
