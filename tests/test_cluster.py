@@ -317,11 +317,25 @@ def test_the_front_tells_the_tabs_of_a_restarted_worker_why(served):
     assert wait_until(lambda: all(h["live_sessions"] == 0 for h in healths(app)), 60)
 
 
-def test_a_drained_worker_takes_no_new_session_and_exits_once_its_sessions_end(served):
-    """Drain the worker that holds a live session: a tab placed there but not live moves, a new session goes to the
-    other worker, the drained one keeps its session until it ends, then its process exits and it leaves the
-    front. (Last: the module's front has one worker after it.)"""
+def test_launch_drain_names_the_workers_when_it_finds_none_of_that_name(served):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "launch.py", "--ray", ray.get_runtime_context().gcs_address, "--drain",
+                           "worker-9", "--drain-timeout", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--drain worker-9: the Ray cluster at " in proc.stderr, proc.stderr
+    assert "has no such worker (its workers: worker-0, worker-1)" in proc.stderr, proc.stderr
+
+
+def test_launch_drain_drains_one_worker_of_a_running_front(served):
+    """`launch.py --ray ADDRESS --drain worker-N` for the worker that holds a live session: the front's watch sees
+    it and drains it. A tab placed there but not live moves, a new session goes to the other worker, the drained one
+    keeps its session until it ends, then its process exits and it leaves the front; the command, which said how
+    many sessions were left, then exits 0. No page is told of a lost worker: a drain is not a loss. (Last: the
+    module's front has one worker after it.)"""
+    import subprocess
+    import sys
     app, url = served
+    address = ray.get_runtime_context().gcs_address
 
     async def scenario() -> dict:
         async with httpx.AsyncClient(base_url=url, timeout=60) as http:
@@ -332,23 +346,30 @@ def test_a_drained_worker_takes_no_new_session_and_exits_once_its_sessions_end(s
             app.placed[idle.session] = drained  # placed there (its editor was opened, say), not live
             await drained.call("restore", idle.session, None, {}, False)
             pid = (await drained.call("health"))["pid"]
-            drain = asyncio.ensure_future(app.drain([drained], 120))
-            while not (await drained.call("health"))["draining"]:
-                await asyncio.sleep(0.2)
+            command = await asyncio.create_subprocess_exec(
+                sys.executable, "launch.py", "--ray", address, "--drain", drained.name, "--drain-timeout", "120",
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            for _ in range(600):  # until the front's watch has seen it (it asks every second)
+                if drained in app.draining:
+                    break
+                await asyncio.sleep(0.1)
             pc, received = loadtest.new_peer(moving_face(4), 10)
             await loadtest.offer(http, pc, page)  # goes live on the other worker
             await asyncio.wait_for((await asyncio.wait_for(received, 60)).recv(), 60)
-            during = dict(health=await drained.call("health"), done=drain.done(),
+            during = dict(health=await drained.call("health"), running=command.returncode is None,
                           other=app.placed[idle.session] is not drained)
             await peer.close()
             await live.close()  # its session ends: the drain ends
-            ended = await asyncio.wait_for(drain, 90)
+            out, _ = await asyncio.wait_for(command.communicate(), 180)
+            lost = [p.lost for p in app.pages.values()]
             await pc.close()
             await idle.close()
-            return dict(during=during, ended=ended, pid=pid, drained=drained)
+            return dict(during=during, rc=command.returncode, out=out.decode(), lost=lost, pid=pid, drained=drained)
     got = asyncio.run(scenario())
-    assert got["during"]["health"]["live_sessions"] == 1 and not got["during"]["done"] and got["during"]["other"]
-    assert got["ended"] is True and got["drained"] not in app.workers and len(app.workers) == 1
+    assert got["during"]["health"]["live_sessions"] == 1 and got["during"]["running"] and got["during"]["other"]
+    assert got["rc"] == 0 and "1 live session left" in got["out"], got["out"]
+    assert got["out"].rstrip().endswith(f"{got['drained'].name}: drained and exited"), got["out"]
+    assert got["drained"] not in app.workers and len(app.workers) == 1 and got["lost"] == [None]
 
     def exited() -> bool:
         try:

@@ -640,6 +640,10 @@ def launch(*args: str) -> subprocess.CompletedProcess:
     (["--workers", "0"], "argument --workers: 0 must be above 0"),
     (["--drain-timeout", "-1"], "argument --drain-timeout: -1 must be 0 or more seconds"),
     (["--drain-timeout", "soon"], "argument --drain-timeout: 'soon' is not a number of seconds"),
+    (["--drain", "worker-1", "--drain-timeout", "60"], "--drain WORKER needs --ray ADDRESS"),
+    (["--ray", "auto", "--drain", "worker-1"], "and --drain-timeout SECONDS (how long its live sessions may go on)"),
+    (["--ray", "127.0.0.1:1"], "--ray 127.0.0.1:1: no Ray cluster answers there"),
+    (["--ray", "127.0.0.1:1", "--drain", "worker-1", "--drain-timeout", "9"], "--ray 127.0.0.1:1: no Ray cluster"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, message):
     proc = launch(*args)

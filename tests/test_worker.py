@@ -2,6 +2,7 @@
 exceptions are plain, picklable data, so that a worker in another process (a Ray actor) is called exactly like the
 in-process one. Here the in-process worker is called through a handle that pickles everything both ways and
 refuses anything that is not plain data, while a tab uses every feature through the front's handlers."""
+import asyncio
 import dataclasses
 import os
 import pickle
@@ -183,7 +184,7 @@ def test_a_draining_worker_admits_no_new_session_and_keeps_its_live_ones(tmp_pat
         for tab in ("live", "idle", "late"):
             run(worker.call("restore", tab, None, {}, False))
         run(worker.call("http_frame", "live", skimage.data.astronaut()))
-        assert run(worker.call("drain")) == ["idle", "late"]
+        assert run(worker.call("drain", 60.0)) == ["idle", "late"]
         run(worker.call("restore", "late", None, {}, False))  # a tab placed there meanwhile
         with pytest.raises(ServerFull, match="being drained"):
             run(worker.call("http_frame", "late", skimage.data.astronaut()))
@@ -192,3 +193,44 @@ def test_a_draining_worker_admits_no_new_session_and_keeps_its_live_ones(tmp_pat
         assert health["draining"] and health["live_sessions"] == 1 < health["capacity"]
     finally:
         worker.close()
+
+
+def test_a_worker_drained_from_outside_is_drained_by_the_front(tmp_path):
+    """`launch.py --drain` tells the worker, not the front: the front's watch sees it in the worker's health and
+    drains it. No tab is placed there any more, its live session goes on for the time the drain was given, then the
+    worker leaves the front and that tab's page is told why (from which it connects again, to the other worker).
+    The other worker's tabs are told nothing: a drain is not a loss."""
+    config = tiny(step_s=0.1, max_sessions=3)
+    workers = [Local(dataclasses.replace(config, workdir=str(tmp_path / f"w{i}"))) for i in range(2)]
+    app = front.LiveApp(config, untrained=True, workdir=tmp_path / "front", workers=workers)
+    face = skimage.data.astronaut()
+    drained, other = workers
+    pages = {s: gr.Request(session_hash=s) for s in ("hit", "steady", "late")}
+
+    async def scenario() -> dict:
+        for session, worker in (("hit", drained), ("steady", other)):
+            await app.open_page(pages[session])
+            app.placed[session] = worker
+            await app.http_frame(face, pages[session])
+        await drained.call("drain", 1.0)  # what launch.py --drain does
+        told = await app.watch()
+        (drain,) = app.drains
+        await app.open_page(pages["late"])
+        await app.http_frame(face, pages["late"])  # placed while the drain runs
+        placed = app.placed["late"]
+        ended = await asyncio.wait_for(drain, 60)
+        line = await app.stats(pages["hit"])
+        lost = {s: app.pages[s].lost for s in pages}
+        back = await app.http_frame(face, pages["hit"])  # live again, on the other worker
+        return dict(told=told, placed=placed, ended=ended, line=line, lost=lost, back=back,
+                    on=app.placed["hit"], workers=list(app.workers))
+    try:
+        got = asyncio.run(scenario())
+    finally:
+        app.close()
+        drained.close()
+    assert got["told"] == [] and got["placed"] is other
+    assert got["ended"] is False and got["workers"] == [other] and got["on"] is other
+    assert got["lost"]["hit"].startswith("the server lost its worker local (drained") and front.LOST in got["line"]
+    assert got["lost"]["steady"] is None and got["lost"]["late"] is None
+    assert got["back"].shape == (512, 512, 3)

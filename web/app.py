@@ -125,6 +125,7 @@ class LiveApp:
         self.workers = workers or [Local(dataclasses.replace(config, workdir=str(self.dir)))]
         self.placed: dict[str, Any] = {}  # session hash -> the worker that holds the tab
         self.draining: set = set()  # workers being drained: no tab is placed on them (see drain)
+        self.drains: set[asyncio.Task] = set()  # the drains the watch started (launch.py --drain), while they run
         self.shared: dict[str, str] = {}  # view token -> the session hash whose output it shows
         self.pids: dict[Any, int] = {}  # worker -> the process its health last answered from (see watch)
         self.info = _wait(self.workers[0].call("about"))  # what the page shows: device, engine, codec, sample
@@ -298,22 +299,29 @@ class LiveApp:
         another process than before (Ray restarted it, empty), has lost its tabs' live sessions, so each such tab's
         page is told why (`Page.lost`, in its metrics line, from which a WebRTC page reconnects by itself). The
         tabs' placement is `_call`'s: a tab moves, or is restored on the restarted worker, when it next needs the
-        engine. Returns the tabs told."""
-        async def health(worker) -> int | str:
+        engine. A worker that says it is draining, which this front did not ask for (`launch.py --drain` told it),
+        is drained by this front, in a task of its own, for the time it was given. Returns the tabs told."""
+        async def health(worker) -> dict | str:
             try:
-                return (await worker.call("health", timeout=LOAD_TIMEOUT_S))["pid"]
+                return await worker.call("health", timeout=LOAD_TIMEOUT_S)
             except WorkerLost as e:
                 return str(e)
         workers = list(self.workers)
         told = []
-        for worker, pid in zip(workers, await asyncio.gather(*map(health, workers))):
-            if isinstance(pid, str):
-                why = pid
+        for worker, h in zip(workers, await asyncio.gather(*map(health, workers))):
+            if isinstance(h, str):
+                why = h
                 self.pids.pop(worker, None)  # told now: its next process is not news
-            elif self.pids.setdefault(worker, pid) != pid:
+            elif self.pids.setdefault(worker, h["pid"]) != h["pid"]:
                 why = f"the server lost its worker {worker.name} (its process {self.pids[worker]} ended; restarted)"
-                self.pids[worker] = pid
+                self.pids[worker] = h["pid"]
             else:
+                if h["draining"] and worker not in self.draining:
+                    log.info("worker %s was told to drain: draining it for at most %g s", worker.name,
+                             h["drain_timeout_s"])
+                    self.draining.add(worker)
+                    self.drains.add(drain := asyncio.create_task(self.drain([worker], h["drain_timeout_s"])))
+                    drain.add_done_callback(self.drains.discard)
                 continue
             for session in [s for s, w in self.placed.items() if w is worker]:
                 if (page := self.pages.get(session)) and page.lost is None:
@@ -335,21 +343,29 @@ class LiveApp:
             worker.close()
 
     async def drain(self, workers: list, timeout: float) -> bool:
-        """Drain `workers` (on SIGTERM: every one): no tab is placed on them any more and they admit no new live
-        session, so a new one goes to another worker (or, with none left, is told the server is being drained);
-        once their live sessions have ended, or after `timeout` s, they are closed (a recording still running is
-        finalised) and leave the front. True if every session ended in time."""
+        """Drain `workers` (on SIGTERM: every one; on `launch.py --drain`: the one named, see watch): no tab is
+        placed on them any more and they admit no new live session, so a new one goes to another worker (or, with
+        none left, is told the server is being drained); once their live sessions have ended, or after `timeout`
+        s, they are closed (a recording still running is finalised) and leave the front. The pages of the sessions
+        still live then are told why, as for a lost worker, so they connect again elsewhere. True if every session
+        ended in time."""
         self.draining.update(workers)
-        let_go = await asyncio.gather(*(w.call("drain") for w in workers), return_exceptions=True)
-        for worker, tabs in zip(workers, let_go):
-            for session in tabs if isinstance(tabs, list) else []:
-                if self.placed.get(session) is worker:
-                    self._forget(session)  # placed elsewhere at its next call
+
+        async def let_go(worker) -> list[str]:
+            """The worker's tabs without a live session, which it lets go: each is placed elsewhere at its next
+            call."""
+            with contextlib.suppress(Exception):  # a dead worker holds no tab
+                return await worker.call("drain", timeout)
+            return []
 
         async def live(worker) -> int:
             with contextlib.suppress(Exception):  # a dead worker has no session left
                 return (await worker.call("health", timeout=LOAD_TIMEOUT_S))["live_sessions"]
             return 0
+        for worker, tabs in zip(workers, await asyncio.gather(*map(let_go, workers))):
+            for session in tabs:
+                if self.placed.get(session) is worker:
+                    self._forget(session)
         deadline = time.monotonic() + timeout
         while (left := sum(await asyncio.gather(*map(live, workers)))) and time.monotonic() < deadline:
             await asyncio.sleep(DRAIN_POLL_S)
@@ -357,8 +373,13 @@ class LiveApp:
             log.warning("drain: %d live session(s) still open after %g s; ending them", left, timeout)
         for worker in workers:
             self.workers.remove(worker)
+            self.pids.pop(worker, None)
+            idle = set(await let_go(worker)) if left else set()
+            why = f"the server lost its worker {worker.name} (drained: sessions still live after {timeout:g} s end)"
             for session in [s for s, w in self.placed.items() if w is worker]:
                 self._forget(session)
+                if session not in idle and (page := self.pages.get(session)):
+                    page.lost = why
             await asyncio.to_thread(worker.close)
             self.draining.discard(worker)
         return not left
@@ -868,10 +889,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray", metavar="ADDRESS", default=None,
                         help="cluster mode on an existing Ray cluster (ADDRESS of its head, or 'auto'): a worker "
                              "per GPU it offers, or --workers of them")
-    parser.add_argument("--drain-timeout", type=argument(seconds), default=0.0, metavar="SECONDS",
+    parser.add_argument("--drain-timeout", type=argument(seconds), default=None, metavar="SECONDS",
                         help="on SIGTERM, first drain: admit no new live session and wait this long at most for "
                              "the live ones to end (default: 0, shut down at once; keep it below the supervisor's "
-                             "grace period, e.g. docker stop -t)")
+                             "grace period, e.g. docker stop -t); with --drain, how long the worker's live "
+                             "sessions may go on")
+    parser.add_argument("--drain", metavar="WORKER", default=None,
+                        help="with --ray, instead of serving: drain one worker of the front running on that "
+                             "cluster (its name as /healthz gives it, e.g. worker-1): it takes no new session, its "
+                             "live ones go on for --drain-timeout s at most, then it exits; waits until it has "
+                             "(docs/scale.md)")
     add_limit_arguments(parser)
 
 
@@ -888,6 +915,18 @@ def seconds(text: str) -> float:
 def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = None) -> int:
     """Load the engine (official weights, or the error saying how to get them), then serve until Ctrl-C.
     `on_start` sees the app before it serves (the load-test server logs its counts)."""
+    if args.drain and not (args.ray and args.drain_timeout is not None):
+        print("launch.py: error: --drain WORKER needs --ray ADDRESS (the running front's Ray cluster; 'auto' on one "
+              "of its machines) and --drain-timeout SECONDS (how long its live sessions may go on)", file=sys.stderr)
+        return 2
+    if args.workers or args.ray:
+        try:
+            from web import cluster  # the one import of Ray, in cluster mode only
+        except ImportError as e:
+            print(f"launch.py: error: --workers/--ray need Ray ({e}): pip install -e '.[cluster]'", file=sys.stderr)
+            return 2
+        if args.drain:
+            return cluster.drain(args.ray, args.drain, args.drain_timeout)
     try:
         ice_servers = (args.ice_servers or []) + turn_server(args.turn_url, args.turn_user, args.turn_password,
                                                              args.turn_secret)
@@ -912,21 +951,16 @@ def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = N
                           max_batch=args.max_batch, max_sessions=args.max_sessions, codec=args.codec,
                           stream_max=args.stream_max, max_viewers=args.max_viewers, ice_servers=ice_servers,
                           limits=Limits.from_args(args), workdir=str(args.work_dir))
-    cluster = None
+    ray_cluster = None
     if args.workers or args.ray:
         try:
-            from web.cluster import Cluster  # the one import of Ray, in cluster mode only
-        except ImportError as e:
-            print(f"launch.py: error: --workers/--ray need Ray ({e}): pip install -e '.[cluster]'", file=sys.stderr)
-            return 2
-        try:
-            cluster = Cluster(config, args.workers, args.ray)
-        except ValueError as e:
+            ray_cluster = cluster.Cluster(config, args.workers, args.ray)
+        except (ValueError, ConnectionError) as e:
             print(f"launch.py: error: {e}", file=sys.stderr)
             return 2
     try:
         app = LiveApp(config, untrained=str(args.weights) == "recipe", max_renders=args.max_renders,
-                      workers=cluster.workers if cluster else None)
+                      workers=ray_cluster.workers if ray_cluster else None)
         if on_start:
             on_start(app)
 
@@ -934,7 +968,7 @@ def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = N
             signal.signal(signal.SIGTERM, signal.default_int_handler)  # a second SIGTERM: at once
             if args.drain_timeout:
                 log.info("SIGTERM: draining for at most %g s", args.drain_timeout)
-                _wait(app.drain(list(app.workers), args.drain_timeout))
+                _wait(app.drain([w for w in app.workers if w not in app.draining], args.drain_timeout))
             raise KeyboardInterrupt
         signal.signal(signal.SIGTERM, terminate)
         try:
@@ -942,7 +976,7 @@ def run(args: argparse.Namespace, on_start: Callable[[LiveApp], None] | None = N
         finally:
             app.close()  # recordings finalised
     finally:
-        if cluster:
-            cluster.shutdown()
+        if ray_cluster:
+            ray_cluster.shutdown()
         lock.close()  # recordings finalised, then the work directory is free for the next server
     return 0

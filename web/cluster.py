@@ -16,6 +16,9 @@ import asyncio
 import dataclasses
 import logging
 import os
+import socket
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +26,13 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayError, RayTaskError
 
 from web.limits import default_work_dir
-from web.worker import CALL_TIMEOUT_S, Worker, WorkerConfig, WorkerLost
+from web.worker import CALL_TIMEOUT_S, LOAD_TIMEOUT_S, Worker, WorkerConfig, WorkerLost
 
 log = logging.getLogger("liveportrait.cluster")
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = {"health", "load", "counts"}  # answered in their own concurrency group
 NAMESPACE = "liveportrait"
+DRAIN_POLL_S = 1.0  # `launch.py --drain` asks the drained worker this often whether it has exited yet
 
 
 class Remote:
@@ -65,6 +69,22 @@ class RayWorker(Worker):
         return dict(super().health(), node=ray.get_runtime_context().get_node_id())
 
 
+def join(address: str, **options: Any) -> None:
+    """`ray.init` on the cluster at `address` ("local": a private runtime; "auto": the one this machine belongs to;
+    HOST:PORT: its head). ConnectionError, at once, when nothing answers there: ray.init would retry for minutes."""
+    host, _, port = address.rpartition(":")
+    if host and port.isdigit():
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as e:
+            raise ConnectionError(f"--ray {address}: no Ray cluster answers there ({e}); is `ray start --head` "
+                                  "running on that machine?") from None
+    try:
+        ray.init(address=address, namespace=NAMESPACE, include_dashboard=False, **options)
+    except ConnectionError as e:
+        raise ConnectionError(f"--ray {address}: {e}") from None
+
+
 def placement(n: int | None) -> tuple[int, dict]:
     """How many workers the connected cluster gets (`n` None: one per GPU) and the Ray options each worker's actor
     is started with: one GPU where the cluster has GPUs, else CPU only, and an equal share of the CPUs.
@@ -86,15 +106,74 @@ class Cluster:
         self.own = not ray.is_initialized()
         if self.own:
             env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}}
-            ray.init(address=address or "local", namespace=NAMESPACE, include_dashboard=False, runtime_env=env,
-                     log_to_driver=True)
+            join(address or "local", runtime_env=env, log_to_driver=True)
         n, options = placement(n)
         actor = ray.remote(max_restarts=-1, max_concurrency=1000, concurrency_groups={"quick": 4})(RayWorker)
         work = Path(config.workdir or default_work_dir())  # a directory per worker: each cleans only its own
         self.workers = [Remote(actor.options(name=f"worker-{i}", **options).remote(
             dataclasses.replace(config, workdir=str(work / f"worker-{i}"))), f"worker-{i}") for i in range(n)]
+        address = ray.get_runtime_context().gcs_address
+        log.info("cluster mode: %d workers on the Ray cluster at %s; to drain one: python launch.py --ray %s "
+                 "--drain worker-N --drain-timeout SECONDS", n, address, address)
 
     def shutdown(self) -> None:
         """After the front closed the workers: the private runtime ends with the front (a joined cluster stays)."""
         if self.own:
             ray.shutdown()
+
+
+def drain(address: str, name: str, timeout: float) -> int:
+    """`launch.py --ray ADDRESS --drain NAME`: tell the worker NAME of the front running on that cluster to drain,
+    then wait until it has exited, saying how many live sessions it has left. The front sees it in the worker's
+    health within a second (LiveApp.watch) and does the rest: no tab is placed there any more, the live sessions go
+    on for `timeout` s at most, then the front closes the worker. The exit status: 0 once it has exited, 1 if it
+    still runs well after that (is its front running?), 2 for no such cluster or worker."""
+    try:
+        join(address, log_to_driver=False)
+    except ConnectionError as e:
+        print(f"launch.py: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        if gone(name):
+            print(f"launch.py: error: --drain {name}: the Ray cluster at {address} has no such worker (its workers: "
+                  f"{', '.join(sorted(ray.util.list_named_actors())) or 'none'})", file=sys.stderr)
+            return 2
+        if asyncio.run(drained(Remote(ray.get_actor(name), name), timeout)):
+            print(f"{name}: drained and exited", flush=True)
+            return 0
+        print(f"launch.py: {name} still runs after its drain's {timeout:g} s: is its front running? (a front closes "
+              "a worker it sees draining)", file=sys.stderr)
+        return 1
+    except WorkerLost as e:
+        print(f"launch.py: error: --drain {name}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        ray.shutdown()
+
+
+async def drained(worker: Remote, timeout: float) -> bool:
+    """Tell `worker` to drain for `timeout` s; True once it has exited (its front closed it), False if it still
+    runs after the drain's time and the front's close of it."""
+    await worker.call("drain", timeout)
+    print(f"{worker.name}: draining; its live sessions may go on for {timeout:g} s", flush=True)
+    left, deadline = None, time.monotonic() + timeout + CALL_TIMEOUT_S + 10
+    while time.monotonic() < deadline:
+        try:
+            live = (await worker.call("health", timeout=LOAD_TIMEOUT_S))["live_sessions"]
+            if live != left:
+                print(f"{worker.name}: {live} live session{'s' if live != 1 else ''} left", flush=True)
+                left = live
+        except WorkerLost:
+            if gone(worker.name):
+                return True
+        await asyncio.sleep(DRAIN_POLL_S)
+    return False
+
+
+def gone(name: str) -> bool:
+    """Whether the named worker has exited for good (a worker Ray is restarting is not gone)."""
+    try:
+        ray.get_actor(name)
+    except ValueError:
+        return True
+    return False

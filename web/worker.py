@@ -261,7 +261,7 @@ class Worker:
         self.tabs: dict[str, Tab] = {}
         self.work = WorkDir(Path(config.workdir or default_work_dir()), self.limits, self._takes)
         self.views: dict[str, Tab] = {}  # view token -> the tab that shared its output
-        self.draining = False  # being drained: admits no new live session (see drain)
+        self.draining: float | None = None  # being drained: how long its live sessions may go on (see drain)
         step = None
         if config.warmup:  # batch 1 and the largest now, not in a user's first frame (minutes cold on CUDA) ...
             if self.engine.compile_mode != "off":
@@ -335,7 +335,7 @@ class Worker:
         (TabClosed for a closed tab)."""
         if t.closed:
             raise TabClosed(CLOSED)
-        if not (t.conn or t.admitting) and self.draining:
+        if not (t.conn or t.admitting) and self.draining is not None:
             raise ServerFull("this server is being drained for a restart; try again shortly")
         if not (t.conn or t.admitting) and self.live() >= self.max_sessions:
             full = ServerFull.of(self.live())
@@ -490,11 +490,12 @@ class Worker:
                 log.exception("%s failed", step.__name__)
         return freed
 
-    async def drain(self) -> list[str]:
-        """Admit no new live session from now on: the front is about to close this worker once its live sessions
-        have ended. Their tabs stay; the tabs without one are let go (as if moved: the front places them on
-        another worker at their next call) and returned."""
-        self.draining = True
+    async def drain(self, timeout: float) -> list[str]:
+        """Admit no new live session from now on: a front closes this worker once its live sessions have ended, or
+        after `timeout` s (the front that asked, or the one whose watch sees it in `health`: `launch.py --drain`).
+        Their tabs stay; the tabs without one are let go (as if moved: the front places them on another worker at
+        their next call) and returned."""
+        self.draining = timeout
         idle = [k for k, t in list(self.tabs.items()) if not (t.conn or t.admitting or t.retiring)]
         for tab in idle:
             await self.close_tab(tab)
@@ -658,8 +659,8 @@ class Worker:
     def health(self) -> dict:
         sched = Scheduler.of(self.engine).stats()
         conns = [c for t in list(self.tabs.values()) if (c := t.conn)]
-        return dict(live_sessions=self.live(), capacity=self.max_sessions, draining=self.draining,
-                    device=str(self.engine.device),
+        return dict(live_sessions=self.live(), capacity=self.max_sessions, draining=self.draining is not None,
+                    drain_timeout_s=self.draining, device=str(self.engine.device),
                     devices=os.environ.get("CUDA_VISIBLE_DEVICES"), pid=os.getpid(),
                     viewers=self.viewers(), max_viewers_per_session=self.max_viewers,
                     engine_step_p50_ms=sched["engine_step_p50_ms"], batch_sizes=sched["batch_sizes"],
