@@ -326,7 +326,7 @@ def test_launch_drain_names_the_workers_when_it_finds_none_of_that_name(served):
     assert "has no such worker (its workers: worker-0, worker-1)" in proc.stderr, proc.stderr
 
 
-def test_launch_drain_drains_one_worker_of_a_running_front(served):
+def test_launch_drain_drains_one_worker_of_a_running_front(served, caplog):
     """`launch.py --ray ADDRESS --drain worker-N` for the worker that holds a live session: the front's watch sees
     it and drains it. A tab placed there but not live moves, a new session goes to the other worker, the drained one
     keeps its session until it ends, then its process exits and it leaves the front; the command, which said how
@@ -380,4 +380,6 @@ def test_launch_drain_drains_one_worker_of_a_running_front(served):
     assert wait_until(exited, 60)
     with pytest.raises(WorkerLost):
         run(got["drained"].call("health", timeout=10))
+    got["drained"].close()  # closed again (the server's shutdown closes what the drain closed): nothing to say
+    assert "closing worker" not in caplog.text, caplog.text
     assert wait_until(lambda: all(h["live_sessions"] == 0 for h in healths(app)), 60)

@@ -3,6 +3,7 @@ exceptions are plain, picklable data, so that a worker in another process (a Ray
 in-process one. Here the in-process worker is called through a handle that pickles everything both ways and
 refuses anything that is not plain data, while a tab uses every feature through the front's handlers."""
 import asyncio
+import contextvars
 import dataclasses
 import os
 import pickle
@@ -195,13 +196,32 @@ def test_a_draining_worker_admits_no_new_session_and_keeps_its_live_ones(tmp_pat
         worker.close()
 
 
+class Held(Local):
+    """The in-process worker, whose health answers to the front's watch `Held.watch(app, gate)` reach that watch
+    only once `gate` is set (a watch that was answered, then was slow to act on the answers)."""
+
+    gate: contextvars.ContextVar = contextvars.ContextVar("gate", default=None)
+
+    async def call(self, method, *args, **kw):
+        result = await super().call(method, *args, **kw)
+        if method == "health" and (gate := self.gate.get()):
+            await gate.wait()
+        return result
+
+    @classmethod
+    async def watch(cls, app, gate: asyncio.Event) -> list[str]:
+        cls.gate.set(gate)  # this task's context, and so its health calls', not the other tasks'
+        return await app.watch()
+
+
 def test_a_worker_drained_from_outside_is_drained_by_the_front(tmp_path):
     """`launch.py --drain` tells the worker, not the front: the front's watch sees it in the worker's health and
     drains it. No tab is placed there any more, its live session goes on for the time the drain was given, then the
     worker leaves the front and that tab's page is told why (from which it connects again, to the other worker).
-    The other worker's tabs are told nothing: a drain is not a loss."""
+    The other worker's tabs are told nothing: a drain is not a loss. A watch whose health call was answered
+    "draining" just before the drain ended starts no second drain."""
     config = tiny(step_s=0.1, max_sessions=3)
-    workers = [Local(dataclasses.replace(config, workdir=str(tmp_path / f"w{i}"))) for i in range(2)]
+    workers = [Held(dataclasses.replace(config, workdir=str(tmp_path / f"w{i}"))) for i in range(2)]
     app = front.LiveApp(config, untrained=True, workdir=tmp_path / "front", workers=workers)
     face = skimage.data.astronaut()
     drained, other = workers
@@ -218,11 +238,16 @@ def test_a_worker_drained_from_outside_is_drained_by_the_front(tmp_path):
         await app.open_page(pages["late"])
         await app.http_frame(face, pages["late"])  # placed while the drain runs
         placed = app.placed["late"]
+        gate = asyncio.Event()
+        late = asyncio.create_task(Held.watch(app, gate))  # answered while draining, held until the drain ends
         ended = await asyncio.wait_for(drain, 60)
+        gate.set()
+        await late
+        again = list(app.drains)
         line = await app.stats(pages["hit"])
         lost = {s: app.pages[s].lost for s in pages}
         back = await app.http_frame(face, pages["hit"])  # live again, on the other worker
-        return dict(told=told, placed=placed, ended=ended, line=line, lost=lost, back=back,
+        return dict(told=told, placed=placed, ended=ended, again=again, line=line, lost=lost, back=back,
                     on=app.placed["hit"], workers=list(app.workers))
     try:
         got = asyncio.run(scenario())
@@ -230,7 +255,7 @@ def test_a_worker_drained_from_outside_is_drained_by_the_front(tmp_path):
         app.close()
         drained.close()
     assert got["told"] == [] and got["placed"] is other
-    assert got["ended"] is False and got["workers"] == [other] and got["on"] is other
+    assert got["ended"] is False and got["again"] == [] and got["workers"] == [other] and got["on"] is other
     assert got["lost"]["hit"].startswith("the server lost its worker local (drained") and front.LOST in got["line"]
     assert got["lost"]["steady"] is None and got["lost"]["late"] is None
     assert got["back"].shape == (512, 512, 3)

@@ -316,7 +316,7 @@ class LiveApp:
                 why = f"the server lost its worker {worker.name} (its process {self.pids[worker]} ended; restarted)"
                 self.pids[worker] = h["pid"]
             else:
-                if h["draining"] and worker not in self.draining:
+                if h["draining"] and worker not in self.draining and worker in self.workers:  # (not drained since)
                     log.info("worker %s was told to drain: draining it for at most %g s", worker.name,
                              h["drain_timeout_s"])
                     self.draining.add(worker)

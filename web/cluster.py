@@ -41,6 +41,7 @@ class Remote:
 
     def __init__(self, actor: Any, name: str):
         self.actor, self.name = actor, name
+        self.closed = False
 
     async def call(self, method: str, *args: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
         fn = getattr(self.actor, method)
@@ -54,7 +55,11 @@ class Remote:
             raise WorkerLost(f"the server lost its worker {self.name} ({type(e).__name__})") from None
 
     def close(self) -> None:
-        """Server shutdown: the worker ends every live connection (recordings are finalised), then exits."""
+        """Server shutdown: the worker ends every live connection (recordings are finalised), then exits. Once: the
+        server's shutdown closes again a worker that a drain closed."""
+        if self.closed:
+            return
+        self.closed = True
         try:
             ray.get(self.actor.close.remote(), timeout=CALL_TIMEOUT_S)
         except RayError as e:
