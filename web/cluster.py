@@ -87,7 +87,10 @@ def join(address: str, **options: Any) -> None:
     try:
         ray.init(address=address, namespace=NAMESPACE, include_dashboard=False, **options)
     except ConnectionError as e:
-        raise ConnectionError(f"--ray {address}: {e}") from None
+        token = "" if os.environ.get("RAY_AUTH_MODE") == "token" else (
+            " (a cluster with token authentication, which Ray's own runtimes have by default, takes a connection to "
+            "its address only with RAY_AUTH_MODE=token set and its token: docs/scale.md)")
+        raise ConnectionError(f"--ray {address}: {e}{token}") from None
 
 
 def placement(n: int | None) -> tuple[int, dict]:
@@ -118,8 +121,9 @@ class Cluster:
         self.workers = [Remote(actor.options(name=f"worker-{i}", **options).remote(
             dataclasses.replace(config, workdir=str(work / f"worker-{i}"))), f"worker-{i}") for i in range(n)]
         address = ray.get_runtime_context().gcs_address
-        log.info("cluster mode: %d workers on the Ray cluster at %s; to drain one: python launch.py --ray %s "
-                 "--drain worker-N --drain-timeout SECONDS", n, address, address)
+        token = "RAY_AUTH_MODE=token " if os.environ.get("RAY_AUTH_MODE") == "token" else ""
+        log.info("cluster mode: %d workers on the Ray cluster at %s; to drain one: %spython launch.py --ray %s "
+                 "--drain worker-N --drain-timeout SECONDS", n, address, token, address)
 
     def shutdown(self) -> None:
         """After the front closed the workers: the private runtime ends with the front (a joined cluster stays)."""
