@@ -286,17 +286,29 @@ def test_a_killed_worker_loses_only_its_tabs_session_and_they_come_back(served, 
 def test_the_front_tells_the_tabs_of_a_restarted_worker_why(served):
     """A worker's process killed and restarted by Ray before the hit tab calls again: the front's watch noticed (the
     worker answered from another process), so the tab's metrics line says why and that its recording is lost,
-    not just "not connected"; the tab on the other worker is not told; once live again, the reason goes."""
+    not just "not connected"; the tab on the other worker is not told; once live again, the reason goes. The hit
+    tab's view link (an OBS scene's, say) stays valid throughout: its viewer is told the performer is not live
+    until the tab is live again on the restarted worker, then it is answered."""
     import signal
 
+    from test_view import watch
     from web.app import LOST
-    app, _ = served
+    app, url = served
+
+    async def view(token: str) -> tuple[int, int]:
+        """A viewer's view page and offer: their status codes."""
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            page = await http.get(f"view/{token}")
+            pc, _, r = await watch(http, token)
+            await pc.close()
+            return page.status_code, r.status_code
     steady, hit = gr.Request(session_hash="steady-2"), gr.Request(session_hash="hit-2")
     app.placed["steady-2"], app.placed["hit-2"] = app.workers  # one on each worker
     for r in (steady, hit):
         run(app.open_page(r))
         run(app.http_frame(ASTRONAUT, r))
     worker = app.placed["hit-2"]
+    token = run(app.share("hit-2"))
     pid = run(worker.call("health"))["pid"]
     os.kill(pid, signal.SIGKILL)
 
@@ -310,8 +322,10 @@ def test_the_front_tells_the_tabs_of_a_restarted_worker_why(served):
     line = run(app.stats(hit))
     assert f"the server lost its worker {worker.name}" in line and LOST in line, line
     assert "lost its worker" not in run(app.stats(steady))
+    assert asyncio.run(view(token)) == (200, 409)  # the worker restarted empty: not live yet, the link valid
     assert wait_until(lambda: getattr(run(app.http_frame(ASTRONAUT, hit)), "shape", None) == (512, 512, 3), 60)
     assert "Live via HTTP streaming" in run(app.stats(hit)) and app.pages["hit-2"].lost is None
+    assert asyncio.run(view(token)) == (200, 200)
     for r in (steady, hit):
         run(app.close_page(r))
     assert wait_until(lambda: all(h["live_sessions"] == 0 for h in healths(app)), 60)

@@ -217,8 +217,8 @@ class Held(Local):
 def test_a_worker_drained_from_outside_is_drained_by_the_front(tmp_path):
     """`launch.py --drain` tells the worker, not the front: the front's watch sees it in the worker's health and
     drains it. No tab is placed there any more, its live session goes on for the time the drain was given, then the
-    worker leaves the front and that tab's page is told why (from which it connects again, to the other worker).
-    The other worker's tabs are told nothing: a drain is not a loss. A watch whose health call was answered
+    worker leaves the front and that tab's page is told why (from which it connects again, to the other worker,
+    which is given the tab's view link). The other worker's tabs are told nothing: a drain is not a loss. A watch whose health call was answered
     "draining" just before the drain ended starts no second drain."""
     config = tiny(step_s=0.1, max_sessions=3)
     workers = [Held(dataclasses.replace(config, workdir=str(tmp_path / f"w{i}"))) for i in range(2)]
@@ -232,6 +232,7 @@ def test_a_worker_drained_from_outside_is_drained_by_the_front(tmp_path):
             await app.open_page(pages[session])
             app.placed[session] = worker
             await app.http_frame(face, pages[session])
+        token = await app.share("hit")  # its view link (Share output)
         await drained.call("drain", 1.0)  # what launch.py --drain does
         told = await app.watch()
         (drain,) = app.drains
@@ -247,8 +248,9 @@ def test_a_worker_drained_from_outside_is_drained_by_the_front(tmp_path):
         line = await app.stats(pages["hit"])
         lost = {s: app.pages[s].lost for s in pages}
         back = await app.http_frame(face, pages["hit"])  # live again, on the other worker
+        views = dict(app.shared), token in other.worker.views
         return dict(told=told, placed=placed, ended=ended, again=again, line=line, lost=lost, back=back,
-                    on=app.placed["hit"], workers=list(app.workers))
+                    views=views, token=token, on=app.placed["hit"], workers=list(app.workers))
     try:
         got = asyncio.run(scenario())
     finally:
@@ -259,3 +261,4 @@ def test_a_worker_drained_from_outside_is_drained_by_the_front(tmp_path):
     assert got["lost"]["hit"].startswith("the server lost its worker local (drained") and front.LOST in got["line"]
     assert got["lost"]["steady"] is None and got["lost"]["late"] is None
     assert got["back"].shape == (512, 512, 3)
+    assert got["views"] == ({got["token"]: "hit"}, True)  # the link moved with its tab

@@ -11,7 +11,7 @@ Everything live is a worker's (web/worker.py): one in this process by default, o
 mode (--workers, --ray: web/cluster.py), called the same way with plain data. A tab is placed on the worker with
 the most room when it first needs the engine (going live, the Portrait editing tab, a render) and stays there;
 until then the front answers for it from its Page, which keeps what its worker will be given. A view token is
-routed to its tab's worker. Files the worker hands back (recordings, renders) are written to this front's work
+routed to its tab's worker, and outlives the tab's moves: the next worker to hold the tab is given it. Files the worker hands back (recordings, renders) are written to this front's work
 directory, from where Gradio serves them.
 The front watches its workers: the pages of a lost or restarted worker's tabs are told why in their metrics
 line, from which a WebRTC page connects again by itself (web/static/live.js).
@@ -189,19 +189,20 @@ class LiveApp:
                 return await worker.call(method, session, *args, **kw)
             except UnknownTab:
                 self._open(session)
-                await worker.call("restore", session, page.portrait, page.controls, page.editing)
+                token = next((t for t, s in self.shared.items() if s == session), None)
+                await worker.call("restore", session, page.portrait, page.controls, page.editing, token)
                 if session in self.closed:  # its page closed while it was restored: the worker lets it go again
                     await worker.call("close_tab", session)
                     raise TabClosed(CLOSED)
                 return await worker.call(method, session, *args, **kw)
         except WorkerLost as e:
             if self.placed.get(session) is worker:
-                self._forget(session)
+                self._unplace(session)
                 page.lost = str(e)
             raise
         except ServerFull:  # not live there: its next try is placed again, on the freest worker then
             if len(self.workers) > 1 and self.placed.get(session) is worker:
-                self._forget(session)
+                self._unplace(session)
                 with contextlib.suppress(Exception):
                     await worker.call("close_tab", session)  # moved: placed again at its next need
                 if worker in self.draining:  # that try goes to another worker at once
@@ -213,6 +214,11 @@ class LiveApp:
         self.placed.pop(session, None)
         for token in [t for t, s in self.shared.items() if s == session]:
             del self.shared[token]
+
+    def _unplace(self, session: str) -> None:
+        """The tab has no worker now (moved off a full or draining one, or its worker was lost): it is placed again
+        at its next need. Its view link stays the front's: the worker that holds the tab next is given it."""
+        self.placed.pop(session, None)
 
     def gone(self, request: gr.Request) -> bool:
         """The tab is not the caller's to act on: it was closed (a request that raced its unload must not bring it
@@ -280,6 +286,7 @@ class LiveApp:
         for session, page in list(self.pages.items()):
             if session not in self.placed and now - page.seen > self.limits.idle_timeout:
                 del self.pages[session]
+                self._forget(session)
                 freed.append(session)
         for session, when in list(self.closed.items()):
             if now - when > self.limits.idle_timeout:
@@ -365,7 +372,7 @@ class LiveApp:
         for worker, tabs in zip(workers, await asyncio.gather(*map(let_go, workers))):
             for session in tabs:
                 if self.placed.get(session) is worker:
-                    self._forget(session)
+                    self._unplace(session)
         deadline = time.monotonic() + timeout
         while (left := sum(await asyncio.gather(*map(live, workers)))) and time.monotonic() < deadline:
             await asyncio.sleep(DRAIN_POLL_S)
@@ -377,7 +384,7 @@ class LiveApp:
             idle = set(await let_go(worker)) if left else set()
             why = f"the server lost its worker {worker.name} (drained: sessions still live after {timeout:g} s end)"
             for session in [s for s, w in self.placed.items() if w is worker]:
-                self._forget(session)
+                self._unplace(session)
                 if session not in idle and (page := self.pages.get(session)):
                     page.lost = why
             await asyncio.to_thread(worker.close)
@@ -523,17 +530,12 @@ class LiveApp:
             self.shared[token] = session
         return token
 
-    async def _viewing(self, token: str) -> Any:
-        """The worker that holds view token `token`, or None for a wrong or revoked one."""
-        session = self.shared.get(token)
-        worker = self.placed.get(session) if session else None
-        return worker if worker and await worker.call("viewing", token) else None
 
     async def view_page(self, request: fastapi.Request) -> fastapi.Response:
         """GET /view/<token>[?bg=RRGGBB&fit=contain|cover]: the viewer page (web/static/view.html), not Gradio's; 404
         for a wrong or revoked token, 400 for a bad option. No login: the unguessable token is the permission to
         watch, and it grants nothing else."""
-        if not await self._viewing(request.path_params["token"]):
+        if request.path_params["token"] not in self.shared:
             return PlainTextResponse(INVALID_LINK, status_code=404, headers=VIEW_HEADERS)
         bg, fit = request.query_params.get("bg", "000000"), request.query_params.get("fit", "contain")
         if not re.fullmatch(r"[0-9a-fA-F]{6}", bg):
@@ -548,18 +550,23 @@ class LiveApp:
     async def view_offer(self, request: fastapi.Request) -> JSONResponse:
         """POST /view/<token>/offer {sdp, type}: answer a viewer's receive-only offer. 404 for a wrong or revoked
         token, 409 while the performer is not live (the page tries again), 429 beyond --max-viewers. A view offer
-        reaches no page route: it can change nothing of the session."""
+        reaches no page route: it can change nothing of the session. The front keeps the tokens: a link outlives its
+        tab's move to another worker (409 until the tab is live there)."""
         token = request.path_params["token"]
-        if not (worker := await self._viewing(token)):
+        if token not in self.shared:
             return JSONResponse({"error": INVALID_LINK}, 404)
         try:
             body = await check_offer(request, view=True)
         except Refused as e:
             return JSONResponse({"error": str(e)}, status_code=e.status)
         try:
+            if (worker := self.placed.get(self.shared.get(token))) is None:  # moved or lost: not live until placed
+                raise NotLive("the performer is not live")
             return JSONResponse(await worker.call("view_offer", token, body))
-        except UnknownView:
-            return JSONResponse({"error": INVALID_LINK}, 404)
+        except (UnknownView, WorkerLost):  # revoked meanwhile, or a worker that does not hold it (yet): not live
+            if token not in self.shared:
+                return JSONResponse({"error": INVALID_LINK}, 404)
+            return JSONResponse({"error": "the performer is not live"}, status_code=409)
         except NotLive as e:
             return JSONResponse({"error": str(e)}, status_code=409)
         except ViewersFull as e:

@@ -308,10 +308,12 @@ class Worker:
         t.seen = time.monotonic()
         return t
 
-    async def restore(self, tab: str, portrait: bytes | None, controls: dict[str, Any], editing: bool) -> None:
-        """Hold `tab` from now on, with what the front kept of it: its portrait (None: the sample), its controls and
-        whether its Portrait editing tab is shown. A tab this worker holds already keeps its state. The front never
-        restores a tab its page closed (it keeps those markers), and closes one whose close raced this restore."""
+    async def restore(self, tab: str, portrait: bytes | None, controls: dict[str, Any], editing: bool,
+                      token: str | None = None) -> None:
+        """Hold `tab` from now on, with what the front kept of it: its portrait (None: the sample), its controls,
+        whether its Portrait editing tab is shown and its view token (a link shared on the worker that held it
+        before). A tab this worker holds already keeps its state. The front never restores a tab its page closed
+        (it keeps those markers), and closes one whose close raced this restore."""
         if self._watch is None:
             self._watch = asyncio.ensure_future(self._watch_http())
         if tab in self.tabs:
@@ -320,6 +322,9 @@ class Worker:
         t = self.tabs.setdefault(tab, Tab(source))
         await self.set_controls(tab, controls)
         t.editing = editing
+        if token:
+            t.token = token
+            self.views[token] = t
 
     def _takes(self) -> set[Path]:
         """Every open tab's finished recordings (and their motion templates) that its page has not been given yet
@@ -424,10 +429,6 @@ class Worker:
             self.views.pop(t.token, None)
             t.token = None
         await t.end_viewers()
-
-    async def viewing(self, token: str) -> bool:
-        """Whether `token` is a view token in use (its page exists; live or not)."""
-        return token in self.views
 
     async def view_offer(self, token: str, offer: dict) -> dict:
         """Answer a viewer's receive-only offer: UnknownView, NotLive, ViewersFull, or ValueError (or aiortc's
