@@ -11,10 +11,11 @@ Everything live is a worker's (web/worker.py): one in this process by default, o
 mode (--workers, --ray: web/cluster.py), called the same way with plain data. A tab is placed on the worker with
 the most room when it first needs the engine (going live, the Portrait editing tab, a render) and stays there;
 until then the front answers for it from its Page, which keeps what its worker will be given. A view token is
-routed to its tab's worker, and outlives the tab's moves: the next worker to hold the tab is given it. Files the worker hands back (recordings, renders) are written to this front's work
-directory, from where Gradio serves them.
+routed to its tab's worker, and outlives the tab's moves: the next worker to hold the tab is given it. Files the
+worker hands back (recordings, renders) are written to this front's work directory, from where Gradio serves them.
 The front watches its workers: the pages of a lost or restarted worker's tabs are told why in their metrics
-line, from which a WebRTC page connects again by itself (web/static/live.js).
+line, from which a WebRTC page connects again by itself (web/static/live.js); a worker told to drain
+(`launch.py --drain`) is drained.
 """
 from __future__ import annotations
 
