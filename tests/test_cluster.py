@@ -335,16 +335,15 @@ def test_launch_drain_says_what_is_wrong(served):
     """`launch.py --drain` for a worker of no such name lists the workers; without RAY_AUTH_MODE=token, which an
     explicit address needs to send the token (the private runtime has token authentication, Ray's default), the
     error says so."""
-    import subprocess
-    import sys
+    from test_integrity import launch
     address = ray.get_runtime_context().gcs_address
-    drain = [sys.executable, "launch.py", "--ray", address, "--drain", "worker-9", "--drain-timeout", "1"]
-    proc = subprocess.run(drain, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    drain = ["--ray", address, "--drain", "worker-9", "--drain-timeout", "1"]
+    proc = launch(*drain)
     assert proc.returncode == 2 and "--drain worker-9: the Ray cluster at " in proc.stderr, proc.stderr
     assert "has no such worker (its workers: worker-0, worker-1)" in proc.stderr, proc.stderr
     assert os.environ["RAY_AUTH_MODE"] == "token"  # set by ray.init for its new runtime
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"} | {"RAY_gcs_server_port_wait_time_s": "1"}
-    proc = subprocess.run(drain, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    proc = launch(*drain, env=env)
     assert proc.returncode == 2 and f"--ray {address}: Failed to connect" in proc.stderr, proc.stderr
     assert "only with RAY_AUTH_MODE=token set and its token" in proc.stderr, proc.stderr
 

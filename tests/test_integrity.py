@@ -620,9 +620,9 @@ def test_work_dir_usage_tolerates_a_file_deleted_meanwhile(app, monkeypatch):
 
 # ---- flags ----
 
-def launch(*args: str) -> subprocess.CompletedProcess:
+def launch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          timeout=120, env=env or {**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 @pytest.mark.parametrize("args, message", [

@@ -143,11 +143,13 @@ def drain(address: str, name: str, timeout: float) -> int:
         print(f"launch.py: error: {e}", file=sys.stderr)
         return 2
     try:
-        if gone(name):
+        try:
+            actor = ray.get_actor(name)
+        except ValueError:
             print(f"launch.py: error: --drain {name}: the Ray cluster at {address} has no such worker (its workers: "
                   f"{', '.join(sorted(ray.util.list_named_actors())) or 'none'})", file=sys.stderr)
             return 2
-        if asyncio.run(drained(Remote(ray.get_actor(name), name), timeout)):
+        if asyncio.run(drained(Remote(actor, name), timeout)):
             print(f"{name}: drained and exited", flush=True)
             return 0
         print(f"launch.py: {name} still runs after its drain's {timeout:g} s: is its front running? (a front closes "
